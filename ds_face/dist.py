@@ -1,0 +1,96 @@
+"""Collectives the Partial FC head needs, with the gradients it needs.
+
+Everything here goes through ``torch.distributed`` on whatever process group
+DeepSpeed set up (gloo on CPU, NCCL on GPU), so one code path serves both.
+Gloo has no reduce-scatter, so the backward passes use all-reduce.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate every rank's ``[B, ...]`` tensor into ``[W*B, ...]``.
+
+    Backward: rank r's rows receive the sum of the gradients that every rank's
+    head slice sent to them, times W. The factor W is there because DeepSpeed
+    (like DDP) averages backbone gradients over ranks; the head loss is already
+    the mean over the global batch, so without it the backbone would get 1/W of
+    the true gradient. It is applied here, once, and nowhere else.
+    """
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        ctx.world, ctx.rank, ctx.rows = world_size(), rank(), local.shape[0]
+        if ctx.world == 1:
+            return local.clone()
+        parts = [torch.empty_like(local) for _ in range(ctx.world)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.world == 1:
+            return grad
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.rows
+        return grad[start:start + ctx.rows] * ctx.world
+
+
+def all_gather_with_grad(local: torch.Tensor) -> torch.Tensor:
+    return _AllGather.apply(local)
+
+
+def all_gather_no_grad(local: torch.Tensor) -> torch.Tensor:
+    if world_size() == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; gradient passes through unchanged.
+
+    Every rank computes the same scalar loss from the reduced value, so each
+    rank's own addend receives exactly dLoss/dSum: the identity, not a sum.
+    """
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        total = local.clone()
+        if world_size() > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad
+
+
+def all_reduce_sum_with_grad(local: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(local)
+
+
+def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place max over ranks (no gradient: used for the softmax shift)."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on at least one."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    all_reduce_max_(value)
+    return bool(value.item() > 0)

@@ -1,0 +1,102 @@
+"""The Partial FC head's own optimizer, which follows the DeepSpeed engine.
+
+DeepSpeed never sees the head, so this class does for it what the engine does
+for the backbone, in lock-step with it:
+
+* gradients arrive multiplied by the engine's loss scale (fp16) and already
+  divided by the accumulation count (the engine divides the loss); we divide by
+  the loss scale the backward pass used, nothing else;
+* we step only at accumulation boundaries, and skip exactly the steps the
+  engine skipped (``engine.was_step_applied()``) plus any step where a head
+  gradient is inf/NaN on any rank (agreed by an all-reduce);
+* the learning rate is the engine's for the same step, so one schedule drives both.
+
+Updates are sparse: only the rows the step used are read, changed and written
+back (PLSC-style gather-update-scatter); momentum and weight decay of rows the
+step did not sample are left alone. At sample_rate 1.0 every row is used and the
+update is plain SGD / AdamW, identical to ``torch.optim``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ds_face import dist
+from ds_face.head.partial_fc import PartialFC
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class HeadOptimizer:
+    def __init__(self, head: PartialFC, name: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        if name not in OPTIMIZERS:
+            raise ValueError(f"head optimizer must be one of {OPTIMIZERS}, got {name!r}")
+        self.head, self.name = head, name
+        self.momentum, self.weight_decay, self.betas, self.eps = momentum, weight_decay, betas, eps
+        weight = head.weight
+        if name == "sgd":
+            self.state = {"momentum_buffer": torch.zeros_like(weight)}
+        else:
+            self.state = {"exp_avg": torch.zeros_like(weight), "exp_avg_sq": torch.zeros_like(weight),
+                          # per-row step count: a row's bias correction counts only the steps that moved it
+                          "step": torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device)}
+        self.steps_applied = 0
+        self.steps_skipped = 0
+
+    def step(self, lr: float, loss_scale: float = 1.0, engine_applied: bool = True) -> bool:
+        """Apply the accumulated head gradients; returns whether the step was applied.
+
+        Call on every rank at every accumulation boundary, after ``engine.step()``.
+        """
+        rows, grad = self.head.take_gradients()
+        if grad is None:
+            raise RuntimeError("HeadOptimizer.step() without a forward/backward through the head since the last step")
+        grad = grad / loss_scale
+        finite = not dist.any_rank(not bool(torch.isfinite(grad).all()), grad.device)
+        if not (engine_applied and finite):
+            self.steps_skipped += 1
+            return False
+        with torch.no_grad():
+            self._update(rows, grad, lr)
+        self.steps_applied += 1
+        return True
+
+    def _update(self, rows: torch.Tensor | None, grad: torch.Tensor, lr: float) -> None:
+        # Gather the used rows (a copy), update them, scatter them back. With
+        # rows None every row is used: plain views, updated in place, no copies.
+        at = slice(None) if rows is None else rows
+        weight = self.head.weight[at]
+        state = {key: value[at] for key, value in self.state.items()}
+        if self.name == "sgd":
+            buf = state["momentum_buffer"]
+            buf.mul_(self.momentum).add_(grad + self.weight_decay * weight)
+            weight.add_(buf, alpha=-lr)
+        else:
+            beta1, beta2 = self.betas
+            exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+            step.add_(1)
+            weight.mul_(1.0 - lr * self.weight_decay)
+            exp_avg.lerp_(grad, 1.0 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            bias1 = (1.0 - beta1 ** step.double()).float()[:, None]
+            bias2 = (1.0 - beta2 ** step.double()).float()[:, None]
+            denom = (exp_avg_sq / bias2).sqrt_().add_(self.eps)
+            weight.addcdiv_(exp_avg / bias1, denom, value=-lr)
+        if rows is not None:
+            self.head.weight[rows] = weight
+            for key, value in state.items():
+                self.state[key][rows] = value
+
+    def state_dict(self) -> dict:
+        return {"name": self.name, "state": dict(self.state),
+                "steps_applied": self.steps_applied, "steps_skipped": self.steps_skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["name"] != self.name:
+            raise ValueError(f"head optimizer state is for {state['name']!r}, this run uses {self.name!r}")
+        for key, value in state["state"].items():
+            if value.shape != self.state[key].shape:
+                raise ValueError(f"head optimizer state {key!r} has shape {tuple(value.shape)}, "
+                                 f"expected {tuple(self.state[key].shape)}")
+            self.state[key].copy_(value)
+        self.steps_applied, self.steps_skipped = state["steps_applied"], state["steps_skipped"]

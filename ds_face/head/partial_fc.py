@@ -1,0 +1,150 @@
+"""Partial FC: the class-centre matrix sharded over ranks, kept outside DeepSpeed.
+
+Rank r owns the contiguous class range ``[class_start, class_start + num_local)``
+(the same split as arcface_torch: C // W classes each, the first C % W ranks one
+more). One forward call, on every rank:
+
+1. all-gather the embeddings and labels of the global micro-batch (N = W x B);
+2. pick this step's active centres: with ``sample_rate == 1`` all of them (model
+   parallelism); otherwise every positive centre this rank owns plus uniformly
+   drawn negatives, ``max(floor(sample_rate * num_local), positives)`` in all;
+3. cosine logits of all N embeddings against the active centres, margin on the
+   target entries, distributed softmax cross-entropy (max and sum all-reduced);
+   the loss is the mean over the N samples and identical on every rank.
+
+Memory: the active centres are a fresh leaf tensor each micro-step (a gathered
+copy of the sampled rows, or an alias of the whole weight at rate 1.0), so
+autograd allocates gradient only for rows the step used. ``HeadOptimizer``
+then updates exactly those rows (gather, update, scatter).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ds_face import dist
+from ds_face.head.margins import Margin
+
+
+def class_shard(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(first class, number of classes) owned by ``rank``."""
+    base, extra = divmod(num_classes, world_size)
+    return base * rank + min(rank, extra), base + int(rank < extra)
+
+
+@dataclass
+class ActiveRows:
+    """The centres one micro-step used: row ids (None = all rows) and their leaf tensor."""
+    index: torch.Tensor | None
+    weight: torch.Tensor
+
+
+class PartialFC(nn.Module):
+    def __init__(self, embedding_size: int, num_classes: int, sample_rate: float, margin: Margin,
+                 rank: int | None = None, world_size: int | None = None,
+                 device: torch.device | str = "cpu", seed: int = 0):
+        super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.rank = dist.rank() if rank is None else rank
+        self.world_size = dist.world_size() if world_size is None else world_size
+        if num_classes < self.world_size:
+            raise ValueError(f"num_classes ({num_classes}) must be >= world size ({self.world_size})")
+        self.num_classes, self.embedding_size = num_classes, embedding_size
+        self.sample_rate, self.margin = sample_rate, margin
+        self.class_start, self.num_local = class_shard(num_classes, self.rank, self.world_size)
+        self.num_sample = int(sample_rate * self.num_local)
+
+        # Seeded per rank so runs are reproducible; arcface_torch's N(0, 0.01) init.
+        init = torch.Generator().manual_seed(seed * 1000 + self.rank)
+        weight = torch.normal(0.0, 0.01, (self.num_local, embedding_size), generator=init)
+        # A buffer, not a Parameter: autograd never sees the full slice; see ActiveRows.
+        self.register_buffer("weight", weight.to(device))
+        self.sampler = torch.Generator(device=self.weight.device).manual_seed(seed * 1000 + self.rank + 1)
+        self._pending: list[ActiveRows] = []
+
+    def extra_repr(self) -> str:
+        return (f"classes={self.class_start}..{self.class_start + self.num_local - 1} of {self.num_classes}, "
+                f"embedding={self.embedding_size}, sample_rate={self.sample_rate}")
+
+    # -- sampling ---------------------------------------------------------------------------------
+    def sample(self, positives: torch.Tensor) -> torch.Tensor | None:
+        """Sorted local row ids to use this step, or None for all rows."""
+        if self.sample_rate >= 1.0:
+            return None
+        positives = torch.unique(positives)
+        if positives.numel() >= self.num_sample:
+            return positives
+        score = torch.rand(self.num_local, generator=self.sampler, device=self.weight.device)
+        score[positives] = 2.0  # above any uniform draw: positives always make the cut
+        return score.topk(self.num_sample).indices.sort().values
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        embeddings = dist.all_gather_with_grad(local_embeddings.float())
+        labels = dist.all_gather_no_grad(local_labels.long())
+        self._check_labels(labels)
+
+        local = labels - self.class_start
+        rows = torch.nonzero((local >= 0) & (local < self.num_local)).squeeze(1)
+        index = self.sample(local[rows])
+        if index is None:
+            active = self.weight.detach().requires_grad_(True)  # alias: no copy at rate 1.0
+            cols = local[rows]
+        else:
+            active = self.weight[index].requires_grad_(True)
+            cols = torch.searchsorted(index, local[rows])
+        self._pending.append(ActiveRows(index, active))
+
+        cos = F.linear(F.normalize(embeddings), F.normalize(active)).clamp(-1.0, 1.0)
+        logits = self.margin.logits(cos, rows, cols)
+        return distributed_cross_entropy(logits, rows, cols)
+
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        # Every rank sees the same gathered labels, so every rank raises together: no hang.
+        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        if bad.numel():
+            raise ValueError(f"label {int(bad[0])} is outside [0, {self.num_classes}) "
+                             f"(head.num_classes in the run config); {bad.numel()} bad label(s) in this step")
+
+    # -- gradients for the optimizer --------------------------------------------------------------
+    def take_gradients(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Gradients of the micro-steps since the last call, summed per row.
+
+        Returns ``(row ids or None for all rows, gradient)``; ``(None, None)`` if
+        there was no micro-step. Still scaled by DeepSpeed's loss scale.
+        """
+        pending, self._pending = self._pending, []
+        if not pending:
+            return None, None
+        for item in pending:
+            if item.weight.grad is None:
+                raise RuntimeError("Partial FC got no gradient: call engine.backward(loss) on the head's loss")
+        if pending[0].index is None:
+            return None, torch.stack([p.weight.grad for p in pending]).sum(0) if len(pending) > 1 \
+                else pending[0].weight.grad
+        index = torch.cat([p.index for p in pending])
+        grads = torch.cat([p.weight.grad for p in pending])
+        rows, where = torch.unique(index, return_inverse=True)
+        return rows, torch.zeros(rows.numel(), grads.shape[1], device=grads.device).index_add_(0, where, grads)
+
+    def discard_gradients(self) -> None:
+        self._pending = []
+
+
+def distributed_cross_entropy(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Mean softmax cross-entropy over a class dimension split across ranks.
+
+    ``logits`` is this rank's ``[N, classes_here]`` block; sample ``rows[i]`` has
+    its target at column ``cols[i]`` on this rank (targets on other ranks are
+    absent here). loss_n = log(sum_all_ranks exp(z - M)) + M - z_target.
+    """
+    shift = logits.detach().max(dim=1).values
+    dist.all_reduce_max_(shift)  # any shift is exact; the global max avoids overflow
+    sum_exp = dist.all_reduce_sum_with_grad(torch.exp(logits - shift[:, None]).sum(dim=1))
+    target = torch.zeros_like(shift).index_put((rows,), logits[rows, cols])
+    target = dist.all_reduce_sum_with_grad(target)
+    return (torch.log(sum_exp) + shift - target).mean()
