@@ -1,0 +1,31 @@
+# make demo   set up (first time) and train the embedded default: 2 CPU ranks, ZeRO-2, Partial FC 0.1
+# make test   set up (first time) and run the test suite (what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup demo test bench-head bench-engine clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -r requirements.txt
+	touch $@
+
+demo: setup
+	./launch.sh configs/cpu_demo.yaml ds_configs/cpu_zero2_fp32.json
+
+test: setup
+	$(PY) -m pytest -q
+
+bench-head: setup
+	deepspeed --num_gpus 2 --module ds_face.bench.head --classes 1000000 --embedding 512 --batch 64 --steps 10
+
+bench-engine: setup
+	deepspeed --num_gpus 2 --module ds_face.bench.engine_overhead --backbone r_tiny --classes 20000 --batch 32 --steps 20
+
+clean:
+	rm -rf work_dirs .pytest_cache

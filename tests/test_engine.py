@@ -1,0 +1,206 @@
+"""The head following the real DeepSpeed engine, on real gloo ranks.
+
+Every worker builds the actual ``ds_face.train.Trainer`` (DeepSpeed engine
+around an IResNet, Partial FC outside it) and drives it with ``micro_step``,
+the function the training loop uses.
+"""
+import tempfile
+
+import pytest
+import torch
+
+from ds_face.config import BatchLayout, DataConfig, HeadConfig, ModelConfig, OutputConfig, RunConfig
+from ds_face.train import Trainer, loss_scale, micro_step
+from tests.multirank import run_ranks
+
+CLASSES, EMBEDDING = 11, 32
+
+
+def make_trainer(world_size, micro, accumulation=1, stage=2, precision="fp32", sample_rate=1.0, extra_ds=None):
+    ds = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
+          "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+          "steps_per_print": 10**9}
+    if precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "hysteresis": 1}
+    elif precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    ds.update(extra_ds or {})
+    cfg = RunConfig(model=ModelConfig(backbone="r_tiny", embedding_size=EMBEDDING),
+                    head=HeadConfig(num_classes=CLASSES, sample_rate=sample_rate),
+                    data=DataConfig(num_samples=100_000),
+                    output=OutputConfig(dir=tempfile.mkdtemp(), tensorboard=False))
+    return Trainer(cfg, ds, BatchLayout(micro, accumulation, world_size))
+
+
+def global_batch(size, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(size, 3, 112, 112, generator=gen), torch.randint(0, CLASSES, (size,), generator=gen)
+
+
+def full_head_weight(seed=6):
+    return torch.randn(CLASSES, EMBEDDING, generator=torch.Generator().manual_seed(seed)) * 0.1
+
+
+# -- 3. the same update however the global batch is split -------------------------------------------
+
+def _one_step_worker(rank, world_size, micro, accumulation):
+    trainer = make_trainer(world_size, micro, accumulation)
+    head = trainer.head
+    head.weight.copy_(full_head_weight()[head.class_start:head.class_start + head.num_local])
+    trainer.engine.eval()  # frozen batch statistics: per-sample results independent of batch split
+    images, labels = global_batch(2 * 8)
+    mine = slice(rank * micro * accumulation, (rank + 1) * micro * accumulation)
+    images, labels = images[mine], labels[mine]
+    lrs = []
+    for k in range(accumulation):
+        part = slice(k * micro, (k + 1) * micro)
+        result = micro_step(trainer.engine, head, trainer.head_optimizer,
+                            {"image": images[part], "label": labels[part]})
+        lrs.append(trainer.engine.get_lr()[0])
+    assert result.boundary and result.applied
+    return {"backbone": {k: v.clone() for k, v in trainer.engine.module.state_dict().items()},
+            "head": head.weight.clone(), "lr_after": lrs, "global_steps": trainer.engine.global_steps}
+
+
+def test_same_update_however_the_batch_is_split():
+    two_ranks = run_ranks(2, _one_step_worker, 8, 1)
+    accumulated = run_ranks(1, _one_step_worker, 8, 2)[0]
+    one_big = run_ranks(1, _one_step_worker, 16, 1)[0]
+    two_rank_head = torch.cat([r["head"] for r in two_ranks])
+    for other in (accumulated, one_big):
+        torch.testing.assert_close(two_rank_head, other["head"], atol=1e-6, rtol=1e-5)
+        for key, value in other["backbone"].items():
+            torch.testing.assert_close(two_ranks[0]["backbone"][key], value, atol=1e-6, rtol=1e-5, msg=key)
+    # The update really moved the weights (a no-op would also be "equal").
+    assert not torch.allclose(two_rank_head, full_head_weight())
+    # One optimizer step under accumulation: the schedule advanced once, not once per micro-batch.
+    assert accumulated["global_steps"] == 1
+    assert accumulated["lr_after"][0] == 0.1, "no LR change after a micro-batch that is not a boundary"
+    assert accumulated["lr_after"][1] == one_big["lr_after"][0] < 0.1
+
+
+# -- 4. ZeRO stages agree ---------------------------------------------------------------------------
+
+def _trajectory_worker(rank, world_size, stage):
+    trainer = make_trainer(world_size, micro=8, stage=stage, sample_rate=0.5)
+    losses = []
+    for step, batch in enumerate(trainer.loader):
+        losses.append(micro_step(trainer.engine, trainer.head, trainer.head_optimizer, batch).loss.item())
+        if step == 4:
+            return losses
+
+
+def test_zero_stages_give_the_same_loss_trajectory():
+    trajectories = {stage: run_ranks(2, _trajectory_worker, stage)[0] for stage in (0, 1, 2, 3)}
+    reference = torch.tensor(trajectories[0])
+    assert reference[-1] < reference[0], "the run must actually learn for the comparison to mean anything"
+    for stage in (1, 2, 3):
+        torch.testing.assert_close(torch.tensor(trajectories[stage]), reference, atol=1e-4, rtol=1e-4,
+                                   msg=f"ZeRO stage {stage}")
+
+
+# -- 5. fp16 overflow: the engine skips, the head skips with it; bf16 trains --------------------------
+
+def _enable_fp16_on_cpu():
+    # DeepSpeed's CPU accelerator reports fp16 unsupported unless the CPU has
+    # AVX512-FP16, yet torch runs fp16 convolutions on any CPU. Lifting that one
+    # probe lets the real fp16 optimizer and dynamic loss scaler run here.
+    from deepspeed.accelerator import get_accelerator
+    get_accelerator().is_fp16_supported = lambda: True
+
+
+def _snapshot(trainer):
+    return {"head": trainer.head.weight.clone(),
+            "momentum": trainer.head_optimizer.state["momentum_buffer"].clone(),
+            "backbone": trainer.engine.module.fc.weight.detach().float().clone()}
+
+
+def _fp16_overflow_worker(rank, world_size):
+    _enable_fp16_on_cpu()
+    trainer = make_trainer(world_size, micro=4, precision="fp16")
+    engine, head, head_opt = trainer.engine, trainer.head, trainer.head_optimizer
+    batches = iter(trainer.loader)
+    out = {}
+
+    micro_step(engine, head, head_opt, next(batches))  # a normal step: momentum is now non-zero
+    out["first_applied"] = engine.was_step_applied()
+
+    # Overflow in the backbone: an inf gradient arrives at the embeddings on rank 0 only.
+    before, scale_before = _snapshot(trainer), loss_scale(engine)
+    def poison_gradient(module, args, output):
+        if rank == 0:
+            output.register_hook(lambda grad: grad * float("inf"))
+
+    hook = engine.module.register_forward_hook(poison_gradient)
+    result = micro_step(engine, head, head_opt, next(batches))
+    hook.remove()
+    out.update(overflow_applied=result.applied, engine_applied=engine.was_step_applied(),
+               scale_before=scale_before, scale_after=loss_scale(engine), before=before, after=_snapshot(trainer))
+
+    # Overflow only in the head's gradients on rank 1: DeepSpeed can't see it, the head must
+    # still skip, on both ranks.
+    before = _snapshot(trainer)
+    loss = head(engine(next(batches)["image"].half()), torch.arange(4) % CLASSES)
+    engine.backward(loss)
+    if rank == 1:
+        head._pending[0].weight.grad[0, 0] = float("nan")
+    lr, scale = engine.get_lr()[0], loss_scale(engine)
+    engine.step()
+    out.update(head_nan_engine_applied=engine.was_step_applied(),
+               head_nan_applied=head_opt.step(lr, scale, engine.was_step_applied()),
+               head_nan_before=before["head"], head_nan_after=head.weight.clone())
+
+    result = micro_step(engine, head, head_opt, next(batches))
+    out.update(recovered=result.applied, skipped=head_opt.steps_skipped, applied=head_opt.steps_applied)
+    return out
+
+
+def test_fp16_overflow_skips_backbone_and_head_on_every_rank():
+    for rank, out in enumerate(run_ranks(2, _fp16_overflow_worker)):
+        assert out["first_applied"]
+        assert not out["engine_applied"] and not out["overflow_applied"]
+        assert out["scale_after"] == out["scale_before"] / 2, "dynamic loss scale halves on overflow"
+        for key in ("head", "momentum", "backbone"):
+            assert torch.equal(out["before"][key], out["after"][key]), f"rank {rank}: {key} changed"
+        # Head-only NaN on rank 1: the engine applied its step, the head skipped on both ranks.
+        assert out["head_nan_engine_applied"] and not out["head_nan_applied"]
+        assert torch.equal(out["head_nan_before"], out["head_nan_after"])
+        assert out["recovered"]
+        assert (out["skipped"], out["applied"]) == (2, 2)
+
+
+def _bf16_worker(rank, world_size):
+    trainer = make_trainer(world_size, micro=8, precision="bf16")
+    losses = [micro_step(trainer.engine, trainer.head, trainer.head_optimizer, batch).loss.item()
+              for _, batch in zip(range(12), trainer.loader)]
+    return {"losses": losses, "dtype": str(next(trainer.engine.module.parameters()).dtype)}
+
+
+def test_bf16_trains():
+    out = run_ranks(2, _bf16_worker)[0]
+    losses = torch.tensor(out["losses"])
+    assert out["dtype"] == "torch.bfloat16"
+    assert torch.isfinite(losses).all()
+    assert losses[-3:].mean() < losses[:3].mean()
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_head_optimizer_matches_torch_optim_at_full_rate(name):
+    """At sample_rate 1.0 the sparse row update is exactly torch.optim's update."""
+    from ds_face.head import HeadOptimizer, Margin, PartialFC
+    head = PartialFC(EMBEDDING, CLASSES, 1.0, Margin.arcface(), rank=0, world_size=1)
+    reference = torch.nn.Parameter(head.weight.clone())
+    torch_opt = (torch.optim.SGD([reference], lr=0.1, momentum=0.9, weight_decay=5e-4) if name == "sgd"
+                 else torch.optim.AdamW([reference], lr=0.01, weight_decay=0.1))
+    ours = HeadOptimizer(head, name, momentum=0.9, weight_decay=5e-4 if name == "sgd" else 0.1)
+    for step in range(3):
+        emb, labels = torch.randn(6, EMBEDDING), torch.randint(0, CLASSES, (6,))
+        loss = head(emb, labels)
+        (loss * 128).backward()  # pretend the engine's loss scale was 128
+        ours.step(lr=0.1 if name == "sgd" else 0.01, loss_scale=128.0)
+        torch_opt.zero_grad()
+        cos = torch.nn.functional.linear(torch.nn.functional.normalize(emb),
+                                         torch.nn.functional.normalize(reference)).clamp(-1, 1)
+        torch.nn.functional.cross_entropy(head.margin.logits(cos, torch.arange(6), labels), labels).backward()
+        torch_opt.step()
+        torch.testing.assert_close(head.weight, reference.detach(), atol=1e-6, rtol=1e-5)

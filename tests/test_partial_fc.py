@@ -1,0 +1,157 @@
+"""The sharded head against a single-process reference, on 1, 2 and 3 real gloo ranks.
+
+Reference: the full weight, the same margin on the target logits, then
+``torch.nn.functional.cross_entropy``. The local embedding gradient a rank gets
+from the head is W x dLoss/dx: DeepSpeed averages backbone gradients over the W
+ranks, and that factor makes the average exact (checked end to end in test_engine.py).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ds_face.head import HeadOptimizer, Margin, PartialFC, class_shard
+from tests.multirank import RankFailed, run_ranks
+
+DIM, PER_RANK = 16, 4
+MARGINS = {"arcface": Margin.arcface(0.5), "cosface": Margin.cosface(0.35)}
+
+
+def make_problem(world_size: int, num_classes: int, seed: int = 0):
+    """Global embeddings, labels and full weight, identical in every process."""
+    gen = torch.Generator().manual_seed(seed)
+    n = world_size * PER_RANK
+    return (torch.randn(n, DIM, generator=gen), torch.randint(0, num_classes, (n,), generator=gen),
+            torch.randn(num_classes, DIM, generator=gen) * 0.1)
+
+
+def reference(embeddings, labels, weight, margin):
+    embeddings = embeddings.clone().requires_grad_(True)
+    weight = weight.clone().requires_grad_(True)
+    cos = F.linear(F.normalize(embeddings), F.normalize(weight)).clamp(-1, 1)
+    loss = F.cross_entropy(margin.logits(cos, torch.arange(len(labels)), labels), labels)
+    loss.backward()
+    return loss.detach(), embeddings.grad, weight.grad
+
+
+def build_head(rank, world_size, num_classes, margin, sample_rate, weight):
+    head = PartialFC(DIM, num_classes, sample_rate, margin, rank=rank, world_size=world_size, seed=1)
+    head.weight.copy_(weight[head.class_start:head.class_start + head.num_local])
+    return head
+
+
+def _full_softmax_worker(rank, world_size, num_classes, margin_name):
+    margin = MARGINS[margin_name]
+    embeddings, labels, weight = make_problem(world_size, num_classes)
+    head = build_head(rank, world_size, num_classes, margin, 1.0, weight)
+    local = embeddings[rank * PER_RANK:(rank + 1) * PER_RANK].clone().requires_grad_(True)
+    loss = head(local, labels[rank * PER_RANK:(rank + 1) * PER_RANK])
+    loss.backward()
+    rows, weight_grad = head.take_gradients()
+    return {"loss": loss.detach(), "emb_grad": local.grad, "weight_grad": weight_grad, "rows": rows,
+            "start": head.class_start, "count": head.num_local}
+
+
+@pytest.mark.parametrize("margin_name", ["arcface", "cosface"])
+@pytest.mark.parametrize("world_size,num_classes", [(1, 10), (2, 11), (3, 10)])
+def test_full_softmax_equals_reference(world_size, num_classes, margin_name):
+    results = run_ranks(world_size, _full_softmax_worker, num_classes, margin_name)
+    embeddings, labels, weight = make_problem(world_size, num_classes)
+    ref_loss, ref_emb_grad, ref_weight_grad = reference(embeddings, labels, weight, MARGINS[margin_name])
+    covered = 0
+    for rank, got in enumerate(results):
+        assert got["rows"] is None, "sample_rate 1.0 uses every centre"
+        assert got["start"] == covered, "class ranges are contiguous and in rank order"
+        torch.testing.assert_close(got["loss"], ref_loss, atol=1e-5, rtol=1e-5)
+        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        torch.testing.assert_close(got["emb_grad"] / world_size, ref_emb_grad[rows], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got["weight_grad"], ref_weight_grad[covered:covered + got["count"]],
+                                   atol=1e-5, rtol=1e-5)
+        covered += got["count"]
+    assert covered == num_classes
+
+
+def test_class_shard_matches_arcface_torch_split():
+    # C // W each, the first C % W ranks one more, contiguous.
+    assert [class_shard(10, r, 3) for r in range(3)] == [(0, 4), (4, 3), (7, 3)]
+    assert [class_shard(11, r, 2) for r in range(2)] == [(0, 6), (6, 5)]
+
+
+SAMPLED_CLASSES, SAMPLE_RATE = 101, 0.3
+
+
+def _sampled_worker(rank, world_size):
+    margin = MARGINS["arcface"]
+    embeddings, labels, weight = make_problem(world_size, SAMPLED_CLASSES, seed=3)
+    head = build_head(rank, world_size, SAMPLED_CLASSES, margin, SAMPLE_RATE, weight)
+    optimizer = HeadOptimizer(head, "sgd", momentum=0.9, weight_decay=5e-4)
+    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    out = {"start": head.class_start, "count": head.num_local, "num_sample": head.num_sample, "steps": []}
+    for step in range(2):  # two steps: the second one starts with non-zero momentum
+        local = embeddings[mine].clone().requires_grad_(True)
+        loss = head(local, labels[mine])
+        loss.backward()
+        index = head._pending[0].index.clone()
+        before = (head.weight.clone(), optimizer.state["momentum_buffer"].clone())
+        assert optimizer.step(lr=0.1)
+        out["steps"].append({"loss": loss.detach(), "index": index, "weight_before": before[0],
+                             "momentum_before": before[1], "weight_after": head.weight.clone(),
+                             "momentum_after": optimizer.state["momentum_buffer"].clone()})
+    return out
+
+
+def test_partial_fc_sampling_and_sparse_update():
+    world_size = 2
+    results = run_ranks(world_size, _sampled_worker)
+    embeddings, labels, weight = make_problem(world_size, SAMPLED_CLASSES, seed=3)
+    for step in range(2):
+        global_index = []
+        for got in results:
+            s = got["steps"][step]
+            index, start, count = s["index"], got["start"], got["count"]
+            positives = torch.unique(labels[(labels >= start) & (labels < start + count)] - start)
+            # Every positive centre this rank owns is in the sample ...
+            assert set(positives.tolist()) <= set(index.tolist())
+            # ... and the sample size is max(floor(rate * local classes), positives), as documented.
+            assert got["num_sample"] == int(SAMPLE_RATE * count)
+            assert index.numel() == max(got["num_sample"], positives.numel())
+            assert torch.equal(index, torch.unique(index)), "sorted, no duplicates"
+            global_index.append(index + start)
+            # Rows outside the sample: weight and momentum untouched by the step.
+            untouched = torch.ones(count, dtype=torch.bool)
+            untouched[index] = False
+            assert torch.equal(s["weight_after"][untouched], s["weight_before"][untouched])
+            assert torch.equal(s["momentum_after"][untouched], s["momentum_before"][untouched])
+            assert not torch.equal(s["weight_after"][index], s["weight_before"][index])
+        # The loss equals the full-softmax reference restricted to the sampled classes.
+        sampled = torch.cat(global_index)
+        if step == 0:
+            current = weight
+        else:  # the reference must use the weights as the first step left them
+            current = torch.cat([got["steps"][1]["weight_before"] for got in results])
+        remapped = torch.searchsorted(sampled, labels)
+        ref_loss, _, _ = reference(embeddings, remapped, current[sampled], MARGINS["arcface"])
+        for got in results:
+            torch.testing.assert_close(got["steps"][step]["loss"], ref_loss, atol=1e-5, rtol=1e-5)
+
+
+def _bad_label_worker(rank, world_size, num_classes):
+    head = PartialFC(DIM, num_classes, 1.0, MARGINS["arcface"], seed=0)
+    labels = torch.zeros(PER_RANK, dtype=torch.long)
+    if rank == 1:
+        labels[2] = num_classes  # one rank's data is bad; the other's is fine
+    head(torch.randn(PER_RANK, DIM), labels)
+
+
+def test_label_out_of_range_fails_on_every_rank_without_hanging():
+    with pytest.raises(RankFailed) as failure:
+        run_ranks(2, _bad_label_worker, 7, timeout=120)
+    errors = failure.value.errors
+    assert set(errors) == {0, 1}
+    for text in errors.values():
+        assert "label 7 is outside [0, 7)" in text and "still running" not in text
+
+
+def test_sample_rate_outside_range_rejected():
+    for rate in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="sample_rate"):
+            PartialFC(DIM, 10, rate, MARGINS["arcface"], rank=0, world_size=1)

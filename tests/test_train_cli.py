@@ -1,0 +1,45 @@
+"""The real thing: `deepspeed --num_gpus 2 --module ds_face.train ...`, as a user launches it."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+def launch(*args, timeout=300):
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), "--module", "ds_face.train", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _port():
+    from tests.multirank import free_port
+    return free_port()
+
+
+def test_two_rank_zero2_partial_fc_run_logs_and_writes_tensorboard(tmp_path):
+    out = tmp_path / "run"
+    proc = launch("--config", "configs/cpu_demo.yaml", "--deepspeed_config", "ds_configs/cpu_zero2_fp32.json",
+                  "--set", "schedule.max_steps=6", "--set", "output.log_every=3", "--set", f"output.dir={out}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (out / "training.log").read_text()
+    assert "world size 2, ZeRO stage 2, fp32" in log
+    assert "Global Step: 3/6" in log and "Global Step: 6/6" in log
+    assert "samples/sec" in log and "LearningRate" in log and "ETA" in log
+    assert "[rank 1]" not in log, "only rank 0 writes progress"
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    scalars = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert [e.step for e in scalars.Scalars("train/loss")] == [3, 6]
+
+
+def test_config_error_stops_every_rank_with_one_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "configs/cpu_demo.yaml").read_text().replace("sample_rate: 0.1", "sample_rate: 1.5"))
+    proc = launch("--config", str(bad), "--deepspeed_config", "ds_configs/cpu_zero2_fp32.json", timeout=120)
+    assert proc.returncode != 0
+    assert f"{bad}: invalid run config:" in proc.stderr
+    assert "'head.sample_rate' must be in (0, 1], got 1.5" in proc.stderr
+    assert "Traceback" not in proc.stderr
