@@ -67,7 +67,6 @@ class ScheduleConfig:
 class DataConfig:
     source: str = "synthetic"  # one of DATA_SOURCES
     num_samples: int = 0  # synthetic only: images per epoch
-    num_workers: int = 2
 
 
 @dataclass
@@ -263,8 +262,6 @@ def _check_run(cfg: RunConfig) -> list[str]:
         errors.append(f"'data.source' is {cfg.data.source!r}; valid: {', '.join(DATA_SOURCES)}")
     elif cfg.data.source == "synthetic" and cfg.data.num_samples < 1:
         errors.append(f"'data.num_samples' must be >= 1 for synthetic data, got {cfg.data.num_samples}")
-    if cfg.data.num_workers < 0:
-        errors.append(f"'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
     if cfg.output.log_every < 1:
         errors.append(f"'output.log_every' must be >= 1, got {cfg.output.log_every}")
     return errors
