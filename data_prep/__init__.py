@@ -1,0 +1,1 @@
+"""Offline data preparation: readers and converters for face-recognition datasets (no MXNet needed)."""
