@@ -1,0 +1,40 @@
+"""Benchmarks that print figures measured side by side in one run, as ratios (no timing assertions).
+
+* ``ds_face.bench.head``: the Partial FC head alone, model parallel (sample_rate 1.0) vs Partial FC 0.1.
+* ``ds_face.bench.engine_overhead``: a full training step under the DeepSpeed engine (ZeRO 0 / 2) vs plain DDP.
+
+Both run under the deepspeed launcher; see BENCHMARKS.md for commands and measured tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def common_args(p: argparse.ArgumentParser, *, classes: int, batch: int, steps: int, warmup: int,
+                batch_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark shares, with its own defaults."""
+    p.add_argument("--classes", type=int, default=classes)
+    p.add_argument("--embedding", type=int, default=512)
+    p.add_argument("--batch", type=int, default=batch, help=batch_help)
+    p.add_argument("--steps", type=int, default=steps, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed steps first")
+    p.add_argument("--sample-rate", type=float, default=0.1, help="the Partial FC rate")
+    p.add_argument("--seed", type=int, default=2048)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                   help="set by the deepspeed launcher")
+    return p
+
+
+def threads_per_rank() -> int:
+    """Split the cores between the local ranks; oversubscribed ranks make gloo collectives crawl."""
+    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    return max(1, (os.cpu_count() or 1) // local)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

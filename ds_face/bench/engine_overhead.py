@@ -1,0 +1,149 @@
+"""A full training step under the DeepSpeed engine (ZeRO 0 and 2, fp32) vs a plain PyTorch DDP loop.
+
+    deepspeed --num_gpus 2 --module ds_face.bench.engine_overhead --backbone r_tiny --classes 20000 --batch 32 --steps 20
+
+Every variant gets the same backbone init (same seed), the same Partial FC head
++ HeadOptimizer, the same SGD settings, LR schedule and gradient clipping, and
+the very same pre-generated synthetic batches. The DeepSpeed variants are the
+project's own ``Trainer`` wiring stepped by ``ds_face.train.micro_step``; DDP
+averages gradients over ranks exactly as DeepSpeed does, so the head code is
+unchanged (loss scale 1). Rank 0 prints ms/step and the ratio engine / DDP, plus
+each variant's last loss as a check that all three trained the same thing: with
+--clip 0 they are bit-identical; with clipping they drift apart from rounding
+(DeepSpeed sums the gradient norm in another order), amplified over the steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+
+import torch
+
+from ds_face.bench import common_args, markdown_table, threads_per_rank
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ds_face.bench.engine_overhead", description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="r_tiny")
+    p.add_argument("--clip", type=float, default=5.0, help="gradient clipping, as in ds_configs/*.json (0: off)")
+    return common_args(p, classes=20000, batch=32, steps=20, warmup=3, batch_help="micro-batch per rank").parse_args(argv)
+
+
+def ds_config(stage: int, args) -> dict:
+    zero = {"stage": stage}
+    if stage == 2:  # as ds_configs/zero2_fp32.json
+        zero.update(contiguous_gradients=True, overlap_comm=True)
+    return {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
+            "gradient_clipping": args.clip, "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9, "wall_clock_breakdown": False}
+
+
+def run_config(args, total_steps: int, world: int):
+    """One epoch of exactly ``total_steps`` optimizer steps; optimizer, margin: the run-config defaults."""
+    from ds_face.config import DataConfig, HeadConfig, ModelConfig, RunConfig, ScheduleConfig
+    return RunConfig(model=ModelConfig(backbone=args.backbone, embedding_size=args.embedding),
+                     head=HeadConfig(num_classes=args.classes, sample_rate=args.sample_rate),
+                     schedule=ScheduleConfig(epochs=1),
+                     data=DataConfig(num_samples=total_steps * args.batch * world), seed=args.seed)
+
+
+def deepspeed_variant(cfg, layout, stage: int, args):
+    """The project's Trainer (engine + head + head optimizer), stepped by micro_step."""
+    from ds_face.train import Trainer, micro_step
+    trainer = Trainer(cfg, ds_config(stage, args), layout)
+    return lambda batch: micro_step(trainer.engine, trainer.head, trainer.head_optimizer, batch).loss
+
+
+def ddp_variant(cfg, total_steps: int, clip: float):
+    """Trainer's wiring with DDP in place of the engine: same init, optimizer, schedule, head."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ds_face.backbones import get_backbone
+    from ds_face.head import HeadOptimizer, Margin, PartialFC
+    from ds_face.schedule import poly_warmup_scheduler
+    from ds_face.train import build_backbone_optimizer, seed_everything
+
+    seed_everything(cfg.seed)
+    backbone = get_backbone(cfg.model.backbone, cfg.model.embedding_size)
+    model = DistributedDataParallel(backbone)  # after init_distributed: uses its gloo group
+    optimizer = build_backbone_optimizer(cfg, backbone)
+    scheduler = poly_warmup_scheduler(total_steps, 0, cfg.schedule.power)(optimizer)
+    h, o = cfg.head, cfg.optimizer
+    head = PartialFC(cfg.model.embedding_size, h.num_classes, h.sample_rate,
+                     Margin(s=h.scale, m1=h.margin[0], m2=h.margin[1], m3=h.margin[2]), seed=cfg.seed)
+    head_optimizer = HeadOptimizer(head, o.name, momentum=o.momentum, weight_decay=o.weight_decay)
+
+    def step(batch):
+        loss = head(model(batch["image"]), batch["label"])
+        loss.backward()
+        if clip:  # what the engine's "gradient_clipping" does
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        lr = optimizer.param_groups[0]["lr"]  # this step's LR, read before the schedule advances
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        head_optimizer.step(lr, 1.0)
+        return loss.detach()
+
+    return step
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import deepspeed
+
+    from ds_face.config import BatchLayout
+    from ds_face.train import build_loader
+
+    torch.set_num_threads(threads_per_rank())
+    deepspeed.init_distributed(dist_backend="gloo")  # before deepspeed.initialize and DDP construction
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    total = args.warmup + args.steps
+    cfg, layout = run_config(args, total, world), BatchLayout(args.batch, 1, world)
+    batches = list(build_loader(cfg, layout, rank))  # generated once, outside the timers, reused by all
+
+    builders = {"DDP": lambda: ddp_variant(cfg, total, args.clip),
+                "DeepSpeed ZeRO 0": lambda: deepspeed_variant(cfg, layout, 0, args),
+                "DeepSpeed ZeRO 2": lambda: deepspeed_variant(cfg, layout, 2, args)}
+    steps = {name: build() for name, build in builders.items()}  # all alive at once
+    # One step of each variant in turn: drift in this shared machine's speed then hits all variants
+    # alike (run back to back, the ratios moved by +-10% between identical runs).
+    times, losses = {name: [] for name in steps}, {}
+    for i, batch in enumerate(batches):
+        for name, step in steps.items():
+            torch.distributed.barrier()  # start together, so one rank's lag isn't billed to the next step
+            start = time.perf_counter()
+            losses[name] = float(step(batch))
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    results = {}
+    for name, mine in times.items():
+        per_rank = [None] * world
+        torch.distributed.all_gather_object(per_rank, [statistics.mean(mine) * 1000, statistics.median(mine) * 1000])
+        mean, median = max(r[0] for r in per_rank), max(r[1] for r in per_rank)
+        results[name] = {"ms_rank0": per_rank[0][0], "ms_max": mean, "ms_median_max": median,
+                         "samples_per_s": world * args.batch / (mean / 1000), "last_loss": losses[name]}
+    if rank == 0:
+        ddp = results["DDP"]["ms_max"]
+        ddp_median = results["DDP"]["ms_median_max"]
+        rows = [[name, f"{r['ms_rank0']:.1f}", f"{r['ms_max']:.1f}", f"{r['ms_median_max']:.1f}",
+                 f"{r['samples_per_s']:.0f}", f"{r['ms_max'] / ddp:.3f}", f"{r['ms_median_max'] / ddp_median:.3f}",
+                 f"{r['last_loss']:.5f}"] for name, r in results.items()]
+        print(f"{args.backbone}, embedding {args.embedding}, {args.classes} classes (sample rate {args.sample_rate}), "
+              f"batch {args.batch}/rank x {world} ranks, fp32, {args.steps} timed steps after {args.warmup} "
+              f"warm-up, {threads_per_rank()} thread(s)/rank\n")
+        print(markdown_table(["variant", "mean ms/step rank 0", "mean ms/step max rank", "median ms/step max rank",
+                              "samples/s", "mean / DDP", "median / DDP", f"loss at step {total}"], rows), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
