@@ -28,7 +28,9 @@ class ConfigError(ValueError):
     pass
 
 
-DATA_SOURCES = ("synthetic",)  # class-dependent generated images, see ds_face.data.synthetic
+# synthetic: class-dependent generated images (ds_face.data.synthetic);
+# arrow: a directory of shards written by data_prep (ds_face.data.arrow)
+DATA_SOURCES = ("synthetic", "arrow")
 
 
 @dataclass
@@ -66,7 +68,12 @@ class ScheduleConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"  # one of DATA_SOURCES
+    path: str = ""  # arrow: the directory written by data_prep (holds manifest.json)
     num_samples: int = 0  # synthetic only: images per epoch
+    num_workers: int = 2  # arrow: DataLoader worker processes per rank (decode, flip)
+    shuffle_buffer: int = 10000  # arrow: samples per worker's shuffle buffer (x ~8 KB of JPEG each)
+    flip: bool = True  # arrow: random horizontal flip
+    on_corrupt: str = "skip"  # arrow: an undecodable image is counted and skipped ("skip") or stops the run
 
 
 @dataclass
@@ -162,6 +169,21 @@ def check_together(cfg: RunConfig, layout: BatchLayout, run_path: str | Path) ->
     if cfg.data.source == "synthetic" and cfg.data.num_samples < layout.per_step:
         errors.append(f"data.num_samples ({cfg.data.num_samples}) is smaller than one optimizer step's batch "
                       f"({layout.per_step} = micro-batch x accumulation x world size)")
+    if cfg.data.source == "arrow":
+        from ds_face.data.arrow import DataError, count_streams
+        from ds_face.data.shards import read_manifest
+        manifest = read_manifest(cfg.data.path)  # _check_arrow has read it once already
+        try:
+            counts = count_streams(manifest.num_samples, len(manifest.shards), layout.micro_batch,
+                                   layout.accumulation, layout.world_size, cfg.data.num_workers,
+                                   where=f"data.path {cfg.data.path}")
+        except DataError as err:
+            errors.append(str(err))
+        else:
+            if counts.steps_per_epoch < 1:
+                errors.append(f"data.path {cfg.data.path}: {manifest.num_samples} samples give each of the "
+                              f"{counts.streams} loader streams {counts.rows_per_stream} rows, less than one "
+                              f"optimizer step ({layout.per_step} samples)")
     if errors:
         raise ConfigError(f"{run_path}: " + "\n  ".join(["invalid run config for this launch:"] + errors))
 
@@ -262,6 +284,34 @@ def _check_run(cfg: RunConfig) -> list[str]:
         errors.append(f"'data.source' is {cfg.data.source!r}; valid: {', '.join(DATA_SOURCES)}")
     elif cfg.data.source == "synthetic" and cfg.data.num_samples < 1:
         errors.append(f"'data.num_samples' must be >= 1 for synthetic data, got {cfg.data.num_samples}")
+    elif cfg.data.source == "arrow":
+        errors += _check_arrow(cfg)
     if cfg.output.log_every < 1:
         errors.append(f"'output.log_every' must be >= 1, got {cfg.output.log_every}")
+    return errors
+
+
+def _check_arrow(cfg: RunConfig) -> list[str]:
+    from ds_face.data.arrow import ON_CORRUPT
+    from ds_face.data.shards import ShardError, read_manifest
+    d = cfg.data
+    errors = []
+    if d.num_workers < 0:
+        errors.append(f"'data.num_workers' must be >= 0, got {d.num_workers}")
+    if d.shuffle_buffer < 0:
+        errors.append(f"'data.shuffle_buffer' must be >= 0, got {d.shuffle_buffer}")
+    if d.on_corrupt not in ON_CORRUPT:
+        errors.append(f"'data.on_corrupt' is {d.on_corrupt!r}; valid: {', '.join(ON_CORRUPT)}")
+    if not d.path:
+        return errors + ["'data.path' must name a directory written by data_prep (rec2arrow or folder2arrow)"]
+    try:
+        manifest = read_manifest(d.path)
+    except ShardError as err:
+        return errors + [f"'data.path': {err}"]
+    if manifest.num_classes != cfg.head.num_classes:
+        errors.append(f"'head.num_classes' is {cfg.head.num_classes}, but {d.path} has {manifest.num_classes} "
+                      f"classes (manifest.json); set head.num_classes: {manifest.num_classes}")
+    if list(manifest.image_size) != [112, 112]:
+        errors.append(f"{d.path} holds {manifest.image_size[1]}x{manifest.image_size[0]} images; the IResNet "
+                      f"backbones take 112x112 aligned faces")
     return errors

@@ -97,7 +97,12 @@ def build_backbone_optimizer(cfg: RunConfig, backbone: torch.nn.Module) -> torch
 
 
 def build_loader(cfg: RunConfig, layout: BatchLayout, rank: int):
-    from ds_face.data import SyntheticFaces
+    from ds_face.data import ArrowFaces, SyntheticFaces
+    d = cfg.data
+    if d.source == "arrow":
+        return ArrowFaces(d.path, layout.micro_batch, layout.accumulation, rank, layout.world_size,
+                          num_workers=d.num_workers, seed=cfg.seed, shuffle_buffer=d.shuffle_buffer,
+                          flip=d.flip, on_corrupt=d.on_corrupt)
     return SyntheticFaces(cfg.head.num_classes, cfg.data.num_samples, layout.micro_batch, layout.accumulation,
                           rank, layout.world_size, seed=cfg.seed)
 

@@ -4,8 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from ds_face.config import ConfigError, check_together, load_ds_config, load_run_config
+import yaml
+
+from ds_face.config import BatchLayout, ConfigError, check_together, load_ds_config, load_run_config
 from ds_face.schedule import PolyWarmup
+from tests.test_arrow_loader import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,8 +24,20 @@ def run_yaml(tmp_path, body):
 
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_presets_load(preset):
-    cfg = load_run_config(preset)
+def test_presets_load(preset, tmp_path):
+    raw = yaml.safe_load(preset.read_text())
+    if raw["data"]["source"] == "arrow":  # the dataset is not here: only data.path may be wrong
+        with pytest.raises(ConfigError) as err:
+            load_run_config(preset)
+        problems = str(err.value).split("\n  ")[1:]
+        assert len(problems) == 1 and problems[0].startswith("'data.path'") and "manifest.json: not found" in problems[0]
+        dataset = write_shards(tmp_path / "ds", 96, 8, num_classes=raw["head"]["num_classes"])
+        cfg = load_run_config(preset, {"data.path": str(dataset)})
+        check_together(cfg, BatchLayout(4, 1, 2), preset)
+        synthetic = load_run_config(preset, {"data.source": "synthetic"})
+        assert synthetic.data.num_samples > 1_000_000
+    else:
+        cfg = load_run_config(preset)
     assert cfg.head.num_classes >= 1
 
 
@@ -107,3 +122,25 @@ def test_poly_schedule_with_warmup():
     assert [schedule(s) for s in range(3)] == [0.5, 1.0, 1.0]
     assert schedule(6) == pytest.approx((1 - 4 / 8) ** 2)
     assert schedule(10) == 0.0
+
+
+def test_arrow_source_checked_against_manifest_and_world_size(tmp_path):
+    dataset = write_shards(tmp_path / "ds", 120, 6, num_classes=12)
+    path = write(tmp_path, "run.yaml", f"head:\n  num_classes: 100\ndata:\n  source: arrow\n  path: {dataset}\n"
+                                       f"  on_corrupt: ignore\n  num_workers: -1\n")
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    text = str(err.value)
+    for expected in ("'head.num_classes' is 100, but", "has 12 classes (manifest.json); set head.num_classes: 12",
+                     "'data.on_corrupt' is 'ignore'; valid: skip, fail", "'data.num_workers' must be >= 0"):
+        assert expected in text
+    cfg = load_run_config(path, {"head.num_classes": 12, "data.on_corrupt": "fail", "data.num_workers": 3})
+    check_together(cfg, BatchLayout(4, 1, 2), path)  # 6 shards: 2 ranks x 3 workers
+    with pytest.raises(ConfigError, match=r"6 shards cannot be dealt out evenly to 4 ranks x 3 loader workers"):
+        check_together(cfg, BatchLayout(4, 1, 4), path)
+    with pytest.raises(ConfigError, match=r"120 samples give each of the 6 loader streams 20 rows, less than one "
+                                          r"optimizer step \(128 samples\)"):
+        check_together(cfg, BatchLayout(32, 2, 2), path)
+    with pytest.raises(ConfigError, match="'data.path' must name a directory written by data_prep"):
+        load_run_config(path, {"head.num_classes": 12, "data.path": "", "data.on_corrupt": "skip",
+                               "data.num_workers": 2})

@@ -1,0 +1,118 @@
+"""The Arrow shard format: what `data_prep` writes and `ds_face.data.ArrowFaces` reads.
+
+A converted dataset is a directory:
+
+    manifest.json                  written last, atomically: a directory without it is not a dataset
+    data-00000-of-00960.arrow      Arrow IPC *stream* files (what `datasets` itself writes), one schema:
+    ...                              image: binary  the source JPEG bytes, untouched
+                                     label: int64   class index in [0, num_classes)
+                                     index: int64   the record's key in the source (.idx key, or file number)
+    property, *.bin                carried over from beside the .rec (InsightFace property, validation sets)
+
+`datasets.load_dataset("arrow", data_files=..., streaming=True)` and `datasets.Dataset.from_file` open the
+shards directly. Shards hold equal numbers of rows (the first `num_samples % num_shards` hold one more), so
+that whole shards can be dealt out to ranks x loader workers and every stream gets the same count.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+FORMAT = "ds_face.arrow-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("index", pa.int64())])
+ROWS_PER_RECORD_BATCH = 1000  # the unit `datasets` streams; its own writer uses the same cap
+
+
+class ShardError(ValueError):
+    """A converted dataset that is missing, incomplete or does not match its manifest; the message names the file."""
+
+
+def shard_name(i: int, num_shards: int) -> str:
+    return f"data-{i:05d}-of-{num_shards:05d}.arrow"
+
+
+def rows_per_shard(num_samples: int, num_shards: int) -> list[int]:
+    """Equal shares, the first `num_samples % num_shards` shards one row more."""
+    base, extra = divmod(num_samples, num_shards)
+    return [base + (i < extra) for i in range(num_shards)]
+
+
+def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class ShardInfo:
+    file: str  # name relative to the dataset directory
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    num_samples: int
+    num_classes: int
+    shards: list[ShardInfo]
+    image_size: list[int] = field(default_factory=lambda: [112, 112])  # height, width
+    sources: list[dict] = field(default_factory=list)  # {"file", "bytes"} of each input file
+    carried: list[str] = field(default_factory=list)  # files copied beside the shards (property, *.bin)
+    converter: str = ""  # e.g. "data_prep.rec2arrow 0.1.0"
+    options: dict = field(default_factory=dict)  # the conversion options that shape the shards (order, seed)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    def write(self, directory: str | os.PathLike) -> Path:
+        """Atomically: a reader sees the old manifest or the new one, never half of one."""
+        path = Path(directory) / MANIFEST
+        tmp = path.with_name(MANIFEST + ".partial")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+        return path
+
+    def shard_paths(self, directory: str | os.PathLike) -> list[str]:
+        return [str(Path(directory) / s.file) for s in self.shards]
+
+
+def read_manifest(directory: str | os.PathLike) -> Manifest:
+    """The manifest of a converted dataset, checked for shape (not checksums: `data_prep.verify` does those)."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        hint = " (a conversion that never finished leaves no manifest)" if Path(directory).is_dir() else ""
+        raise ShardError(f"{path}: not found; is {directory} a dataset written by data_prep{hint}?")
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ShardError(f"{path}: 'format' is {raw.get('format') if isinstance(raw, dict) else raw!r}, "
+                         f"expected {FORMAT!r}")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: format_version {raw.get('format_version')!r}; this ds_face reads "
+                         f"{FORMAT_VERSION}")
+    try:
+        shards = [ShardInfo(**s) for s in raw.pop("shards")]
+        manifest = Manifest(shards=shards, **raw)
+    except (KeyError, TypeError) as e:
+        raise ShardError(f"{path}: malformed ({e})") from None
+    if manifest.num_samples != sum(s.rows for s in shards) or not shards:
+        raise ShardError(f"{path}: num_samples {manifest.num_samples} but the {len(shards)} shards hold "
+                         f"{sum(s.rows for s in shards)} rows")
+    if manifest.num_samples < 1 or manifest.num_classes < 1:
+        raise ShardError(f"{path}: an empty dataset ({manifest.num_samples} samples, "
+                         f"{manifest.num_classes} classes)")
+    return manifest
