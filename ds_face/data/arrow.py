@@ -26,7 +26,9 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 import torch
+from PIL import Image
 
 from ds_face.data.shards import ShardError, read_manifest
 
@@ -43,9 +45,7 @@ def decode_rgb(data: bytes) -> np.ndarray:
     """HxWx3 uint8 RGB. simplejpeg (libjpeg-turbo) decodes a 112x112 JPEG in ~56 us vs PIL's ~98 us
     (measured here, see BENCHMARKS.md); PIL takes anything else (PNG from image folders)."""
     if data[:3] == _JPEG_SOI:
-        import simplejpeg
         return simplejpeg.decode_jpeg(data, colorspace="RGB")
-    from PIL import Image
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image.convert("RGB"))
 
