@@ -1,0 +1,94 @@
+"""Convert an image folder (one sub-directory per identity) into Arrow shards.
+
+    python -m data_prep.folder2arrow /data/my_faces /data/my_faces-arrow
+
+Labels 0..K-1 follow the sorted identity folder names; images are the .jpg/.jpeg/.png files (any case) directly
+inside each folder, sorted by name; `index` is an image's position in that sorted listing. Files are stored
+byte for byte (PNG too: the loader decodes it). classes.json in the output lists the folder name of each label.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from data_prep.convert import Source, SourceError, add_common_args, image_problem, run_cli, source_error
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+CLASSES = "classes.json"
+
+
+@dataclass(frozen=True)
+class FolderRows:
+    """The worker side of a FolderSource: reads (path, label, index) items."""
+
+    def rows(self, items: list[tuple[str, int, int]]) -> Iterator[tuple[bytes, int, int]]:
+        for path, label, index in items:
+            try:
+                image = Path(path).read_bytes()
+            except OSError as e:
+                raise source_error(path, f"cannot read ({e.strerror})", index) from None
+            if problem := image_problem(image):
+                raise source_error(path, problem, index, 0)
+            yield image, label, index
+
+
+@dataclass
+class FolderSource(Source):
+    paths: list[str] = None
+    labels: np.ndarray = None
+
+    def items(self, positions: np.ndarray) -> list[tuple[str, int, int]]:
+        return [(self.paths[p], int(self.labels[p]), p) for p in positions.tolist()]
+
+
+def open_folder_source(src: str | Path) -> FolderSource:
+    """List the identities and their images (no image is read here: workers check each one as they copy it)."""
+    root = Path(src)
+    if not root.is_dir():
+        raise SourceError(f"{root}: not a directory (expected one sub-directory per identity)")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise SourceError(f"{root}: no identity folders (expected one sub-directory per identity)")
+    paths: list[str] = []
+    labels: list[int] = []
+    listing = sha256()  # pins names, sizes and mtimes in plan.json without listing every file there
+    total = 0
+    for label, name in enumerate(classes):
+        files = sorted((e for e in os.scandir(root / name)
+                        if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)), key=lambda e: e.name)
+        if not files:
+            raise SourceError(f"{root / name}: no .jpg/.jpeg/.png images; every identity folder needs at least one "
+                              f"(labels are contiguous: remove the folder or add images)")
+        for entry in files:
+            stat = entry.stat()
+            paths.append(entry.path)
+            labels.append(label)
+            listing.update(f"{name}/{entry.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+            total += stat.st_size
+    files_info = [{"file": str(root.resolve()), "bytes": total, "images": len(paths),
+                   "listing_sha256": listing.hexdigest()}]
+    return FolderSource(converter="data_prep.folder2arrow", indexes=np.arange(len(paths), dtype=np.int64),
+                        num_classes=len(classes), image_size=[112, 112], files=files_info,
+                        carried={CLASSES: (json.dumps(classes, indent=0) + "\n").encode()}, nbytes=total,
+                        reader=FolderRows(), paths=paths, labels=np.asarray(labels, dtype=np.int64))
+
+
+def main(argv: list[str] | None = None, on_shard_done=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.folder2arrow", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="directory with one sub-directory of images per identity")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    return run_cli(lambda: open_folder_source(args.src), args, on_shard_done)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Check a converted dataset against its manifest, and with --source against the data it was converted from.
+
+    python -m data_prep.verify /data/ms1m-arrow [--workers 8] [--source /data/ms1m-retinaface-t1]
+
+Every shard: present, size and sha256 as in the manifest, the shard schema, record batches of at most
+ROWS_PER_RECORD_BATCH rows, the planned row count, labels in [0, num_classes). All shards: total rows, every
+`index` once. --source: every source image exactly once, image bytes and labels identical.
+Exit status 0 when all holds, 1 naming the first bad shard and row otherwise, 2 when the source cannot be read.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from data_prep.convert import Source, SourceError, default_workers, mp_context
+from data_prep.recordio import RecordIOError
+from ds_face.data.shards import (
+    ROWS_PER_RECORD_BATCH, SCHEMA, Manifest, ShardError, ShardInfo, read_manifest, rows_per_shard, sha256_of,
+)
+
+
+def _read_shard(path: Path) -> pa.Table:
+    try:
+        with pa.ipc.open_stream(pa.memory_map(str(path))) as reader:
+            if not reader.schema.equals(SCHEMA):
+                raise ShardError(f"{path.name}: schema {reader.schema.to_string(show_schema_metadata=False)!r}, "
+                                 f"expected {SCHEMA.to_string()!r}")
+            batches = list(reader)
+    except pa.ArrowException as e:
+        raise ShardError(f"{path.name}: not a readable Arrow stream ({e})") from None
+    for n, batch in enumerate(batches):
+        if batch.num_rows > ROWS_PER_RECORD_BATCH:
+            raise ShardError(f"{path.name}: record batch {n} has {batch.num_rows} rows, more than "
+                             f"{ROWS_PER_RECORD_BATCH}")
+    return pa.Table.from_batches(batches, schema=SCHEMA)
+
+
+def check_shard(directory: str, info: ShardInfo, planned_rows: int, num_classes: int) -> tuple[np.ndarray, ...]:
+    """(labels, indexes) of one shard after checking it against the manifest; ShardError names what is wrong."""
+    path = Path(directory) / info.file
+    if not path.is_file():
+        raise ShardError(f"{info.file}: missing")
+    if path.stat().st_size != info.bytes:
+        raise ShardError(f"{info.file}: {path.stat().st_size} bytes, the manifest says {info.bytes}")
+    digest = sha256_of(path)
+    if digest != info.sha256:
+        raise ShardError(f"{info.file}: sha256 {digest}, the manifest says {info.sha256} (corrupt or replaced)")
+    table = _read_shard(path)
+    if not table.num_rows == info.rows == planned_rows:
+        raise ShardError(f"{info.file}: {table.num_rows} rows, the manifest says {info.rows}, the shard plan "
+                         f"(rows_per_shard) {planned_rows}")
+    labels = table.column("label").to_numpy()
+    indexes = table.column("index").to_numpy()
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        r = int(bad[0])
+        raise ShardError(f"{info.file}, row {r} (index {indexes[r]}): label {labels[r]} outside [0, {num_classes})")
+    return labels, indexes
+
+
+def compare_shard(directory: str, name: str, reader: Any, items: Any) -> None:
+    """Every row of the shard equals the source image it came from (`items`: the source rows, in shard order)."""
+    table = _read_shard(Path(directory) / name)
+    images, labels = table.column("image").to_pylist(), table.column("label").to_pylist()
+    try:
+        for r, (image, label, index) in enumerate(reader.rows(items)):
+            if labels[r] != label:
+                raise ShardError(f"{name}, row {r} (index {index}): label {labels[r]}, the source says {label}")
+            if images[r] != image:
+                raise ShardError(f"{name}, row {r} (index {index}): image bytes differ from the source "
+                                 f"({len(images[r])} vs {len(image)} bytes)")
+    except RecordIOError as e:  # pickles back as a plain message
+        raise SourceError(str(e)) from None
+
+
+def open_source(manifest: Manifest, src: str, prefix: str) -> Source:
+    if manifest.converter.startswith("data_prep.folder2arrow"):
+        from data_prep.folder2arrow import open_folder_source
+        return open_folder_source(src)
+    from data_prep.rec2arrow import open_rec_source
+    return open_rec_source(src, prefix)
+
+
+def _where(manifest: Manifest, position: int) -> str:
+    """'<shard>, row <r>' of a row given by its position in all shards, in manifest order."""
+    ends = np.cumsum([s.rows for s in manifest.shards])
+    i = int(np.searchsorted(ends, position, side="right"))
+    return f"{manifest.shards[i].file}, row {position - (ends[i] - manifest.shards[i].rows)}"
+
+
+def verify(directory: str, workers: int, source_dir: str | None = None, prefix: str = "train") -> str:
+    """The summary when the dataset checks out; raises ShardError (or SourceError) at the first problem."""
+    manifest = read_manifest(directory)
+    planned = rows_per_shard(manifest.num_samples, len(manifest.shards))
+    source = open_source(manifest, source_dir, prefix) if source_dir else None
+    with ProcessPoolExecutor(max_workers=min(workers, len(manifest.shards)), mp_context=mp_context()) as pool:
+        results = list(pool.map(check_shard, [directory] * len(planned), manifest.shards, planned,
+                                [manifest.num_classes] * len(planned)))
+        labels = np.concatenate([r[0] for r in results])
+        indexes = np.concatenate([r[1] for r in results])
+        order = np.argsort(indexes, kind="stable")
+        repeated = np.flatnonzero(np.diff(indexes[order]) == 0)
+        if len(repeated):
+            a, b = order[repeated[0]], order[repeated[0] + 1]
+            raise ShardError(f"{_where(manifest, b)}: index {indexes[b]} also in {_where(manifest, a)}")
+        if source is not None:
+            _compare_with_source(pool, directory, manifest, source, indexes, order)
+    counts = np.bincount(labels, minlength=manifest.num_classes)
+    size = sum(s.bytes for s in manifest.shards)
+    lines = [f"{directory}: OK",
+             f"  samples {manifest.num_samples:,} in {len(manifest.shards)} shards ({size / 1e6:,.1f} MB), "
+             f"classes {manifest.num_classes:,}",
+             f"  images per class: min {counts.min()}, median {np.median(counts):g}, max {counts.max()}"
+             + (f" ({np.sum(counts == 0)} classes have no image)" if counts.min() == 0 else ""),
+             f"  converter {manifest.converter}, options {manifest.options}"]
+    if source is not None:
+        lines.append(f"  source {source_dir}: every image once, bytes and labels identical")
+    return "\n".join(lines)
+
+
+def _compare_with_source(pool, directory: str, manifest: Manifest, source: Source, indexes: np.ndarray,
+                         order: np.ndarray) -> None:
+    src_order = np.argsort(source.indexes, kind="stable")
+    src_sorted = source.indexes[src_order]
+    missing = np.setdiff1d(src_sorted, indexes)
+    if len(missing):
+        raise ShardError(f"source image {missing[0]} ({source.files[0]['file']}) is in no shard "
+                         f"({len(missing)} missing)")
+    found = np.searchsorted(src_sorted, indexes).clip(max=len(src_sorted) - 1)
+    extra = np.flatnonzero(src_sorted[found] != indexes)
+    if len(extra):
+        raise ShardError(f"{_where(manifest, int(extra[0]))}: index {indexes[extra[0]]} is not an image of the source")
+    positions = src_order[found]  # source position of every row, in shard order
+    starts = np.concatenate([[0], np.cumsum([s.rows for s in manifest.shards])])
+    tasks = [source.items(positions[starts[i]:starts[i + 1]]) for i in range(len(manifest.shards))]
+    list(pool.map(compare_shard, [directory] * len(tasks), [s.file for s in manifest.shards],
+                  [source.reader] * len(tasks), tasks))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.verify", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dir", help="a directory written by data_prep.rec2arrow or data_prep.folder2arrow")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="processes (default: min(8, CPUs))")
+    parser.add_argument("--source", help="also compare with this source (what rec2arrow/folder2arrow read)")
+    parser.add_argument("--prefix", default="train", help="file name prefix of the .rec/.idx (default: train)")
+    args = parser.parse_args(argv)
+    try:
+        print(verify(args.dir, max(1, args.workers), args.source, args.prefix))
+    except ShardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (SourceError, RecordIOError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
