@@ -43,3 +43,38 @@ def test_config_error_stops_every_rank_with_one_message(tmp_path):
     assert f"{bad}: invalid run config:" in proc.stderr
     assert "'head.sample_rate' must be in (0, 1], got 1.5" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def class_jpeg(label: int, rng) -> bytes:
+    """A 112x112 JPEG of the class's synthetic pattern plus noise, so the classes can be learnt."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ds_face.data.synthetic import class_pattern
+    pattern = class_pattern(label).numpy().transpose(1, 2, 0).repeat(14, 0).repeat(14, 1)
+    pixels = ((pattern + rng.normal(0, 0.3, pattern.shape)).clip(-1, 1) * 127.5 + 127.5).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_recordio_to_arrow_to_two_rank_training(tmp_path):
+    """The whole data path as a user runs it: an InsightFace .rec, rec2arrow, then training on the shards."""
+    import numpy as np
+
+    from data_prep import rec2arrow
+    from data_prep.recordio import write_insightface_rec
+    rng = np.random.default_rng(0)
+    write_insightface_rec(tmp_path / "rec", [(i % 40, class_jpeg(i % 40, rng)) for i in range(320)])
+    assert rec2arrow.main([str(tmp_path / "rec"), str(tmp_path / "arrow"), "--workers", "1", "--shards", "4"]) == 0
+    out = tmp_path / "run"
+    proc = launch("--config", "configs/cpu_demo.yaml", "--deepspeed_config", "ds_configs/cpu_zero2_fp32.json",
+                  "--set", "data.source=arrow", "--set", f"data.path={tmp_path / 'arrow'}",
+                  "--set", "data.num_workers=1", "--set", "head.num_classes=40", "--set", "schedule.epochs=2",
+                  "--set", "output.log_every=1", "--set", f"output.dir={out}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (out / "training.log").read_text()
+    assert "5 steps per epoch, 2 epochs, 10 steps in the schedule" in log  # floor(320 / (32 x 2))
+    assert "Global Step: 10/10" in log and "Epoch: 1" in log
