@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test bench-head bench-engine clean
+.PHONY: setup demo test bench-head bench-engine bench-data clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ bench-head: setup
 
 bench-engine: setup
 	deepspeed --num_gpus 2 --module ds_face.bench.engine_overhead --backbone r_tiny --classes 20000 --batch 32 --steps 20
+
+bench-data: setup
+	$(PY) -m data_prep.bench_convert --size-gb 1.0
+	rm -rf /tmp/ds_face_bench_loader
+	$(PY) -m data_prep.rec2arrow /tmp/ds_face_bench_convert/rec-1gb /tmp/ds_face_bench_loader --shards 96
+	$(PY) -m ds_face.bench.loader --rec-dir /tmp/ds_face_bench_convert/rec-1gb --arrow-dir /tmp/ds_face_bench_loader
 
 clean:
 	rm -rf work_dirs .pytest_cache

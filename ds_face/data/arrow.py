@@ -41,13 +41,27 @@ class DataError(ValueError):
     """Training data that cannot be used as configured; the message names the directory, shard or sample."""
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """HxWx3 uint8 RGB. simplejpeg (libjpeg-turbo) decodes a 112x112 JPEG in ~56 us vs PIL's ~98 us
-    (measured here, see BENCHMARKS.md); PIL takes anything else (PNG from image folders)."""
+def decode_rgb(data: bytes, size: tuple[int, int] | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """HxWx3 uint8 RGB, written into `out` when given; `size` (height, width) is checked first.
+
+    simplejpeg (libjpeg-turbo) decodes a 112x112 JPEG in about 60 us vs PIL's 120 us here
+    (`python -m ds_face.bench.loader`, BENCHMARKS.md); PIL takes anything else (PNG from image folders)."""
     if data[:3] == _JPEG_SOI:
-        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+        height, width = simplejpeg.decode_jpeg_header(data)[:2]
+        _check_size(height, width, size)
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        _check_size(image.height, image.width, size)
+        pixels = np.asarray(image.convert("RGB"))
+    if out is None:
+        return pixels
+    out[...] = pixels
+    return out
+
+
+def _check_size(height: int, width: int, size: tuple[int, int] | None) -> None:
+    if size is not None and (height, width) != tuple(size):
+        raise ValueError(f"image is {width}x{height}, expected {size[1]}x{size[0]}")
 
 
 def flip_coin(seed: int, epoch: int, index: int) -> bool:
@@ -100,53 +114,72 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         self.rows, self.micro_batch, self.seed, self.epoch = rows, micro_batch, seed, epoch
         self.flip, self.on_corrupt, self.skip_rows, self.image_size = flip, on_corrupt, skip_rows, image_size
 
-    def _decode(self, row: dict) -> np.ndarray:
-        image = decode_rgb(row["image"])
-        if image.shape[:2] != self.image_size:
-            raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, expected "
-                             f"{self.image_size[1]}x{self.image_size[0]}")
-        return image
-
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         rows = iter(self.rows)  # `datasets` picks this worker's shards itself
         for _ in range(self.skip_rows[worker]):  # replay without decoding: same shuffle buffer afterwards
             next(rows)
-        height, width = self.image_size
-        images = np.empty((self.micro_batch, height, width, 3), np.uint8)
-        labels = np.empty(self.micro_batch, np.int64)
-        n = corrupt = owed = 0
-        last_good = None
+        batch = _BatchBuffer(self.micro_batch, self.image_size, worker)
+        owed = 0  # corrupt samples met before any good one, filled by the first good one
+        good = None  # (image, label, index) of the latest good sample
         for row in rows:
             try:
-                image = self._decode(row)
+                image = decode_rgb(row["image"], self.image_size, out=batch.next_slot())
             except Exception as err:  # noqa: BLE001 - any decoder error means this one sample is unusable
                 where = f"sample index {row['index']} (label {row['label']})"
                 if self.on_corrupt == "fail":
                     raise DataError(f"{where}: cannot decode image: {err}") from None
                 log.warning(f"skipping {where}: cannot decode image ({err}); reusing the previous good sample "
                             f"so every rank keeps the same number of batches")
-                corrupt += 1
-                if last_good is None:
-                    owed += 1  # filled by the first good sample of this stream
+                batch.corrupt += 1
+                if good is None:
+                    owed += 1
                     continue
-                image, label, index = last_good
+                image, label, index = good
+                batch.next_slot()[...] = image
             else:
                 label, index = row["label"], row["index"]
-                last_good = (image, label, index)
-            for _ in range(1 + owed):
-                images[n] = image[:, ::-1] if self.flip and flip_coin(self.seed, self.epoch, index) else image
-                labels[n] = label
-                n += 1
-                if n == self.micro_batch:
-                    yield {"image": torch.from_numpy(images.copy()), "label": torch.from_numpy(labels.copy()),
-                           "worker": worker, "corrupt": corrupt}
-                    n = corrupt = 0
+                good = (image, label, index)  # a view into a batch that is never reused: no copy needed
+            for copy in range(1 + owed):
+                if copy:
+                    batch.next_slot()[...] = image
+                if batch.add(label, self.flip and flip_coin(self.seed, self.epoch, index)):
+                    if good is not None:  # take() flips the batch in place; keep the sample as decoded
+                        good = (good[0].copy(), *good[1:])
+                    yield batch.take()
+                    batch = _BatchBuffer(self.micro_batch, self.image_size, worker)
             owed = 0
-        if n:
-            yield {"image": torch.from_numpy(images[:n].copy()), "label": torch.from_numpy(labels[:n].copy()),
-                   "worker": worker, "corrupt": corrupt}
+        if batch.size:
+            yield batch.take()
+
+
+class _BatchBuffer:
+    """One micro-batch being filled in place: images are decoded straight into their slot and flipped
+    together at the end."""
+
+    def __init__(self, micro_batch: int, image_size: tuple[int, int], worker: int):
+        self.images = np.empty((micro_batch, *image_size, 3), np.uint8)
+        self.labels = np.empty(micro_batch, np.int64)
+        self.flips = np.zeros(micro_batch, bool)
+        self.size, self.worker, self.corrupt = 0, worker, 0
+
+    def next_slot(self) -> np.ndarray:
+        return self.images[self.size]
+
+    def add(self, label: int, flip: bool) -> bool:
+        """Accept the image in the next slot; True when the batch is full."""
+        self.labels[self.size], self.flips[self.size] = label, flip
+        self.size += 1
+        return self.size == len(self.labels)
+
+    def take(self) -> dict:
+        n = self.size
+        images = torch.from_numpy(self.images[:n])
+        flipped = torch.from_numpy(np.flatnonzero(self.flips[:n]))
+        images[flipped] = images[flipped].flip(2)  # horizontal: the width axis; torch does it 2x faster than numpy
+        return {"image": images, "label": torch.from_numpy(self.labels[:n]),
+                "worker": self.worker, "corrupt": self.corrupt}
 
 
 class ArrowFaces:
