@@ -1,0 +1,510 @@
+"""Export a checkpoint's backbone as an arcface_torch ``model.pt`` (and ONNX, and the full head).
+
+    python -m ds_face.export <checkpoint dir> --out model.pt [--onnx model.onnx] [--head head.pt]
+                             [--tag TAG] [--overwrite] [--atol 1e-4]
+
+``<checkpoint dir>`` is either the run's ``<output.dir>/checkpoints`` (DeepSpeed's save_dir:
+the tag is read from its ``latest`` file, or given with ``--tag``) or one tag directory
+(``.../checkpoints/step_300``). A tag directory holds DeepSpeed's files
+(``mp_rank_00_model_states.pt``, ZeRO's ``*_optim_states.pt``; ZeRO-3:
+``zero_pp_rank_*_mp_rank_00_model_states.pt``), the head shards ``head_rank{r}_of{W}.pt`` and
+``ds_face_meta.json`` (backbone, embedding size, classes, world size, run config).
+
+Outputs (each written to a temporary name and renamed into place only after every
+requested output has been produced and checked; an existing file is never replaced
+without ``--overwrite``):
+
+* ``--out``: the backbone's fp32 state_dict, a plain ``{name: tensor}`` saved with
+  ``torch.save``, with exactly arcface_torch's IResNet keys (no ``module.``, nothing from
+  DeepSpeed). Load it with ``model.load_state_dict(torch.load(path, weights_only=True))``.
+  Weights are the fp32 ones for every ZeRO stage and precision: DeepSpeed's
+  ``zero_to_fp32`` rebuilds them from the ZeRO optimizer shards (stages 1-3); for stage 0
+  the module in ``mp_rank_00_model_states.pt`` is fp32 already, or under fp16/bf16 the
+  optimizer's fp32 master copies are used.
+* ``--head``: ``{"weight": [num_classes, D] fp32}``, the Partial FC centres gathered from
+  all ranks' shards in class order; the shards must tile ``[0, num_classes)`` exactly.
+* ``--onnx``: the backbone in eval mode, exported with PyTorch's dynamo-based exporter
+  (``torch.onnx.export(..., dynamo=True)``, which needs the ``onnxscript`` package), opset 18,
+  one input ``input`` [batch, 3, 112, 112] float32 in [-1, 1] (arcface_torch's normalisation),
+  one output ``embedding`` [batch, D], dynamic batch axis, weights inside the one file.
+  It is then run with onnxruntime next to the torch model on random batches of 4 and 3
+  images; the export fails (exit 1) if the max abs difference exceeds ``--atol``.
+
+Exit codes: 0 done, 2 bad input (``error: ...`` on stderr, nothing written), 1 ONNX check failed.
+
+Files are read with ``torch.load(weights_only=True)`` wherever that can work: our own files
+(head shards) and DeepSpeed's model-states file. DeepSpeed's ZeRO optimizer shards pickle
+DeepSpeed objects, so ``deepspeed.utils.zero_to_fp32`` loads them with ``weights_only=False``:
+only export checkpoints you (or someone you trust) produced.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+ZERO3_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+META = "ds_face_meta.json"
+HEAD_FILE = re.compile(r"^head_rank(\d+)_of(\d+)\.pt$")
+ONNX_OPSET = 18  # the lowest opset the dynamo exporter implements natively in torch 2.13
+ONNX_CHECK_BATCHES = (4, 3)  # two sizes: proves the batch axis is really dynamic
+IMAGE = (3, 112, 112)
+
+
+class ExportError(Exception):
+    """Bad input: reported as ``error: ...`` with exit code 2."""
+
+
+class OnnxMismatch(Exception):
+    """onnxruntime and torch disagree by more than the tolerance (exit code 1)."""
+
+
+# -- finding the checkpoint -------------------------------------------------------------------------
+
+def _looks_like_tag_dir(path: Path) -> bool:
+    return (path / META).exists() or any(path.glob("*_model_states.pt")) or any(path.glob("head_rank*_of*.pt"))
+
+
+def _tags_in(save_dir: Path) -> list[str]:
+    return sorted((p.name for p in save_dir.iterdir() if p.is_dir() and _looks_like_tag_dir(p)),
+                  key=lambda t: [int(c) if c.isdigit() else c for c in re.split(r"(\d+)", t)])
+
+
+def resolve_tag_dir(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Path:
+    """The tag directory meant by ``ckpt_dir`` (a save_dir or a tag directory) and ``tag``."""
+    path = Path(ckpt_dir)
+    if not path.exists():
+        raise ExportError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise ExportError(f"{path} is a file; give the checkpoint directory (<output.dir>/checkpoints "
+                          f"or one of its tag directories)")
+    if tag is not None:
+        if not tag or "/" in tag or os.sep in tag or tag in (".", ".."):
+            raise ExportError(f"--tag {tag!r} is not a tag name (e.g. step_300)")
+        if _looks_like_tag_dir(path):
+            if path.name == tag:
+                return path
+            raise ExportError(f"{path} is a tag directory ({path.name}); --tag {tag} does not apply to it")
+        if not (path / tag).is_dir():
+            available = ", ".join(_tags_in(path)) or "none"
+            raise ExportError(f"tag {tag!r} not found: no directory {path / tag} (tags in {path}: {available})")
+        return path / tag
+    if _looks_like_tag_dir(path):
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        name = latest.read_text().strip()
+        if not name:
+            raise ExportError(f"{latest} is empty")
+        if not (path / name).is_dir():
+            raise ExportError(f"{latest} names tag {name!r}, but {path / name} does not exist "
+                              f"(tags in {path}: {', '.join(_tags_in(path)) or 'none'})")
+        return path / name
+    tags = _tags_in(path)
+    if tags:
+        raise ExportError(f"{latest} is missing; pass --tag (tags in {path}: {', '.join(tags)})")
+    raise ExportError(f"{path} is not a checkpoint directory: no {latest.name} file, no tag directories, "
+                      f"no {MODEL_STATES}")
+
+
+def read_meta(tag_dir: Path) -> dict:
+    path = tag_dir / META
+    if not path.is_file():
+        raise ExportError(f"{path} is missing: not a complete ds_face checkpoint (rank 0 writes it with every save)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{path}: cannot read it as JSON: {err}") from None
+    missing = [k for k in ("backbone", "embedding_size") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ExportError(f"{path}: missing {', '.join(missing)}")
+    from ds_face.backbones import BACKBONES
+    if meta["backbone"] not in BACKBONES:
+        raise ExportError(f"{path}: unknown backbone {meta['backbone']!r} (known: {', '.join(BACKBONES)})")
+    return meta
+
+
+def _check_torch_file(path: Path) -> None:
+    if not path.is_file():
+        raise ExportError(f"{path} is missing")
+    if not zipfile.is_zipfile(path):
+        raise ExportError(f"{path} is not a readable torch file (truncated or corrupt?)")
+
+
+def _load(path: Path, weights_only: bool = True):
+    _check_torch_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"{path}: cannot load it: {first}") from None
+
+
+# -- the backbone -----------------------------------------------------------------------------------
+
+def reference_backbone(meta: dict, device: str = "meta") -> torch.nn.Module:
+    """The backbone the checkpoint was trained with; on the meta device it costs nothing."""
+    from ds_face.backbones import get_backbone
+    with torch.device(device):
+        return get_backbone(meta["backbone"], int(meta["embedding_size"]))
+
+
+def load_backbone_state(ckpt_dir: str | os.PathLike, tag: str | None = None) -> tuple[dict, dict]:
+    """The backbone's fp32 state_dict (arcface_torch keys and order) and the checkpoint's meta.
+
+    ``meta`` is ``ds_face_meta.json`` plus ``meta["source"]``: where the weights came from.
+    """
+    tag_dir = resolve_tag_dir(ckpt_dir, tag)
+    states_file = tag_dir / MODEL_STATES
+    if not states_file.exists() and (tag_dir / ZERO3_MODEL_STATES.format(rank=0)).exists():
+        states_file = tag_dir / ZERO3_MODEL_STATES.format(rank=0)
+    if not states_file.exists():
+        raise ExportError(f"{states_file} is missing (ZeRO-3: {ZERO3_MODEL_STATES.format(rank=0)}): "
+                          f"{tag_dir} is not a complete DeepSpeed checkpoint")
+    states = _load(states_file)  # DeepSpeed's model-states file holds only tensors and plain values
+    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+        raise ExportError(f"{states_file} is not a DeepSpeed model-states file (no 'module' entry)")
+    meta = read_meta(tag_dir)
+
+    ds_config = states.get("ds_config") or {}
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    world_size = int(states.get("dp_world_size") or 1)
+    if "world_size" in meta and int(meta["world_size"]) != world_size:
+        raise ExportError(f"{tag_dir / META} says world size {meta['world_size']} but {states_file} was saved "
+                          f"by {world_size} data-parallel ranks: files from different runs?")
+    reference = reference_backbone(meta)
+    ref_state = reference.state_dict()
+    frozen = {name for name, p in reference.named_parameters() if not p.requires_grad}
+    module = states["module"]
+    optim_files = sorted(tag_dir.glob("*_optim_states.pt"))
+
+    if stage == 0 and not optim_files:
+        state, how = _stage0_fp32(module, states.get("optimizer"), reference, states_file)
+    else:
+        state = _zero_fp32(tag_dir, stage, world_size, optim_files)
+        how = f"fp32 master weights rebuilt by deepspeed.utils.zero_to_fp32 from {len(optim_files)} ZeRO shard(s)"
+        # Frozen parameters (features.weight) are not in the optimizer; DeepSpeed's converter
+        # drops them for some layouts (bf16 + ZeRO-1). They never change: take the module's copy.
+        for name in ref_state:
+            if name not in state and name in frozen and name in module \
+                    and tuple(module[name].shape) == tuple(ref_state[name].shape):
+                state[name] = module[name]
+
+    _check_against(state, ref_state, meta, tag_dir)
+    out = {}
+    for name in ref_state:  # arcface_torch's key order, fp32, own storage
+        value = state[name].detach().to("cpu")
+        out[name] = (value.float() if value.is_floating_point() else value).contiguous().clone()
+    meta = dict(meta)
+    meta["source"] = {"tag_dir": str(tag_dir), "tag": tag_dir.name, "zero_stage": stage,
+                      "world_size": world_size, "weights": how,
+                      "precision": _precision(ds_config)}
+    return out, meta
+
+
+def _precision(ds_config: dict) -> str:
+    if (ds_config.get("fp16") or {}).get("enabled"):
+        return "fp16"
+    if (ds_config.get("bf16") or ds_config.get("bfloat16") or {}).get("enabled"):
+        return "bf16"
+    return "fp32"
+
+
+def _stage0_fp32(module: dict, optimizer, reference, states_file: Path) -> tuple[dict, str]:
+    """ZeRO stage 0: the module itself if fp32, else the fp16/bf16 optimizer's fp32 master copies."""
+    trainable = [name for name, p in reference.named_parameters() if p.requires_grad]
+    low = [n for n in trainable if n in module and module[n].dtype != torch.float32]
+    if not low:
+        return dict(module), f"the fp32 module in {states_file.name} (ZeRO stage 0)"
+    # DeepSpeed's FP16_Optimizer / FP16_UnfusedOptimizer (used for fp16 and bf16 at stage 0)
+    # keep one fp32 master per trainable parameter, in the order the optimizer got them:
+    # ds_face.train passes backbone.parameters() with requires_grad, in module order.
+    masters = None
+    if isinstance(optimizer, dict):
+        if isinstance(optimizer.get("fp32_groups"), list):
+            masters = [t for group in optimizer["fp32_groups"] for t in group]
+        elif isinstance(optimizer.get("fp32_groups_flat"), list):
+            flat = torch.cat([t.reshape(-1) for t in optimizer["fp32_groups_flat"]])
+            sizes = [module[n].numel() for n in trainable if n in module]
+            if flat.numel() == sum(sizes):
+                masters = list(flat.split(sizes))
+    problem = None
+    if masters is None:
+        problem = "no fp32 master weights (optimizer 'fp32_groups') in it"
+    elif len(masters) != len(trainable):
+        problem = f"{len(masters)} fp32 master tensors for {len(trainable)} trainable parameters"
+    else:
+        for name, master in zip(trainable, masters):
+            if name not in module or master.numel() != module[name].numel() \
+                    or not torch.equal(master.reshape(module[name].shape).to(module[name].dtype), module[name]):
+                problem = f"the fp32 master for {name} does not round to the module's {module[name].dtype} copy"
+                break
+    if problem:
+        raise ExportError(f"{states_file}: the module is {module[low[0]].dtype} and {problem}; "
+                          f"refusing to export 16-bit weights as fp32")
+    state = dict(module)
+    for name, master in zip(trainable, masters):
+        state[name] = master.reshape(module[name].shape)
+    return state, f"the fp32 master copies in {states_file.name}'s optimizer state (ZeRO stage 0, 16-bit module)"
+
+
+def _zero_fp32(tag_dir: Path, stage: int, world_size: int, optim_files: list[Path]) -> dict:
+    if len(optim_files) != world_size:
+        names = ", ".join(p.name for p in optim_files) or "none"
+        raise ExportError(f"{tag_dir}: expected {world_size} ZeRO optimizer shards (*_optim_states.pt, one per "
+                          f"rank), found {len(optim_files)}: {names}")
+    for path in optim_files:
+        _check_torch_file(path)
+    if stage == 3:
+        for rank in range(world_size):
+            _check_torch_file(tag_dir / ZERO3_MODEL_STATES.format(rank=rank))
+    # DeepSpeed prints progress (and its accelerator banner on import) to stdout: keep ours clean.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            # zero_to_fp32 loads the optimizer shards with weights_only=False (they pickle DeepSpeed objects).
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name))
+        except Exception as err:
+            raise ExportError(f"{tag_dir}: DeepSpeed could not rebuild the fp32 weights: "
+                              f"{type(err).__name__}: {err}") from None
+
+
+def _check_against(state: dict, ref_state: dict, meta: dict, tag_dir: Path) -> None:
+    missing = [k for k in ref_state if k not in state]
+    unexpected = [k for k in state if k not in ref_state]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(ref_state[k].shape)}" for k in ref_state
+              if k in state and tuple(state[k].shape) != tuple(ref_state[k].shape)]
+    if missing or unexpected or shapes:
+        raise ExportError(f"{tag_dir}: the saved weights do not match backbone {meta['backbone']!r} with embedding "
+                          f"{meta['embedding_size']} ({META}): missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                          f"shape mismatches {shapes[:5]}")
+
+
+# -- the head ---------------------------------------------------------------------------------------
+
+def gather_head(ckpt_dir: str | os.PathLike, tag: str | None = None, meta: dict | None = None) -> torch.Tensor:
+    """The full [num_classes, D] fp32 centre matrix from all ranks' ``head_rank{r}_of{W}.pt``.
+
+    Fails, naming the files, unless the shards are one checkpoint's complete set and their
+    class ranges tile ``[0, num_classes)`` exactly (no gap, no overlap).
+    """
+    tag_dir = resolve_tag_dir(ckpt_dir, tag)
+    meta = meta if meta is not None else read_meta(tag_dir)
+    found = {}
+    for path in tag_dir.iterdir():
+        match = HEAD_FILE.match(path.name)
+        if match:
+            found[path] = (int(match.group(1)), int(match.group(2)))
+    if not found:
+        raise ExportError(f"{tag_dir}: no head shards (head_rank<r>_of<W>.pt)")
+    sizes = sorted({w for _, w in found.values()})
+    if len(sizes) > 1:
+        raise ExportError(f"{tag_dir}: head shards from different world sizes {sizes}: "
+                          + ", ".join(sorted(p.name for p in found)))
+    world = sizes[0]
+    if "world_size" in meta and int(meta["world_size"]) != world:
+        raise ExportError(f"{tag_dir}: head shards are *_of{world}.pt but {META} says world size {meta['world_size']}")
+    missing = [f"head_rank{r}_of{world}.pt" for r in range(world) if (r, world) not in found.values()]
+    extra = sorted(p.name for p, (r, _) in found.items() if r >= world)
+    if missing or extra:
+        raise ExportError(f"{tag_dir}: incomplete head: missing {', '.join(missing) or 'none'}"
+                          + (f"; unexpected {', '.join(extra)}" if extra else ""))
+
+    shards = []
+    for path in sorted(found, key=lambda p: found[p][0]):
+        shard = _load(path)
+        if not isinstance(shard, dict) or not isinstance(shard.get("weight"), torch.Tensor):
+            raise ExportError(f"{path}: not a head shard (no 'weight' tensor)")
+        try:
+            start, count, total = (int(shard[k]) for k in ("class_start", "num_local", "num_classes"))
+        except (KeyError, TypeError, ValueError):
+            raise ExportError(f"{path}: needs integer class_start, num_local and num_classes") from None
+        weight = shard["weight"]
+        if weight.dim() != 2 or weight.shape[0] != count:
+            raise ExportError(f"{path}: weight is {list(weight.shape)} but num_local is {count}")
+        if int(shard.get("rank", found[path][0])) != found[path][0] or \
+                int(shard.get("world_size", world)) != world:
+            raise ExportError(f"{path}: says rank {shard.get('rank')} of {shard.get('world_size')}, "
+                              f"not what its name says")
+        shards.append((start, count, total, weight, path))
+
+    totals = {total for _, _, total, _, _ in shards}
+    expected = int(meta.get("num_classes", next(iter(totals))))
+    if totals != {expected}:
+        raise ExportError(f"{tag_dir}: head shards disagree on num_classes ({sorted(totals)}; {META}: "
+                          f"{meta.get('num_classes')}): " + ", ".join(p.name for *_, p in shards))
+    dims = {w.shape[1] for *_, w, _ in shards}
+    if dims != {int(meta["embedding_size"])}:
+        raise ExportError(f"{tag_dir}: head shards have embedding size {sorted(dims)}, {META} says "
+                          f"{meta['embedding_size']}")
+    shards.sort(key=lambda s: (s[0], s[4].name))
+    cursor, previous = 0, None
+    for start, count, _, _, path in shards:
+        if start != cursor:
+            what = "gap" if start > cursor else "overlap"
+            after = f"after {previous.name} (ends at class {cursor})" if previous else "at the start"
+            raise ExportError(f"head shards do not tile the {expected} classes: {what} {after}: {path.name} "
+                              f"starts at class {start}; files: "
+                              + ", ".join(str(p) for *_, p in shards))
+        cursor, previous = start + count, path
+    if cursor != expected:
+        raise ExportError(f"head shards do not tile the {expected} classes: they end at class {cursor} "
+                          f"({previous.name}); files: " + ", ".join(str(p) for *_, p in shards))
+    return torch.cat([w.detach().float() for *_, w, _ in shards]).contiguous()
+
+
+# -- ONNX -------------------------------------------------------------------------------------------
+
+def export_onnx(state: dict, meta: dict, path: str | os.PathLike, atol: float = 1e-4,
+                batches=ONNX_CHECK_BATCHES, seed: int = 0) -> list[tuple[int, float]]:
+    """Export the backbone to ``path`` and compare onnxruntime with torch; returns [(batch, max abs diff)].
+
+    Raises OnnxMismatch (after writing ``path``) if a difference exceeds ``atol``.
+    """
+    try:
+        import numpy as np
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    except ImportError as err:
+        raise ExportError(f"--onnx needs onnx, onnxscript and onnxruntime (pip install -r requirements.txt): "
+                          f"{err}") from None
+    model = reference_backbone(meta, device="cpu")
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    example = torch.rand(2, *IMAGE, generator=gen) * 2 - 1  # batch 2: torch.export would specialise a batch of 1
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [log.level for log in quiet]
+    try:
+        for log in quiet:
+            log.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (example,), input_names=["input"], output_names=["embedding"],
+                                        dynamic_shapes=({0: batch},), opset_version=ONNX_OPSET, dynamo=True,
+                                        verbose=False)
+            program.save(str(path), external_data=False)
+    except Exception as err:
+        raise ExportError(f"torch.onnx.export failed for backbone {meta['backbone']}: {type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
+    onnx.checker.check_model(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    results = []
+    for size in batches:
+        images = torch.rand(size, *IMAGE, generator=gen) * 2 - 1
+        with torch.no_grad():
+            expected = model(images).numpy()
+        got = session.run(["embedding"], {"input": images.numpy()})[0]
+        if got.shape != expected.shape:
+            raise OnnxMismatch(f"batch {size}: onnxruntime gave shape {got.shape}, torch {expected.shape}")
+        results.append((size, float(np.abs(got - expected).max())))
+    worst = max(diff for _, diff in results)
+    if not worst <= atol:
+        raise OnnxMismatch(f"onnxruntime differs from torch by {worst:.3g} (> --atol {atol:g}): "
+                           + ", ".join(f"batch {b}: {d:.3g}" for b, d in results))
+    return results
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ds_face.export", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="<output.dir>/checkpoints (uses 'latest' or --tag) or a tag directory")
+    parser.add_argument("--out", help="write the backbone's fp32 state_dict here (arcface_torch model.pt)")
+    parser.add_argument("--onnx", help="also write an ONNX model here, checked with onnxruntime")
+    parser.add_argument("--head", help="also write the full Partial FC weight {'weight': [num_classes, D]} here")
+    parser.add_argument("--tag", help="checkpoint tag (e.g. step_300) when <checkpoint> is the save_dir")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--atol", type=float, default=1e-4,
+                        help="max abs difference allowed between onnxruntime and torch (default 1e-4)")
+    return parser.parse_args(argv)
+
+
+def _outputs(args) -> dict[str, Path]:
+    outputs = {flag: Path(value) for flag, value in (("--out", args.out), ("--head", args.head),
+                                                      ("--onnx", args.onnx)) if value}
+    if not outputs:
+        raise ExportError("nothing to do: give --out (and/or --onnx, --head)")
+    resolved = [p.resolve() for p in outputs.values()]
+    if len(set(resolved)) != len(resolved):
+        raise ExportError("--out, --head and --onnx must be different files")
+    for flag, path in outputs.items():
+        if path.is_dir():
+            raise ExportError(f"{flag} {path} is a directory")
+        if path.exists() and not args.overwrite:
+            raise ExportError(f"{flag} {path} exists; pass --overwrite to replace it")
+    return outputs
+
+
+def _staging(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    staged: dict[Path, Path] = {}
+    try:
+        outputs = _outputs(args)
+        # The head first: its checks are cheap, rebuilding ZeRO-partitioned weights may not be.
+        head = gather_head(args.checkpoint, args.tag) if "--head" in outputs else None
+        state, meta = load_backbone_state(args.checkpoint, args.tag)
+        src = meta["source"]
+        print(f"checkpoint {src['tag_dir']}: backbone {meta['backbone']}, embedding {meta['embedding_size']}, "
+              f"ZeRO stage {src['zero_stage']}, {src['precision']}, {src['world_size']} rank(s)"
+              + (f", global step {meta['global_step']}" if "global_step" in meta else ""))
+        print(f"weights: {src['weights']}")
+
+        if "--out" in outputs:
+            staged[outputs["--out"]] = tmp = _staging(outputs["--out"])
+            torch.save(state, tmp)
+        if head is not None:
+            staged[outputs["--head"]] = tmp = _staging(outputs["--head"])
+            torch.save({"weight": head}, tmp)
+        if "--onnx" in outputs:
+            staged[outputs["--onnx"]] = tmp = _staging(outputs["--onnx"])
+            results = export_onnx(state, meta, tmp, atol=args.atol)
+            print("ONNX check (onnxruntime vs torch, max abs diff): "
+                  + ", ".join(f"batch {b}: {d:.3g}" for b, d in results) + f" (tolerance {args.atol:g})")
+        for final, tmp in staged.items():
+            os.replace(tmp, final)
+        staged.clear()
+        params = sum(v.numel() for k, v in state.items() if v.is_floating_point()
+                     and not k.endswith(("running_mean", "running_var")))
+        if "--out" in outputs:
+            print(f"wrote {outputs['--out']}: {len(state)} tensors, {params / 1e6:.2f}M parameters, fp32")
+        if head is not None:
+            print(f"wrote {outputs['--head']}: weight {list(head.shape)}")
+        if "--onnx" in outputs:
+            print(f"wrote {outputs['--onnx']}: opset {ONNX_OPSET}, input 'input' [batch, 3, 112, 112], "
+                  f"output 'embedding' [batch, {meta['embedding_size']}]")
+        return 0
+    except ExportError as err:
+        print(f"ds_face.export: error: {err}", file=sys.stderr)
+        return 2
+    except OnnxMismatch as err:
+        print(f"ds_face.export: ONNX check failed: {err}; nothing written", file=sys.stderr)
+        return 1
+    finally:
+        for tmp in staged.values():
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
