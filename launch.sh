@@ -4,7 +4,8 @@
 #   ./launch.sh RUN.yaml DS.json [deepspeed runner options] [--set KEY=VALUE ...]
 #
 # Runner options pass straight to `deepspeed` (--hostfile, --include/--exclude, --num_nodes,
-# --num_gpus, --master_addr, --master_port, --launcher, ...). `--set` overrides go to the trainer.
+# --num_gpus, --master_addr, --master_port, --launcher, ...). `--set` overrides, `--resume` and
+# `--init-backbone PATH` go to the trainer.
 # Single node by default: all local GPUs, or NUM_RANKS (default 2) CPU ranks when there is no GPU.
 set -euo pipefail
 
@@ -18,8 +19,8 @@ shift 2
 runner=() trainer=()
 while [ $# -gt 0 ]; do
     case $1 in
-        --set) trainer+=("$1" "$2"); shift 2 ;;
-        --set=*) trainer+=("$1"); shift ;;
+        --set|--init-backbone) trainer+=("$1" "$2"); shift 2 ;;
+        --set=*|--init-backbone=*|--resume) trainer+=("$1"); shift ;;
         *) runner+=("$1"); shift ;;
     esac
 done

@@ -84,6 +84,12 @@ class OutputConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # also save every N optimizer steps (0: only at each epoch's end and at the finish)
+    keep_last: int = 3  # complete checkpoints kept in <output.dir>/checkpoints (0: all)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -91,6 +97,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 2048
 
 
@@ -286,6 +293,10 @@ def _check_run(cfg: RunConfig) -> list[str]:
         errors.append(f"'data.num_samples' must be >= 1 for synthetic data, got {cfg.data.num_samples}")
     elif cfg.data.source == "arrow":
         errors += _check_arrow(cfg)
+    if cfg.checkpoint.every_steps < 0:
+        errors.append(f"'checkpoint.every_steps' must be >= 0, got {cfg.checkpoint.every_steps}")
+    if cfg.checkpoint.keep_last < 0:
+        errors.append(f"'checkpoint.keep_last' must be >= 0, got {cfg.checkpoint.keep_last}")
     if cfg.output.log_every < 1:
         errors.append(f"'output.log_every' must be >= 1, got {cfg.output.log_every}")
     return errors

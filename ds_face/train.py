@@ -32,6 +32,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (ZeRO, precision, batch)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a run-config key, e.g. --set schedule.max_steps=20 (repeatable)")
+    parser.add_argument("--init-backbone", metavar="PATH",
+                        help="start the backbone from this model.pt (arcface_torch state_dict, ds_face.export output)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest complete checkpoint in <output.dir>/checkpoints, "
+                             "on any number of ranks")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                         help="set by the deepspeed launcher")
     return parser.parse_args(argv)
@@ -108,7 +113,7 @@ def build_loader(cfg: RunConfig, layout: BatchLayout, rank: int):
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, ds_config: dict, layout: BatchLayout):
+    def __init__(self, cfg: RunConfig, ds_config: dict, layout: BatchLayout, init_backbone: str | None = None):
         import deepspeed
 
         from ds_face.backbones import get_backbone
@@ -129,6 +134,10 @@ class Trainer:
 
         backbone = get_backbone(cfg.model.backbone, cfg.model.embedding_size, cfg.model.dropout,
                                 cfg.model.gradient_checkpointing)
+        if init_backbone:  # before the engine, which broadcasts rank 0's weights
+            from ds_face.init_backbone import load_backbone_file
+            load_backbone_file(init_backbone, backbone, cfg.model.backbone)
+            log.info(f"backbone initialised from {init_backbone}")
         self.engine, _, _, _ = deepspeed.initialize(
             model=backbone, optimizer=build_backbone_optimizer(cfg, backbone), config=ds_config,
             lr_scheduler=poly_warmup_scheduler(self.total_steps, warmup, cfg.schedule.power))
@@ -141,6 +150,24 @@ class Trainer:
                                             weight_decay=opt.weight_decay)
         self.global_step = 0
         self.epoch = 0
+        self.losses: list[float] = []  # mean loss of each optimizer step this process ran
+        self._saved_step = None  # the step of the newest checkpoint, so that no tag is written twice
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def save_checkpoint(self) -> None:
+        from ds_face import checkpoint
+        if self._saved_step != self.global_step:
+            tag = checkpoint.save(self, self.checkpoint_dir, self.cfg.checkpoint.keep_last)
+            self._saved_step = self.global_step
+            log.info(f"saved checkpoint {self.checkpoint_dir / tag}")
+
+    def resume(self) -> None:
+        from ds_face import checkpoint
+        checkpoint.load(self, self.checkpoint_dir)
+        self._saved_step = self.global_step
 
     def describe(self) -> None:
         e, l, h = self.engine, self.layout, self.head
@@ -165,6 +192,7 @@ class Trainer:
             progress = Progress(last_step, self.layout.per_step, cfg.output.log_every, tb_dir, self.global_step)
         step_losses: list[torch.Tensor] = []
         last_loss = float("nan")
+        every = cfg.checkpoint.every_steps
         while self.global_step < last_step:
             self.loader.set_epoch(self.epoch)
             for batch in self.loader:
@@ -174,6 +202,7 @@ class Trainer:
                     continue
                 self.global_step += 1
                 last_loss = torch.stack(step_losses).mean().item()
+                self.losses.append(last_loss)
                 step_losses.clear()
                 if progress is not None:
                     progress.update(last_loss, self.global_step, self.epoch, self.engine.get_lr()[0],
@@ -181,8 +210,12 @@ class Trainer:
                                     self.head_optimizer.steps_skipped)
                 if self.global_step >= last_step:
                     break
+                if every and self.global_step % every == 0:
+                    self.save_checkpoint()
             else:
                 self.epoch += 1
+                self.save_checkpoint()  # at each epoch's end (unless this step was just saved)
+        self.save_checkpoint()
         if progress is not None:
             progress.close()
         return last_loss
@@ -196,6 +229,18 @@ def main(argv=None) -> int:
         cfg = load_run_config(args.config, parse_overrides(args.set))
         ds_config, layout = load_ds_config(args.deepspeed_config, world_size)
         check_together(cfg, layout, args.config)
+        if args.init_backbone:  # keys and shapes against the config, on the meta device (no weights built)
+            from ds_face.init_backbone import check_backbone_file
+            check_backbone_file(args.init_backbone, cfg.model)
+        checkpoints = Path(cfg.output.dir) / "checkpoints"
+        if args.resume and args.init_backbone:
+            raise ConfigError("--resume and --init-backbone together: the checkpoint's backbone would replace "
+                              "the file's; use one")
+        if args.resume and not (checkpoints / "latest").is_file():
+            raise ConfigError(f"--resume: no complete checkpoint in {checkpoints} ('latest' not found)")
+        if not args.resume and (checkpoints / "latest").is_file():
+            raise ConfigError(f"{checkpoints} already holds checkpoints; pass --resume to continue that run, "
+                              f"or set another output.dir (nothing was overwritten)")
     except ConfigError as err:
         print(f"ds_face.train: error: {err}", file=sys.stderr)
         return 2
@@ -203,7 +248,14 @@ def main(argv=None) -> int:
 
     import deepspeed
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=int(os.environ.get("DS_FACE_TIMEOUT_MIN", 30))))
-    trainer = Trainer(cfg, ds_config, layout)
+    trainer = Trainer(cfg, ds_config, layout, init_backbone=args.init_backbone)
+    if args.resume:
+        from ds_face.checkpoint import CheckpointError
+        try:
+            trainer.resume()
+        except CheckpointError as err:  # raised on every rank alike
+            print(f"ds_face.train: error: {err}", file=sys.stderr)
+            return 2
     trainer.describe()
     trainer.fit()
     log.info(f"done: {trainer.global_step} optimizer steps, {trainer.head_optimizer.steps_skipped} skipped")

@@ -29,20 +29,36 @@ class SyntheticFaces:
         self.rank, self.world_size, self.seed, self.noise = rank, world_size, seed, noise
         self.steps_per_epoch = num_samples // (micro_batch * accumulation * world_size)
         self.epoch = 0
+        self._position = 0  # micro-batches of this epoch already yielded
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        if epoch != self.epoch:
+            self.epoch, self._position = epoch, 0
 
     def __len__(self) -> int:
         """Micro-batches per epoch on this rank."""
         return self.steps_per_epoch * self.accumulation
 
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "micro_batches": self._position, "world_size": self.world_size,
+                "micro_batch": self.micro_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Same layout: continue exactly. Another world size or micro-batch: skip the same share of the epoch."""
+        self.epoch = state["epoch"]
+        done = state["micro_batches"] * state["micro_batch"] * state["world_size"]  # samples, all ranks
+        position = done // (self.micro_batch * self.world_size)
+        self._position = min(position - position % self.accumulation, len(self))
+
     def __iter__(self):
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank)
-        for _ in range(len(self)):
+        for i in range(len(self)):
             labels = torch.randint(0, self.num_classes, (self.micro_batch,), generator=generator)
+            noise = torch.randn((self.micro_batch, 3, IMAGE_SIZE, IMAGE_SIZE), generator=generator)
+            if i < self._position:  # resumed mid-epoch: same random draws, batches already trained on
+                continue
             patterns = torch.stack([class_pattern(label) for label in labels.tolist()])
             images = patterns.repeat_interleave(IMAGE_SIZE // _PATTERN, dim=2) \
                              .repeat_interleave(IMAGE_SIZE // _PATTERN, dim=3)
-            images = images + self.noise * torch.randn(images.shape, generator=generator)
-            yield {"image": images.clamp_(-1.0, 1.0), "label": labels}
+            self._position = i + 1
+            yield {"image": (images + self.noise * noise).clamp_(-1.0, 1.0), "label": labels}

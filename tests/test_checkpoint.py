@@ -1,0 +1,227 @@
+"""Checkpoints: exact resume, re-sharding to another world size, atomic `latest`, bad checkpoints.
+Real DeepSpeed engines on real gloo ranks; real files."""
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_face.checkpoint import CheckpointError, check_fits, head_file, head_slices, latest_tag, read_meta
+from ds_face.config import (
+    BatchLayout, CheckpointConfig, DataConfig, HeadConfig, ModelConfig, OutputConfig, RunConfig, ScheduleConfig,
+)
+from tests.multirank import run_ranks
+from tests.test_train_cli import DEEPSPEED, ROOT, _port
+
+CLASSES, EMBEDDING, MICRO = 50, 32, 8  # 50 classes: 25/25 on 2 ranks, 17/17/16 on 3
+
+
+def make_trainer(world_size, out_dir, stage=2, max_steps=None, every=2):
+    from ds_face.train import Trainer
+    ds = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1, "gradient_clipping": 5.0,
+          "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    cfg = RunConfig(model=ModelConfig(backbone="r_tiny", embedding_size=EMBEDDING),
+                    head=HeadConfig(num_classes=CLASSES, sample_rate=0.5),  # sampling: its RNG must resume too
+                    schedule=ScheduleConfig(epochs=2, warmup_epochs=0.5, max_steps=max_steps),
+                    data=DataConfig(num_samples=48),  # 3 steps per epoch on 2 ranks
+                    output=OutputConfig(dir=str(out_dir), tensorboard=False),
+                    checkpoint=CheckpointConfig(every_steps=every, keep_last=2))
+    return Trainer(cfg, ds, BatchLayout(MICRO, 1, world_size))
+
+
+def snapshot(trainer):
+    return {"backbone": {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()},
+            "head": trainer.head.weight.clone(), "momentum": trainer.head_optimizer.state["momentum_buffer"].clone(),
+            "losses": list(trainer.losses), "step": trainer.global_step, "epoch": trainer.epoch}
+
+
+def _exact_resume(rank, world_size, root, stage):
+    whole = make_trainer(world_size, Path(root) / "whole", stage)
+    whole.fit()  # 6 steps, 2 epochs
+    first = make_trainer(world_size, Path(root) / "cut", stage, max_steps=4)
+    first.fit()  # stops mid-epoch 1 after saving step 4
+    second = make_trainer(world_size, Path(root) / "cut", stage)
+    second.resume()
+    resumed_at = (second.global_step, second.epoch)
+    second.fit()
+    return {"whole": snapshot(whole), "second": snapshot(second), "resumed_at": resumed_at,
+            "tags": sorted(os.listdir(Path(root) / "cut" / "checkpoints"))}
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_resume_continues_the_exact_run(tmp_path, stage):
+    results = run_ranks(2, _exact_resume, str(tmp_path), stage)
+    for r in results:
+        assert r["resumed_at"] == (4, 1)
+        assert r["second"]["losses"] == r["whole"]["losses"][4:]  # steps 5 and 6, bit for bit
+        assert len(r["whole"]["losses"]) == 6
+        assert torch.equal(r["second"]["head"], r["whole"]["head"])
+        assert torch.equal(r["second"]["momentum"], r["whole"]["momentum"])
+        for key, value in r["whole"]["backbone"].items():
+            assert torch.equal(r["second"]["backbone"][key], value), key
+    tags = [name for name in results[0]["tags"] if name.startswith("step_")]
+    assert tags == ["step_4", "step_6"] and "latest" in results[0]["tags"]  # keep_last 2: step_2 pruned
+
+
+def _save_on_two(rank, world_size, out_dir, stage):
+    trainer = make_trainer(world_size, out_dir, stage, max_steps=3, every=0)
+    trainer.fit()  # saves step_3 at the end of epoch 0
+    return snapshot(trainer)
+
+
+def _resume_on(rank, world_size, out_dir, stage):
+    trainer = make_trainer(world_size, out_dir, stage)
+    trainer.resume()
+    state = snapshot(trainer)
+    state["range"] = (trainer.head.class_start, trainer.head.num_local)
+    trainer.fit()  # and it trains on: epoch 1 with the new layout
+    state["trained_to"] = trainer.global_step
+    return state
+
+
+@pytest.mark.parametrize("new_world,stage", [(1, 2), (3, 0)])
+def test_head_reshards_exactly_to_another_world_size(tmp_path, new_world, stage):
+    saved = run_ranks(2, _save_on_two, str(tmp_path), stage)
+    full_head = torch.cat([r["head"] for r in saved])
+    full_momentum = torch.cat([r["momentum"] for r in saved])
+    resumed = run_ranks(new_world, _resume_on, str(tmp_path), stage)
+    ranges = [r["range"] for r in resumed]
+    assert sum(n for _, n in ranges) == CLASSES and ranges[0][0] == 0
+    assert torch.equal(torch.cat([r["head"] for r in resumed]), full_head)
+    assert torch.equal(torch.cat([r["momentum"] for r in resumed]), full_momentum)
+    for r in resumed:
+        assert (r["step"], r["epoch"]) == (3, 0)  # saved at the last step of epoch 0, its data all seen
+        for key, value in saved[0]["backbone"].items():
+            assert torch.equal(r["backbone"][key], value), key
+        assert r["trained_to"] > 3
+
+
+def _failed_save_keeps_previous(rank, world_size, out_dir):
+    trainer = make_trainer(world_size, out_dir, max_steps=3, every=0)
+    trainer.fit()  # step_3 complete
+    blocked = Path(out_dir) / "checkpoints" / "step_4" / head_file(1, 2)
+    if rank == 1:
+        blocked.mkdir(parents=True)  # rank 1 cannot write its head file: the save fails midway
+    torch.distributed.barrier()
+    trainer.global_step = 4
+    try:
+        trainer.save_checkpoint()
+        error = None
+    except CheckpointError as err:
+        error = str(err)
+    latest = (Path(out_dir) / "checkpoints" / "latest").read_text()
+    fresh = make_trainer(world_size, out_dir)
+    fresh.resume()
+    return {"error": error, "latest": latest, "resumed_step": fresh.global_step}
+
+
+def test_failed_save_leaves_the_previous_checkpoint_in_charge(tmp_path):
+    results = run_ranks(2, _failed_save_keeps_previous, str(tmp_path))
+    for r in results:
+        assert r["error"] and "step_4: checkpoint not saved" in r["error"] and "still names the previous" in r["error"]
+        assert r["latest"] == "step_3" and r["resumed_step"] == 3
+    assert "rank 1:" in results[1]["error"] and "another rank failed" in results[0]["error"]
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    run_ranks(2, _save_on_two, str(out), 2)
+    return out / "checkpoints"
+
+
+def copy_of(saved_checkpoint, tmp_path):
+    target = tmp_path / "checkpoints"
+    shutil.copytree(saved_checkpoint, target)
+    return target, target / "step_3"
+
+
+def test_head_slices_that_do_not_add_up_fail_loudly(saved_checkpoint, tmp_path):
+    save_dir, tag_dir = copy_of(saved_checkpoint, tmp_path)
+    assert sum(s["num_local"] for s in head_slices(tag_dir, 2, CLASSES, EMBEDDING)) == CLASSES
+    part = torch.load(tag_dir / head_file(1, 2), weights_only=True)
+    part["weight"], part["num_local"] = part["weight"][:-2], part["num_local"] - 2
+    torch.save(part, tag_dir / head_file(1, 2))
+    with pytest.raises(CheckpointError, match=r"the 2 head slices hold 48 classes, expected 50 \(refusing"):
+        head_slices(tag_dir, 2, CLASSES, EMBEDDING)
+    part["class_start"] = 20
+    torch.save(part, tag_dir / head_file(1, 2))
+    with pytest.raises(CheckpointError, match=r"head_rank1_of2.pt: head slice starts at class 20, expected 25"):
+        head_slices(tag_dir, 2, CLASSES, EMBEDDING)
+
+
+def test_missing_corrupt_and_foreign_checkpoints(saved_checkpoint, tmp_path):
+    save_dir, tag_dir = copy_of(saved_checkpoint, tmp_path)
+    assert latest_tag(save_dir) == "step_3"
+    with pytest.raises(CheckpointError, match="no checkpoint directory"):
+        latest_tag(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match=r"latest: not found; no complete checkpoint"):
+        latest_tag(tmp_path)
+    (save_dir / "latest").write_text("step_9")
+    with pytest.raises(CheckpointError, match=r"latest: names 'step_9', which is not a checkpoint directory"):
+        latest_tag(save_dir)
+    (tag_dir / head_file(0, 2)).write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=r"head_rank0_of2.pt: cannot be read"):
+        head_slices(tag_dir, 2, CLASSES, EMBEDDING)
+    shutil.copy(saved_checkpoint / "step_3" / head_file(0, 2), tag_dir / head_file(0, 2))
+    os.remove(tag_dir / head_file(1, 2))
+    with pytest.raises(CheckpointError, match=r"head_rank1_of2.pt: not found; the checkpoint is incomplete"):
+        head_slices(tag_dir, 2, CLASSES, EMBEDDING)
+    meta = read_meta(tag_dir)
+    other = RunConfig(model=ModelConfig(backbone="r_tiny", embedding_size=64), head=HeadConfig(num_classes=51))
+    with pytest.raises(CheckpointError, match=r"ds_face_meta.json: does not fit this run: num_classes is 50 in the "
+                                              r"checkpoint, 51 in the run config; embedding_size is 32"):
+        check_fits(meta, other, tag_dir / "ds_face_meta.json")
+    (tag_dir / "ds_face_meta.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"ds_face_meta.json: corrupt"):
+        read_meta(tag_dir)
+    os.remove(tag_dir / "ds_face_meta.json")
+    with pytest.raises(CheckpointError, match=r"ds_face_meta.json: not found; .* is not a complete ds_face checkpoint"):
+        read_meta(tag_dir)
+
+
+def launch(out, *extra, **popen):
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), "--module", "ds_face.train",
+           "--config", "configs/cpu_demo.yaml", "--deepspeed_config", "ds_configs/cpu_zero2_fp32.json",
+           "--set", "output.log_every=1", "--set", f"output.dir={out}", "--set", "checkpoint.every_steps=2",
+           "--set", "schedule.max_steps=10", "--set", "data.num_samples=3200", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def step_losses(log: str) -> dict[int, str]:
+    return {int(line.split("Global Step: ")[1].split("/")[0]): line.split("Loss ")[1].split()[0]
+            for line in log.splitlines() if "Global Step: " in line}
+
+
+def test_kill_9_then_resume_continues_the_same_run(tmp_path):
+    """Kill every rank with SIGKILL right after a checkpoint, resume through the real launcher: the steps
+    after the resume log the losses of an uninterrupted run."""
+    whole = launch(tmp_path / "whole")
+    assert whole.wait(300) == 0, whole.stdout.read()[-3000:]
+    expected = step_losses((tmp_path / "whole" / "training.log").read_text())
+    assert sorted(expected) == list(range(1, 11))
+
+    cut = tmp_path / "cut"
+    victim = launch(cut, start_new_session=True)
+    deadline = time.time() + 300
+    latest = cut / "checkpoints" / "latest"
+    while not (latest.is_file() and latest.read_text() in ("step_4", "step_6")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both ranks, mid-step
+    victim.wait(60)
+    killed_at = latest.read_text()
+
+    refused = launch(cut)  # a fresh run must not overwrite the checkpoints
+    assert refused.wait(120) == 2
+    assert "already holds checkpoints; pass --resume" in refused.stdout.read()
+
+    resumed = launch(cut, "--resume")
+    output = resumed.stdout.read()
+    assert resumed.wait(300) == 0, output[-3000:]
+    assert f"resumed from {cut / 'checkpoints' / killed_at}" in output
+    after = {step: loss for step, loss in step_losses(output).items() if step > int(killed_at[5:])}
+    assert after and after == {step: expected[step] for step in after}
