@@ -16,6 +16,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 demo: setup
+	rm -rf work_dirs/cpu_demo  # the demo starts over; a real run refuses to overwrite its checkpoints
 	./launch.sh configs/cpu_demo.yaml ds_configs/cpu_zero2_fp32.json
 
 test: setup

@@ -14,7 +14,8 @@ then moves `latest`: a crash or a failed write mid-save leaves the previous chec
 Resuming on another world size re-shards the head exactly: the slices are checked to tile [0, num_classes)
 (never silently re-initialised, deepinsight/insightface#1758) and every rank takes its new rows, optimizer
 state included. The backbone's weights always load; its optimizer state loads when DeepSpeed can map it to
-the new world size, and is otherwise reset with a warning.
+the new world size (ZeRO stage 0: not partitioned), and is otherwise reset with a warning: DeepSpeed 0.19.8's
+universal-checkpoint converter handles Adam states only and fails on SGD momentum.
 """
 from __future__ import annotations
 
