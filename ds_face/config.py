@@ -90,6 +90,13 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    sets: list = field(default_factory=list)  # InsightFace verification .bin files (lfw.bin, cfp_fp.bin, ...)
+    every_steps: int = 0  # evaluate every N optimizer steps (0: only at the end of the run); rank 0 only
+    batch_size: int = 128  # images per forward pass during evaluation
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -98,6 +105,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 2048
 
 
@@ -107,6 +115,7 @@ class BatchLayout:
     micro_batch: int
     accumulation: int
     world_size: int
+    zero_stage: int = 0
 
     @property
     def per_step(self) -> int:
@@ -156,7 +165,7 @@ def load_ds_config(path: str | Path, world_size: int) -> tuple[dict, BatchLayout
     if world_size < 1:
         errors.append(f"world size must be >= 1, got {world_size}")
     if not errors:
-        layout = BatchLayout(micro, accumulation, world_size)
+        layout = BatchLayout(micro, accumulation, world_size, stage)
         total = ds.get("train_batch_size")
         if total is not None and total != layout.per_step:
             errors.append(f"'train_batch_size' is {total}, but train_micro_batch_size_per_gpu ({micro}) x "
@@ -191,6 +200,10 @@ def check_together(cfg: RunConfig, layout: BatchLayout, run_path: str | Path) ->
                 errors.append(f"data.path {cfg.data.path}: {manifest.num_samples} samples give each of the "
                               f"{counts.streams} loader streams {counts.rows_per_stream} rows, less than one "
                               f"optimizer step ({layout.per_step} samples)")
+    if cfg.eval.sets and layout.zero_stage == 3:
+        errors.append("'eval.sets' is not supported under ZeRO stage 3 (the backbone's parameters are "
+                      "partitioned over the ranks, and evaluation runs on rank 0 alone); use stage 0-2, or "
+                      "evaluate exported checkpoints with python -m ds_face.eval")
     if errors:
         raise ConfigError(f"{run_path}: " + "\n  ".join(["invalid run config for this launch:"] + errors))
 
@@ -299,6 +312,21 @@ def _check_run(cfg: RunConfig) -> list[str]:
         errors.append(f"'checkpoint.keep_last' must be >= 0, got {cfg.checkpoint.keep_last}")
     if cfg.output.log_every < 1:
         errors.append(f"'output.log_every' must be >= 1, got {cfg.output.log_every}")
+    errors += _check_eval(cfg.eval)
+    return errors
+
+
+def _check_eval(e: EvalConfig) -> list[str]:
+    errors = []
+    if e.every_steps < 0:
+        errors.append(f"'eval.every_steps' must be >= 0, got {e.every_steps}")
+    if e.batch_size < 1:
+        errors.append(f"'eval.batch_size' must be >= 1, got {e.batch_size}")
+    for i, path in enumerate(e.sets):
+        if not isinstance(path, str) or not path:
+            errors.append(f"'eval.sets[{i}]' must be the path of a verification .bin file, got {path!r}")
+        elif not Path(path).is_file():
+            errors.append(f"'eval.sets[{i}]': file not found: {path}")
     return errors
 
 

@@ -190,6 +190,8 @@ class Trainer:
         if self.rank == 0:
             tb_dir = self.output_dir / "tensorboard" if cfg.output.tensorboard else None
             progress = Progress(last_step, self.layout.per_step, cfg.output.log_every, tb_dir, self.global_step)
+        from ds_face.eval import TrainingEvaluator
+        evaluate = TrainingEvaluator(self, progress)  # eval.sets on rank 0, every eval.every_steps and at the end
         step_losses: list[torch.Tensor] = []
         last_loss = float("nan")
         every = cfg.checkpoint.every_steps
@@ -208,6 +210,7 @@ class Trainer:
                     progress.update(last_loss, self.global_step, self.epoch, self.engine.get_lr()[0],
                                     loss_scale(self.engine) if self.engine.fp16_enabled() else None,
                                     self.head_optimizer.steps_skipped)
+                evaluate(self.global_step, last=self.global_step >= last_step)
                 if self.global_step >= last_step:
                     break
                 if every and self.global_step % every == 0:

@@ -1,0 +1,433 @@
+"""Face verification on InsightFace ``.bin`` pair sets (LFW, CFP-FP, AgeDB-30, ...), as arcface_torch does it.
+
+    python -m ds_face.eval --model model.pt [--backbone r50] [--embedding 512] --bin lfw.bin cfp_fp.bin agedb_30.bin
+
+The protocol is arcface_torch's ``eval/verification.py``:
+
+* every image and its horizontal flip go through the backbone (eval mode, input (pixel/255 - 0.5)/0.5, RGB);
+  XNorm is the mean L2 norm of all those un-normalised embeddings (originals and flips);
+* the two embeddings are summed and L2-normalised; a pair's distance is the squared euclidean distance of its
+  normalised embeddings (= 2 - 2 cos);
+* 10-fold cross-validation (sklearn ``KFold(10, shuffle=False)`` folds): on 9 folds the threshold in
+  ``np.arange(0, 4, 0.01)`` with the best accuracy is chosen (the first one on a tie), ``dist < threshold``
+  predicts "same"; the accuracy on the tenth fold is recorded. Reported: mean +- std of the 10 accuracies
+  ("Accuracy-Flip"), the mean chosen threshold, XNorm.
+
+**Safety of .bin files.** A ``.bin`` is a pickle of ``(bins, issame_list)``: encoded JPEG/PNG images (``bytes``,
+pickled by Python 2 as ``str``, hence ``encoding="bytes"``) and one bool per pair. Unpickling can run arbitrary
+code, so the files are read with a restricted unpickler that resolves no global at all except numpy's array
+and scalar reconstructors (``_reconstruct``, ``ndarray``, ``dtype``, ``scalar``: they build arrays from bytes and
+call nothing else) and ``_codecs.encode`` (protocol-2 pickles of Python 3 bytes), for third-party files that store images as uint8 arrays or flags as numpy bools. Anything
+else (``os.system``, ``builtins.eval``, ...) is refused before it is called, with an error naming the file and
+the global. The InsightFace files need no global.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SIZE = (112, 112)
+THRESHOLDS = np.arange(0, 4, 0.01)
+NUM_FOLDS = 10
+
+# (module, name) globals a .bin may reference: numpy's array/scalar reconstruction, nothing that runs code.
+ALLOWED_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how pickle protocol < 3 stores Python 3 bytes (str -> bytes via latin-1)
+})
+
+
+class BinError(ValueError):
+    """A verification ``.bin`` that cannot be used; the message names the file (and the image index)."""
+
+
+class _Forbidden(pickle.UnpicklingError):
+    pass
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise _Forbidden(f"references the forbidden global {module}.{name}")
+
+    def persistent_load(self, pid):
+        raise _Forbidden(f"uses a persistent id ({pid!r})")
+
+
+_PICKLE_STARTS = (b"\x80", b"(", b"]", b")", b"}")  # PROTO (protocol 2+), or a protocol 0/1 container opcode
+
+
+def _unpickle(path: Path, data: bytes):
+    if data[:1] not in _PICKLE_STARTS:
+        raise BinError(f"{path}: not a pickle (starts with {data[:8]!r}); expected an InsightFace verification .bin")
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except _Forbidden as err:
+        raise BinError(f"{path}: refused to unpickle: it {err} (a .bin holds "
+                       f"only image bytes and bools; this file may be malicious)") from None
+    except EOFError:
+        raise BinError(f"{path}: truncated (the pickle ends before its STOP opcode)") from None
+    except RecursionError:
+        raise BinError(f"{path}: not a verification .bin (pickle nested too deeply)") from None
+    except Exception as err:  # UnpicklingError, ValueError, struct.error, ... from a damaged or foreign file
+        what = "truncated or damaged pickle" if data[:1] == b"\x80" else "not a pickle"
+        raise BinError(f"{path}: {what} ({type(err).__name__}: {err})") from None
+
+
+def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
+    """(encoded images, issame[bool] of len(images) // 2) from an InsightFace ``.bin``, checked for shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise BinError(f"{path}: no such file")
+    obj = _unpickle(path, path.read_bytes())
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
+        what = f"a {type(obj).__name__}" + (f" of length {len(obj)}" if isinstance(obj, (tuple, list)) else "")
+        raise BinError(f"{path}: expected a pickled tuple (bins, issame_list), found {what}")
+    bins, flags = obj
+    if not isinstance(bins, (list, tuple)):
+        raise BinError(f"{path}: bins must be a list of encoded images, found a {type(bins).__name__}")
+    if not isinstance(flags, (list, tuple, np.ndarray)):
+        raise BinError(f"{path}: issame_list must be a list of bools, found a {type(flags).__name__}")
+    images = []
+    for i, item in enumerate(bins):
+        if isinstance(item, (bytes, bytearray)):
+            images.append(bytes(item))
+        elif isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
+            images.append(item.tobytes())
+        else:
+            raise BinError(f"{path}: image {i} is a {type(item).__name__}, expected encoded image bytes")
+    if not images:
+        raise BinError(f"{path}: holds no images")
+    if len(images) % 2:
+        raise BinError(f"{path}: {len(images)} images, an odd number (pairs are consecutive images)")
+    issame = []
+    for i, flag in enumerate(list(flags)):
+        if isinstance(flag, (bool, np.bool_)) or (isinstance(flag, (int, np.integer)) and flag in (0, 1)):
+            issame.append(bool(flag))
+        else:
+            raise BinError(f"{path}: issame_list[{i}] is {flag!r}, expected a bool")
+    if len(issame) * 2 != len(images):
+        raise BinError(f"{path}: {len(issame)} issame flags for {len(images)} images; expected "
+                       f"{len(images) // 2} (one per pair)")
+    return images, np.asarray(issame, dtype=bool)
+
+
+def decode_images(images: list[bytes], where: str = "") -> np.ndarray:
+    """uint8 [N, 112, 112, 3] RGB; an image of another size is resized to 112x112 (arcface_torch resizes too)."""
+    from PIL import Image
+
+    from ds_face.data.arrow import decode_rgb
+    out = np.empty((len(images), *IMAGE_SIZE, 3), np.uint8)
+    for i, data in enumerate(images):
+        try:
+            pixels = decode_rgb(data)
+            if pixels.shape[:2] != IMAGE_SIZE:
+                pixels = np.asarray(Image.fromarray(pixels).resize(IMAGE_SIZE[::-1], Image.BILINEAR))
+        except Exception as err:
+            raise BinError(f"{where}: image {i} cannot be decoded ({type(err).__name__}: {err})") from None
+        out[i] = pixels
+    return out
+
+
+@dataclass
+class VerificationSet:
+    """A decoded pair set: images [2P, 112, 112, 3] uint8 (pair p = images 2p, 2p+1), issame [P] bool."""
+    name: str
+    path: str
+    images: np.ndarray
+    issame: np.ndarray
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, name: str | None = None) -> "VerificationSet":
+        encoded, issame = load_bin(path)
+        return cls(name or Path(path).stem, str(path), decode_images(encoded, str(path)), issame)
+
+    @property
+    def pairs(self) -> int:
+        return len(self.issame)
+
+
+# -- the protocol (numpy only) -----------------------------------------------------------------------
+
+def kfold(n: int, folds: int = NUM_FOLDS) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) indices of sklearn ``KFold(folds, shuffle=False).split(range(n))``."""
+    if n < folds:
+        raise ValueError(f"{n} pairs cannot be split into {folds} folds")
+    sizes = np.full(folds, n // folds)
+    sizes[: n % folds] += 1
+    out, start = [], 0
+    indices = np.arange(n)
+    for size in sizes:
+        test = indices[start:start + size]
+        out.append((np.concatenate([indices[:start], indices[start + size:]]), test))
+        start += size
+    return out
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)  # sklearn.preprocessing.normalize leaves zero rows zero too
+
+
+def verify(embeddings: np.ndarray, issame: np.ndarray, folds: int = NUM_FOLDS,
+           thresholds: np.ndarray = THRESHOLDS) -> dict:
+    """arcface_torch's ``evaluate`` on L2-normalised embeddings [2P, D] (pair p = rows 2p, 2p+1).
+
+    Returns accuracy (mean of the fold accuracies), std, threshold (mean of the chosen thresholds),
+    pairs, and the per-fold ``accuracies`` and ``thresholds``."""
+    issame = np.asarray(issame, dtype=bool)
+    e1, e2 = embeddings[0::2], embeddings[1::2]
+    if len(e1) != len(issame) or len(e2) != len(issame):
+        raise ValueError(f"{len(embeddings)} embeddings for {len(issame)} pairs")
+    dist = np.sum(np.square(e1 - e2), axis=1)
+    correct = (dist[None, :] < np.asarray(thresholds)[:, None]) == issame[None, :]  # [T, P]
+    accuracies, chosen = [], []
+    for train, test in kfold(len(issame), folds):
+        best = int(np.argmax(correct[:, train].sum(axis=1)))  # counts: exact ties, first best as np.argmax
+        chosen.append(float(thresholds[best]))
+        accuracies.append(float(correct[best, test].sum()) / len(test))
+    acc = np.asarray(accuracies)
+    return {"accuracy": float(acc.mean()), "std": float(acc.std()), "threshold": float(np.mean(chosen)),
+            "pairs": int(len(issame)), "accuracies": accuracies, "thresholds": chosen}
+
+
+# -- embeddings ----------------------------------------------------------------------------------------
+
+class EvalTimeout(RuntimeError):
+    pass
+
+
+def embed_flip(model, images: np.ndarray, batch_size: int = 128, device=None,
+               deadline: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings, flipped-image embeddings), float32 [N, D] each, un-normalised.
+
+    ``model`` runs in eval mode under ``torch.no_grad`` and is put back in its previous mode. Input dtype
+    follows the model's parameters (fp16/bf16 engines). ``deadline`` (time.monotonic()) aborts with
+    EvalTimeout between batches."""
+    import torch
+    first = next(model.parameters())
+    device = torch.device(device) if device is not None else first.device
+    dtype = first.dtype if first.is_floating_point() else torch.float32
+    was_training = model.training
+    model.eval()
+    outs: list[list[np.ndarray]] = [[], []]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise EvalTimeout(f"stopped after {start} of {len(images)} images")
+                batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+                x = batch.to(device).permute(0, 3, 1, 2).to(torch.float32).div_(255).sub_(0.5).div_(0.5)
+                for k, inp in enumerate((x, torch.flip(x, dims=[3]))):
+                    outs[k].append(model(inp.to(dtype)).float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(outs[0]), np.concatenate(outs[1])
+
+
+def flip_embeddings(model, images: np.ndarray, batch_size: int = 128, device=None,
+                    deadline: float | None = None) -> tuple[np.ndarray, float]:
+    """(L2-normalised sum of image and flip embeddings [N, D] float32, XNorm)."""
+    plain, flipped = embed_flip(model, images, batch_size, device, deadline)
+    xnorm = float(np.concatenate([np.linalg.norm(plain, axis=1), np.linalg.norm(flipped, axis=1)]).mean())
+    return l2_normalize(plain + flipped).astype(np.float32), xnorm
+
+
+def evaluate(model, data, batch_size: int = 128, device=None, deadline: float | None = None) -> dict:
+    """Verification figures of ``model`` on ``data``: a VerificationSet, a path to a .bin, or (uint8 images
+    [2P, 112, 112, 3], issame [P]). Returns accuracy, std, threshold, xnorm, pairs (+ per-fold lists)."""
+    if isinstance(data, (str, os.PathLike)):
+        data = VerificationSet.load(data)
+    images, issame = (data.images, data.issame) if isinstance(data, VerificationSet) else data
+    started = time.perf_counter()
+    embeddings, xnorm = flip_embeddings(model, images, batch_size, device, deadline)
+    result = verify(embeddings, issame)
+    result["xnorm"] = xnorm
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+class TrainingEvaluator:
+    """The ``eval:`` block of the run YAML during training: every ``eval.every_steps`` optimizer steps and at
+    the last step, rank 0 evaluates the backbone on each set while the other ranks wait.
+
+    The wait is a broadcast from rank 0 (a collective under the process-group timeout, DS_FACE_TIMEOUT_MIN,
+    default 30 min), which also carries "rank 0 failed", so that every rank stops instead of hanging. To stay
+    under that timeout, rank 0 gives up on the remaining sets (warning) once half of it has passed.
+    Unsupported under ZeRO-3 (parameters partitioned; ``check_together`` refuses the combination)."""
+
+    def __init__(self, trainer, progress=None):
+        import torch
+        self.cfg = trainer.cfg.eval
+        self.trainer, self.rank = trainer, trainer.rank
+        self.writer = getattr(progress, "writer", None)
+        self.enabled = bool(self.cfg.sets)
+        self.sets: list[VerificationSet] = []
+        self.best: dict[str, float] = {}
+        self.dir = trainer.output_dir / "eval"
+        self.budget = 0.5 * 60 * int(os.environ.get("DS_FACE_TIMEOUT_MIN", 30))
+        self._device = trainer.engine.device
+        self._torch = torch
+        if not self.enabled:
+            return
+        error = None
+        if self.rank == 0:
+            try:  # decoded once, kept for every evaluation
+                self.sets = [VerificationSet.load(path, name)
+                             for name, path in zip(set_names(self.cfg.sets), self.cfg.sets)]
+                self._restore_best(trainer.global_step)
+                from ds_face.progress import log
+                log.info("evaluation every " + (f"{self.cfg.every_steps} steps" if self.cfg.every_steps else
+                         "run end") + ": " + ", ".join(f"{s.name} ({s.pairs} pairs)" for s in self.sets))
+            except Exception as err:
+                error = err
+        self._agree(error)
+
+    def _agree(self, error: Exception | None) -> None:
+        """All ranks wait for rank 0; if it failed, every rank raises."""
+        torch = self._torch
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self._device)
+            torch.distributed.broadcast(flag, src=0)
+            failed = bool(flag.item())
+        else:
+            failed = error is not None
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError("evaluation failed on rank 0 (see its log); stopping this rank too")
+
+    def _restore_best(self, step: int) -> None:
+        """After a resume: the best accuracies of evaluations up to ``step`` (from eval/step_*.json)."""
+        for path in sorted(self.dir.glob("step_*.json")) if self.dir.is_dir() else []:
+            try:
+                report = json.loads(path.read_text())
+                if report["step"] > step:
+                    continue
+                for name, r in report["sets"].items():
+                    self.best[name] = max(self.best.get(name, 0.0), float(r["accuracy"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+
+    def due(self, step: int, last: bool) -> bool:
+        return self.enabled and (last or bool(self.cfg.every_steps and step % self.cfg.every_steps == 0))
+
+    def __call__(self, step: int, last: bool = False) -> dict | None:
+        if not self.due(step, last):
+            return None
+        error, results = None, None
+        if self.rank == 0:
+            try:
+                results = self._run(step)
+            except Exception as err:
+                error = err
+        self._agree(error)
+        return results
+
+    def _run(self, step: int) -> dict:
+        from ds_face.progress import log
+        model = self.trainer.engine.module
+        deadline = time.monotonic() + self.budget
+        results = {}
+        for vset in self.sets:
+            try:
+                r = evaluate(model, vset, self.cfg.batch_size, deadline=deadline)
+            except EvalTimeout as err:
+                log.warning(f"[{vset.name}][{step}] evaluation skipped ({err}): half of the process-group "
+                            f"timeout DS_FACE_TIMEOUT_MIN has passed and the other ranks are waiting")
+                continue
+            self.best[vset.name] = max(self.best.get(vset.name, 0.0), r["accuracy"])
+            r.update(best_accuracy=self.best[vset.name], path=vset.path)
+            results[vset.name] = r
+            log.info(f"[{vset.name}][{step}]XNorm: {r['xnorm']:f}")
+            log.info(f"[{vset.name}][{step}]Accuracy-Flip: {r['accuracy']:1.5f}+-{r['std']:1.5f}")
+            log.info(f"[{vset.name}][{step}]Accuracy-Highest: {self.best[vset.name]:1.5f}")
+            if self.writer is not None:
+                for key in ("accuracy", "std", "threshold", "xnorm", "best_accuracy"):
+                    self.writer.add_scalar(f"eval/{vset.name}/{key}", r[key], step)
+        if self.writer is not None:
+            self.writer.flush()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"step_{step}.json"
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(json.dumps({"step": step, "sets": results}, indent=2) + "\n")
+        os.replace(tmp, path)
+        return results
+
+
+def load_model(path: str, backbone: str = "r50", embedding: int = 512, device=None):
+    """A backbone built by name with ``path``'s weights (``ds_face.init_backbone`` rules), in eval mode."""
+    import torch
+
+    from ds_face.backbones import get_backbone
+    from ds_face.init_backbone import load_backbone_file
+    model = get_backbone(backbone, embedding)
+    load_backbone_file(path, model, backbone)
+    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    from ds_face.backbones import BACKBONES
+    parser.add_argument("--model", required=True, help="model.pt (ds_face.export output or arcface_torch model zoo)")
+    parser.add_argument("--backbone", default="r50", choices=list(BACKBONES), help="default r50")
+    parser.add_argument("--embedding", type=int, default=512, help="embedding size (default 512)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+
+
+def format_table(results: dict[str, dict]) -> str:
+    lines = ["| set | pairs | accuracy | threshold | XNorm |", "| --- | ---: | --- | ---: | ---: |"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['pairs']} | {r['accuracy']:.5f} ± {r['std']:.5f} | {r['threshold']:.3f} "
+                     f"| {r['xnorm']:.3f} |")
+    return "\n".join(lines)
+
+
+def set_names(paths: list[str]) -> list[str]:
+    """File stems (lfw, cfp_fp, ...), or the full paths where two stems collide."""
+    stems = [Path(p).stem for p in paths]
+    return [s if stems.count(s) == 1 else str(p) for s, p in zip(stems, paths)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ds_face.eval", description=__doc__.splitlines()[0])
+    add_model_args(parser)
+    parser.add_argument("--bin", nargs="+", required=True, metavar="SET.bin", help="InsightFace verification sets")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures (and per-fold values) as JSON")
+    args = parser.parse_args(argv)
+
+    from ds_face.config import ConfigError
+    try:
+        if args.batch_size < 1:
+            raise BinError(f"--batch-size must be >= 1, got {args.batch_size}")
+        encoded = {name: (path, load_bin(path)) for name, path in zip(set_names(args.bin), args.bin)}
+        model = load_model(args.model, args.backbone, args.embedding, args.device)
+        results = {}
+        for name, (path, (images, issame)) in encoded.items():
+            vset = VerificationSet(name, path, decode_images(images, path), issame)
+            results[name] = evaluate(model, vset, args.batch_size)
+    except (BinError, ConfigError) as err:
+        print(f"ds_face.eval: error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    if args.json:
+        report = {"model": args.model, "backbone": args.backbone, "embedding": args.embedding,
+                  "sets": {n: {**r, "path": encoded[n][0]} for n, r in results.items()}}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
