@@ -1,10 +1,11 @@
 # make demo   set up (first time) and train the embedded default: 2 CPU ranks, ZeRO-2, Partial FC 0.1
 # make test   set up (first time) and run the test suite (what CI runs)
+# make test-multinode   a real 2-host launch over pdsh/ssh on this machine (needs sshd, pdsh)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test bench-head bench-engine bench-data clean
+.PHONY: setup demo test test-multinode bench-head bench-engine bench-data clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +22,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# a real two-host launch (pdsh + a private loopback sshd); needs: apt-get install -y openssh-server pdsh
+test-multinode: setup
+	bash tests/multinode/run_two_hosts.sh
 
 bench-head: setup
 	deepspeed --num_gpus 2 --module ds_face.bench.head --classes 1000000 --embedding 512 --batch 64 --steps 5

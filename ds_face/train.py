@@ -224,6 +224,41 @@ class Trainer:
         return last_loss
 
 
+def watch_sibling_ranks(rank: int):
+    """Name the rank that died when this one is stopped because of it; returns ``dead() -> str``.
+
+    A rank killed outright (OOM killer, kill -9) cannot say so itself. Its siblings on the node see it
+    either as a failed collective (gloo: connection reset) or as the launcher's SIGTERM (deepspeed's
+    launch.py and torchrun stop the others when one exits non-zero; launch.py's message names the last
+    rank it spawned, not the dead one). Both paths print ``ds_face.train: rank R: rank K (pid P) died``.
+    """
+    if int(os.environ.get("WORLD_SIZE", 1)) < 2 or "LOCAL_RANK" not in os.environ:
+        return lambda: ""  # not started by a launcher
+    import signal
+
+    import psutil
+    try:  # the launcher's other children, all spawned once init_distributed returned: {pid: RANK}
+        siblings = {p.pid: p.environ().get("RANK", "?") for p in psutil.Process(os.getppid()).children()
+                    if p.pid != os.getpid()}
+    except (psutil.Error, OSError):
+        siblings = {}
+
+    def dead() -> str:
+        def gone(pid):
+            try:
+                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                return True
+        return ", ".join(f"rank {r} (pid {pid}) died" for pid, r in sorted(siblings.items()) if gone(pid))
+
+    def on_sigterm(signum, frame):
+        why = dead() or "no other rank on this node died (a rank on another node, or a user's stop)"
+        print(f"ds_face.train: rank {rank}: stopped by SIGTERM: {why}", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return dead
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -251,6 +286,7 @@ def main(argv=None) -> int:
 
     import deepspeed
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=int(os.environ.get("DS_FACE_TIMEOUT_MIN", 30))))
+    dead_siblings = watch_sibling_ranks(rank)
     trainer = Trainer(cfg, ds_config, layout, init_backbone=args.init_backbone)
     if args.resume:
         from ds_face.checkpoint import CheckpointError
@@ -260,7 +296,17 @@ def main(argv=None) -> int:
             print(f"ds_face.train: error: {err}", file=sys.stderr)
             return 2
     trainer.describe()
-    trainer.fit()
+    try:
+        trainer.fit()
+    except RuntimeError as err:  # a failed collective: say which rank died, after the traceback
+        dead = dead_siblings()
+        if not dead and not any(s in str(err) for s in ("gloo", "NCCL", "Connection reset", "Connection closed")):
+            raise
+        import traceback
+        traceback.print_exc()
+        dead = dead or "a collective failed and no rank on this node died: one on another node probably did"
+        print(f"ds_face.train: rank {rank}: error: {dead}; stopping", file=sys.stderr, flush=True)
+        return 1
     log.info(f"done: {trainer.global_step} optimizer steps, {trainer.head_optimizer.steps_skipped} skipped")
     return 0
 
