@@ -32,12 +32,16 @@ def _entry(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> Non
         import deepspeed
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
         torch.save(fn(rank, world_size, *args), out / f"rank{rank}.pt")
+        torch.distributed.barrier()  # no rank tears its group down while another still talks to it
     except BaseException:
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
         raise SystemExit(1)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    # Leave without the interpreter's teardown: under load, C++ threads of gloo/DeepSpeed destroyed at exit
+    # occasionally abort ("terminate called without an active exception") after the result was saved.
+    os._exit(0)
 
 
 class RankFailed(AssertionError):
