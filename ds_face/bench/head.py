@@ -30,6 +30,7 @@ import time
 import torch
 
 from ds_face.bench import common_args, markdown_table, threads_per_rank
+from ds_face.bench.memory import analytic_bytes
 
 # seeds/003, 8x V100, 1M identities, whole training step (r50 + head): Partial FC 0.1 / model parallel.
 SEED_V100_1M = {"speed": 4803 / 3449, "time": 3449 / 4803, "memory": 5620 / 9966}
@@ -58,17 +59,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def analytic_bytes(head, batch: int) -> dict:
-    """fp32 bytes per rank the head holds at its peak, by design (transient temporaries not counted)."""
-    rows = head.num_local if head.sample_rate >= 1.0 else head.num_sample  # active centres per step
-    row = head.embedding_size * 4
-    return {"weight": head.num_local * row,
-            "optimizer_state": head.num_local * row,  # SGD momentum, always the full slice
-            "active_copy": 0 if head.sample_rate >= 1.0 else rows * row,  # rate 1.0 aliases the weight
-            "gradient_rows": rows * row,
-            "logits": head.world_size * batch * rows * 4}
 
 
 def run_variant(rate: float, port: int, args: argparse.Namespace) -> dict:

@@ -1,0 +1,27 @@
+"""``python -m ds_face.bench <command> ...``: benchmarks that need no launcher.
+
+Only ``memory`` (the analytic memory estimator, ``ds_face.bench.memory``) is registered so far.
+"""
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {"memory": "ds_face.bench.memory"}
+USAGE = f"usage: python -m ds_face.bench {{{','.join(COMMANDS)}}} [options]  (--help after a command for its options)"
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"{USAGE}\npython -m ds_face.bench: error: unknown command {argv[0]!r}; valid: {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    import importlib
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""Analytic memory per device: classification layer inside ZeRO vs outside (model parallel, Partial FC).
+
+    python -m ds_face.bench memory --backbone r50 --classes 125000,1400000,5500000,29000000 \\
+        --world-size 8 --micro-batch 128 --precision fp16 --device-memory 32GB [--sample-rates 0.1,0.2] \\
+        [--optimizer sgd] [--zero-stage 0] [--breakdown] [--json out.json] [--compare-seed]
+
+Nothing is allocated: the figures are formulas (below) evaluated on the meta device. Rows are class
+counts C; columns are cells; each cell is the estimated MiB per device, '-' where it exceeds
+``--device-memory``. All sizes are binary, as nvidia-smi/gpustat print them: ``MB`` = ``MiB`` =
+2**20 bytes and ``GB`` = ``GiB`` = 2**30 bytes (a bare number is MB). A "32GB" V100 shows
+32510 MiB in gpustat, so ``--device-memory 32GB`` (32768 MiB) is slightly generous for it; the
+seed comparison uses 32510MB.
+
+Notation: P backbone parameters, W ranks, B micro-batch per rank, D embedding size, C classes.
+
+Engine (backbone, plus the FC [C, D] in the data-parallel cells) under ZeRO stage s, with
+P' parameters (P' = P, or P + C*D for "DP ZeRO-s"), per rank:
+
+* parameters: 4P' (fp32) or 2P' (fp16/bf16);   divided by W at stage 3
+* master parameters: 0 (fp32) or 4P' (fp32 copy kept by the 16-bit optimizer);   / W at stage >= 1
+* gradients: 4P' (fp32) or 2P' (fp16/bf16);   / W at stage >= 2
+* optimizer state: 4P' (SGD momentum) or 8P' (Adam/AdamW: two moments);   / W at stage >= 1
+
+so 16 B/param for fp16 + Adam and 12 B/param for fp16 + SGD at stage 0 (the ZeRO paper's K = 12 or
+8 plus 4 for 16-bit params and grads). Not counted: DeepSpeed's fp32 gradient partition for the
+optimizer (its ZeRO-2 estimator adds 4P'/W), communication buckets and allocator fragmentation.
+Data-parallel cells also hold the logits [B, C] and their gradient on every rank, counted in fp32
+(4 B each: the softmax / cross-entropy runs in fp32, as our head does; a 16-bit logits tensor
+feeding an fp32 softmax would add 2 B more per entry).
+
+Head outside ZeRO ("Model parallel" = sample rate 1.0, "Partial FC r"), per rank, with
+num_local = ceil(C / W) rows (the largest shard, ``class_shard``), all fp32:
+
+* head weight: num_local*D*4; head optimizer state: num_local*D*4 (SGD momentum) or x2 (AdamW)
+  for the whole slice (``HeadOptimizer``);
+* active rows A = num_local at rate 1.0 (the active tensor aliases the weight: no copy) or
+  A = max(int(r*num_local), 1) at rate r < 1 (a gathered copy of the sampled rows, A*D*4);
+* head gradient: A*D*4 (only for rows the step used);
+* logits and logit gradient: [W*B, A] fp32, 2 * W*B*A*4;
+* embeddings: the all-gathered [W*B, D] fp32 and its gradient, 2 * W*B*D*4 (small).
+
+The backbone of these cells is under ``--zero-stage`` (default 0, as the seed's DDP).
+
+Activations: (elements a forward saves per 112x112 sample) x B x (2 B for fp16/bf16, 4 for fp32).
+Elements per sample = the input plus the output numel of every leaf module (conv, batch norm,
+PReLU, dropout, linear) of one forward on the meta device (r50: 18.1M, i.e. 34.5 MiB/sample in
+fp16). This is an approximation: autograd saves a subset of these (or other tensors), fused
+kernels and cuDNN workspaces differ, and gradient checkpointing changes it entirely; override it
+with ``--activation-mb-per-sample`` (a future ``--measure`` will correct it on a GPU).
+
+Overhead: a fixed ``--overhead-mb`` per device (default 400: a CUDA context with cuDNN/cuBLAS is
+300-500 MiB; use 0 for a bare tensor count).
+
+Seed comparison (``--compare-seed``): /work/shared/seeds/003 table 2, 8x V100 32GB, r50, fp16,
+batch 128/GPU, SGD, beside this estimator. See ``seed_comparison`` and the note printed with it.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import re
+import sys
+import textwrap
+
+MiB = 2**20
+PRECISIONS = {"fp32": 4, "fp16": 2, "bf16": 2}  # bytes per parameter / activation element
+OPTIMIZERS = {"sgd": 1, "adam": 2, "adamw": 2}  # fp32 states per parameter
+IMAGE = (3, 112, 112)
+
+# seeds/003_f74bb899f16e7369.txt, "2. GPU memory cost of different parallel methods (GB per GPU),
+# Tesla V100 32GB * 8": figures as published (gpustat MiB despite the "GB" header); None = '-'
+# (did not fit). Columns: Data Parallel, Model Parallel, Partial FC 0.1. r50, fp16, batch 128/GPU.
+SEED_V100_MIB = {
+    125_000: (7358, 5306, 4868),
+    250_000: (9940, 5826, 5004),
+    500_000: (14220, 7114, 5202),
+    1_000_000: (23708, 9966, 5620),
+    1_400_000: (32252, 11178, 6056),
+    2_000_000: (None, 13978, 6472),
+    4_000_000: (None, 23238, 8284),
+    5_500_000: (None, 32188, 9854),
+    8_000_000: (None, None, 12310),
+    16_000_000: (None, None, 19950),
+    29_000_000: (None, None, 32324),
+}
+SEED_SETTING = dict(backbone="r50", embedding=512, world_size=8, micro_batch=128, precision="fp16",
+                    optimizer="sgd", device_mib=32510)
+SEED_NOTE = """\
+Where they differ: at 125K classes, where activations (34.5 MiB/sample x 128, a leaf-module count, not
+measured) and the 400 MiB overhead dominate, the estimator is 4% over the seed for model parallel,
+11% over for Partial FC 0.1 and 16% under for data parallel. The growth with C is what differs: per extra class the seed
+grows by ~20.5 KB (DP), ~5.2 KB (MP) and ~1.0 KB (PFC 0.1) per GPU against 7.2, 1.8 and 0.67 KB here (KB = 1000 B),
+so at 1M classes the estimator is 51% (DP), 71% (MP) and 106% (PFC 0.1) of the seed, and at 29M
+73% for PFC 0.1. The seed's code (arcface_torch with amp) holds several logit-sized temporaries (fp16
+and fp32 logits, softmax/exp, one-hot and index tensors) where the estimator counts logits + their
+gradient only, and its data-parallel FC is an fp32 Parameter under DDP with a gradient bucket copy and
+normalised / fp16 copies of the weight; the PyTorch caching allocator also keeps freed blocks reserved,
+which gpustat counts. Read its growth with C as a lower bound for the seed's code (its small-C figure leans on the
+activation count) and a design figure for
+ours (our head keeps 2 logit tensors and no dense gradient at r < 1); --measure will check it."""
+
+
+# -- inputs --------------------------------------------------------------------------------------
+_UNITS = {"": MiB, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": MiB, "mb": MiB, "mib": MiB,
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """'32GB', '32G', '24GiB', '32000MB', '32510' (MB) -> bytes; binary units (GB == GiB)."""
+    m = re.fullmatch(r"\s*([+-]?[0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot parse memory size {text!r} (e.g. 32GB, 24GiB, 32000MB)")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"memory size must be positive, got {text!r}")
+    return int(value)
+
+
+def parse_classes(text: str) -> list[int]:
+    parts = [p.strip() for p in str(text).split(",")]
+    if not text.strip() or any(not p.isdigit() or int(p) <= 0 for p in parts):
+        raise ValueError(f"classes must be a comma-separated list of positive integers, got {text!r}")
+    return [int(p) for p in parts]
+
+
+def parse_rates(text: str) -> list[float]:
+    try:
+        rates = [float(p) for p in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"sample rates must be a comma-separated list of numbers, got {text!r}") from None
+    bad = [r for r in rates if not 0.0 < r <= 1.0]
+    if bad:
+        raise ValueError(f"sample rates must be in (0, 1], got {bad[0]:g}")
+    return rates
+
+
+def dp_cell(stage: int) -> str:
+    return f"DP ZeRO-{stage}"
+
+
+def pfc_cell(rate: float) -> str:
+    return "Model parallel" if rate >= 1.0 else f"Partial FC {rate:g}"
+
+
+def parse_cell(cell: str) -> tuple[str, float]:
+    """'DP ZeRO-2' -> ('dp', 2); 'Model parallel' -> ('head', 1.0); 'Partial FC 0.1' -> ('head', 0.1)."""
+    if m := re.fullmatch(r"DP ZeRO-([0-3])", cell):
+        return "dp", int(m.group(1))
+    if cell == "Model parallel":
+        return "head", 1.0
+    if m := re.fullmatch(r"Partial FC ([0-9.eE+-]+)", cell):
+        rate = float(m.group(1))
+        if 0.0 < rate <= 1.0:
+            return "head", rate
+    raise ValueError(f"unknown cell {cell!r}: 'DP ZeRO-0'..'DP ZeRO-3', 'Model parallel' or 'Partial FC <rate>'")
+
+
+# -- backbone figures (meta device: nothing is allocated) ----------------------------------------
+def _meta_backbone(name: str, embedding: int):
+    import torch
+
+    from ds_face.backbones import get_backbone
+    with torch.device("meta"):
+        return get_backbone(name, embedding)
+
+
+@functools.lru_cache(maxsize=None)
+def backbone_params(name: str, embedding: int = 512) -> int:
+    return sum(p.numel() for p in _meta_backbone(name, embedding).parameters())
+
+
+@functools.lru_cache(maxsize=None)
+def activation_elements_per_sample(name: str, embedding: int = 512) -> int:
+    """Input numel + output numel of every leaf module, one 112x112 sample, meta-device forward."""
+    import torch
+    model = _meta_backbone(name, embedding).eval()  # eval: batch 1 through BatchNorm1d; same shapes
+    total = [math.prod(IMAGE)]
+    hooks = [m.register_forward_hook(lambda _m, _i, out: total.__setitem__(0, total[0] + out.numel()))
+             for m in model.modules() if next(m.children(), None) is None]
+    try:
+        with torch.no_grad():
+            model(torch.empty(1, *IMAGE, device="meta"))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]
+
+
+# -- the estimator -------------------------------------------------------------------------------
+def _engine_bytes(params: int, world: int, precision: str, optimizer: str, stage: int) -> dict:
+    width = PRECISIONS[precision]
+    div = lambda n, from_stage: n / world if stage >= from_stage else n  # noqa: E731
+    return {"parameters": div(width * params, 3),
+            "master_parameters": div(4 * params if width < 4 else 0, 1),
+            "gradients": div(width * params, 2),
+            "optimizer_state": div(4 * OPTIMIZERS[optimizer] * params, 1)}
+
+
+def estimate(backbone: str, embedding: int, classes: int, world_size: int, micro_batch: int,
+             precision: str, optimizer: str, cell: str, *, zero_stage: int = 0,
+             params: int | None = None, activation_bytes_per_sample: float | None = None,
+             overhead_bytes: float = 400 * MiB) -> dict:
+    """Estimated bytes per device, by component, for one cell (see the module docstring).
+
+    ``params`` / ``activation_bytes_per_sample`` override the backbone's figures (then ``backbone``
+    is only a label); ``zero_stage`` is the backbone's stage in the head-outside-ZeRO cells.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    for label, value in (("embedding", embedding), ("classes", classes), ("world_size", world_size),
+                         ("micro_batch", micro_batch)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0..3, got {zero_stage!r}")
+    kind, arg = parse_cell(cell)
+    if params is None:
+        params = backbone_params(backbone, embedding)
+    if activation_bytes_per_sample is None:
+        activation_bytes_per_sample = activation_elements_per_sample(backbone, embedding) * PRECISIONS[precision]
+    out = {}
+    if kind == "dp":
+        out.update(_engine_bytes(params + classes * embedding, world_size, precision, optimizer, arg))
+        logits = micro_batch * classes * 4
+        out.update(head_weight=0, head_optimizer_state=0, head_active_copy=0, head_gradient=0,
+                   logits=logits, logit_gradient=logits, embeddings=0)
+    else:
+        out.update(_engine_bytes(params, world_size, precision, optimizer, zero_stage))
+        num_local = -(-classes // world_size)
+        active = num_local if arg >= 1.0 else max(int(arg * num_local), 1)
+        row = embedding * 4
+        logits = world_size * micro_batch * active * 4
+        out.update(head_weight=num_local * row, head_optimizer_state=num_local * row * OPTIMIZERS[optimizer],
+                   head_active_copy=0 if arg >= 1.0 else active * row, head_gradient=active * row,
+                   logits=logits, logit_gradient=logits, embeddings=2 * world_size * micro_batch * row)
+    out["activations"] = activation_bytes_per_sample * micro_batch
+    out["overhead"] = overhead_bytes
+    return {k: int(round(v)) for k, v in out.items()}
+
+
+def total(components: dict) -> int:
+    return sum(components.values())
+
+
+def analytic_bytes(head, batch: int) -> dict:
+    """fp32 bytes per rank a live PartialFC head holds at its peak, by design (transient temporaries
+    not counted); the same formulas as ``estimate``'s head components, for SGD (used by bench.head)."""
+    rows = head.num_local if head.sample_rate >= 1.0 else head.num_sample  # active centres per step
+    row = head.embedding_size * 4
+    return {"weight": head.num_local * row,
+            "optimizer_state": head.num_local * row,  # SGD momentum, always the full slice
+            "active_copy": 0 if head.sample_rate >= 1.0 else rows * row,  # rate 1.0 aliases the weight
+            "gradient_rows": rows * row,
+            "logits": head.world_size * batch * rows * 4}
+
+
+def table(classes: list[int], cells: list[str], device_bytes: int | None = None, **kw) -> tuple[str, dict]:
+    """Markdown table of MiB per device ('-' above ``device_bytes``) and the per-cell breakdowns."""
+    from ds_face.bench import markdown_table
+    results, rows = {}, []
+    for c in classes:
+        results[c], row = {}, [f"{c:,}"]
+        for cell in cells:
+            comp = estimate(classes=c, cell=cell, **kw)
+            t = total(comp)
+            fits = device_bytes is None or t <= device_bytes
+            results[c][cell] = {"total_bytes": t, "fits": fits, "components": comp}
+            row.append(f"{t / MiB:,.0f}" if fits else "-")
+        rows.append(row)
+    return markdown_table(["classes"] + cells, rows), results
+
+
+def breakdown_table(results: dict) -> str:
+    from ds_face.bench import markdown_table
+    rows = []
+    for c, per_cell in results.items():
+        for cell, r in per_cell.items():
+            rows.append([f"{c:,}", cell] + [f"{v / MiB:,.0f}" for v in r["components"].values()]
+                        + [f"{r['total_bytes'] / MiB:,.0f}"])
+    keys = list(next(iter(next(iter(results.values())).values()))["components"])
+    return markdown_table(["classes", "cell"] + keys + ["total"], rows)
+
+
+def seed_comparison(overhead_bytes: float = 400 * MiB,
+                    activation_bytes_per_sample: float | None = None) -> tuple[str, dict]:
+    """The estimator at the seed's setting beside seeds/003 table 2 (MiB per GPU)."""
+    from ds_face.bench import markdown_table
+    s = SEED_SETTING
+    kw = dict(backbone=s["backbone"], embedding=s["embedding"], world_size=s["world_size"],
+              micro_batch=s["micro_batch"], precision=s["precision"], optimizer=s["optimizer"],
+              overhead_bytes=overhead_bytes, activation_bytes_per_sample=activation_bytes_per_sample)
+    fmt = lambda v: "-" if v is None else f"{v:,.0f}"  # noqa: E731
+    rows, data = [], {}
+    for c, seed in SEED_V100_MIB.items():
+        est = [total(estimate(classes=c, cell=cell, **kw)) / MiB
+               for cell in (dp_cell(0), "Model parallel", "Partial FC 0.1")]
+        data[c] = {"seed_mib": seed, "estimate_mib": est}
+        shown = [fmt(e) if e <= s["device_mib"] else f"({e:,.0f})" for e in est]
+        rows.append([f"{c:,}"] + [x for pair in zip(map(fmt, seed), shown) for x in pair])
+    header = ["classes", "DP seed", "DP ZeRO-0 est.", "MP seed", "MP est.", "PFC 0.1 seed", "PFC 0.1 est."]
+    return markdown_table(header, rows), data
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ds_face.bench memory", description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="r50")
+    p.add_argument("--embedding", type=int, default=512)
+    p.add_argument("--classes", default="125000,1400000,5500000,29000000", help="comma-separated class counts")
+    p.add_argument("--world-size", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=128, help="samples per rank per micro-step")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp16")
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="sgd", help="for the engine and the head")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0,
+                   help="ZeRO stage of the backbone in the Model parallel / Partial FC cells")
+    p.add_argument("--sample-rates", default="0.1", help="Partial FC rates (< 1); 'Model parallel' is always shown")
+    p.add_argument("--device-memory", help="per-device budget (32GB, 24GiB, 32000MB; binary units): '-' above it")
+    p.add_argument("--overhead-mb", type=float, default=400.0, help="fixed per-device overhead (CUDA context)")
+    p.add_argument("--activation-mb-per-sample", type=float, help="override the leaf-module activation estimate")
+    p.add_argument("--breakdown", action="store_true", help="also print each cell's components (MiB)")
+    p.add_argument("--compare-seed", action="store_true", help="also print the estimator beside seeds/003 table 2")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON (bytes)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    from ds_face.backbones import BACKBONES
+    if args.backbone not in BACKBONES:
+        p.error(f"unknown backbone {args.backbone!r}; valid names: {', '.join(BACKBONES)}")
+    for label, value in (("--world-size", args.world_size), ("--micro-batch", args.micro_batch),
+                         ("--embedding", args.embedding)):
+        if value <= 0:
+            p.error(f"{label} must be a positive integer, got {value}")
+    if args.overhead_mb < 0:
+        p.error(f"--overhead-mb must be >= 0, got {args.overhead_mb:g}")
+    if args.activation_mb_per_sample is not None and args.activation_mb_per_sample < 0:
+        p.error(f"--activation-mb-per-sample must be >= 0, got {args.activation_mb_per_sample:g}")
+    try:
+        classes = parse_classes(args.classes)
+        rates = parse_rates(args.sample_rates)
+        device = parse_memory(args.device_memory) if args.device_memory is not None else None
+    except ValueError as e:
+        p.error(str(e))
+    cells = [dp_cell(s) for s in range(4)] + ["Model parallel"]
+    cells += [pfc_cell(r) for r in rates if r < 1.0 and pfc_cell(r) not in cells]
+    act = None if args.activation_mb_per_sample is None else args.activation_mb_per_sample * MiB
+    kw = dict(backbone=args.backbone, embedding=args.embedding, world_size=args.world_size,
+              micro_batch=args.micro_batch, precision=args.precision, optimizer=args.optimizer,
+              zero_stage=args.zero_stage, overhead_bytes=args.overhead_mb * MiB, activation_bytes_per_sample=act)
+    text, results = table(classes, cells, device, **kw)
+    per_sample = act if act is not None else \
+        activation_elements_per_sample(args.backbone, args.embedding) * PRECISIONS[args.precision]
+    budget = f", budget {device / MiB:,.0f} MiB" if device else ""
+    print(f"{args.backbone} ({backbone_params(args.backbone, args.embedding) / 1e6:.1f}M params), embedding "
+          f"{args.embedding}, {args.world_size} ranks x micro-batch {args.micro_batch}, {args.precision}, "
+          f"{args.optimizer}; activations {per_sample / MiB:.1f} MiB/sample, overhead {args.overhead_mb:g} MiB"
+          f"{budget}. Estimated MiB per device ('-': over budget):\n")
+    print(text)
+    if args.breakdown:
+        print("\nBreakdown (MiB per device):\n\n" + breakdown_table(results))
+    out = {"setting": {k: v for k, v in kw.items()}, "device_memory_bytes": device,
+           "activation_bytes_per_sample": per_sample,
+           "results": {str(c): r for c, r in results.items()}}
+    if args.compare_seed:
+        seed_text, seed_data = seed_comparison(args.overhead_mb * MiB, act)
+        print("\nSeed comparison (seeds/003 table 2: 8x V100 32GB, r50, fp16, batch 128/GPU; MiB per GPU; "
+              "estimates in parentheses exceed 32510 MiB):\n\n" + seed_text + "\n\n"
+              + textwrap.fill(" ".join(SEED_NOTE.split()), 110))
+        out["seed_comparison"] = {str(c): d for c, d in seed_data.items()}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
