@@ -2,8 +2,10 @@
 
 * ``ds_face.bench.head``: the Partial FC head alone, model parallel (sample_rate 1.0) vs Partial FC 0.1.
 * ``ds_face.bench.engine_overhead``: a full training step under the DeepSpeed engine (ZeRO 0 / 2) vs plain DDP.
+* ``ds_face.bench.loader``: the Arrow training loader vs a naive PIL loop.
+* ``python -m ds_face.bench memory``: estimated memory per device, ZeRO stages vs model parallel vs Partial FC.
 
-Both run under the deepspeed launcher; see BENCHMARKS.md for commands and measured tables.
+The head and engine benchmarks run under the deepspeed launcher; see BENCHMARKS.md for commands and measured tables.
 """
 
 from __future__ import annotations
