@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from data_prep.recordio import RecordIOError
 from ds_face import __version__
+from ds_face.fileio import PARTIAL, fsync_dir, write_atomic, write_json_atomic
 from ds_face.data.shards import (
     MANIFEST, ROWS_PER_RECORD_BATCH, SCHEMA, Manifest, ShardInfo, read_manifest, rows_per_shard, sha256_of,
     shard_name,
@@ -46,7 +47,6 @@ from ds_face.data.shards import (
 
 PLAN = "plan.json"
 DONE_DIR = ".done"
-PARTIAL = ".partial"
 SHARD_FILE = re.compile(r"data-\d{5}-of-\d{5}\.arrow")
 
 # Automatic shard counts: 960 = lcm(1..6, 8, 12, 16, 32, 64 ...) so that whole shards deal out evenly over the
@@ -112,31 +112,6 @@ class Source:
 
 
 # ---- small file helpers ----
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
-    """Readers see the old file or the complete new one; `durable`: also after a power loss (fsync, ~1 ms)."""
-    tmp = path.with_name(path.name + PARTIAL)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if durable:
-        fsync_dir(path.parent)
-
-
-def write_json_atomic(path: Path, obj: Any, durable: bool = True) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode(), durable)
-
 
 def read_json(path: Path) -> Any:
     """The JSON in `path`, or None when it is missing or unreadable (a crash can leave neither half-written)."""
@@ -439,10 +414,7 @@ def convert(source: Source, out: str | os.PathLike, *, num_shards: int | None = 
                         sources=[{"file": f["file"], "bytes": f["bytes"]} for f in source.files],
                         carried=sorted(source.carried), converter=plan["converter"],
                         options={"order": order, "seed": seed})
-    manifest.write(out)
-    with open(out / MANIFEST, "rb") as f:  # Manifest.write renames without fsync; make the result durable
-        os.fsync(f.fileno())
-    fsync_dir(out)
+    manifest.write(out)  # atomic and durable
     shutil.rmtree(out / DONE_DIR)  # the manifest now holds what the sidecars held
     return manifest
 

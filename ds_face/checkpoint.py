@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 from dataclasses import asdict
@@ -31,9 +30,11 @@ import numpy as np
 import torch
 
 from ds_face.dist import any_rank
+from ds_face.fileio import write_atomic, write_json_atomic
 
 log = logging.getLogger("ds_face")
 LATEST = "latest"
+SAVE_DIR = "checkpoints"  # inside output.dir
 META = "ds_face_meta.json"
 TAG_PREFIX = "step_"
 
@@ -44,12 +45,6 @@ class CheckpointError(ValueError):
 
 def head_file(rank: int, world_size: int) -> str:
     return f"head_rank{rank}_of{world_size}.pt"
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 # -- saving ------------------------------------------------------------------------------------------------
@@ -86,12 +81,12 @@ def save(trainer, save_dir: str | Path, keep_last: int) -> str:
     error = None
     try:
         state = rank_state(trainer)
-        _write_atomic(save_dir / tag / head_file(rank, world), lambda p: torch.save(state, p))
+        write_atomic(save_dir / tag / head_file(rank, world), lambda p: torch.save(state, p))
         if rank == 0:
             meta = {"tag": tag, "global_step": trainer.global_step, "epoch": trainer.epoch, "world_size": world,
                     "num_classes": trainer.head.num_classes, "embedding_size": trainer.head.embedding_size,
                     "backbone": trainer.cfg.model.backbone, "config": asdict(trainer.cfg)}
-            _write_atomic(save_dir / tag / META, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+            write_json_atomic(save_dir / tag / META, meta)
     except OSError as err:
         error = err
     if any_rank(error is not None, trainer.head.weight.device):  # every rank learns that the save failed
@@ -100,7 +95,7 @@ def save(trainer, save_dir: str | Path, keep_last: int) -> str:
                               + f"; {save_dir / LATEST} still names the previous one")
     torch.distributed.barrier()  # every rank's files are in place before `latest` names them
     if rank == 0:
-        _write_atomic(save_dir / LATEST, lambda p: p.write_text(tag))
+        write_atomic(save_dir / LATEST, tag.encode())
         _prune(save_dir, keep_last, keep=tag)
     torch.distributed.barrier()
     return tag

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ds_face.fileio import write_json_atomic
+
 IMAGE_SIZE = (112, 112)
 THRESHOLDS = np.arange(0, 4, 0.01)
 NUM_FOLDS = 10
@@ -360,10 +362,7 @@ class TrainingEvaluator:
         if self.writer is not None:
             self.writer.flush()
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"step_{step}.json"
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(json.dumps({"step": step, "sets": results}, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(self.dir / f"step_{step}.json", {"step": step, "sets": results})
         return results
 
 

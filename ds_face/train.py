@@ -155,7 +155,8 @@ class Trainer:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.output_dir / "checkpoints"
+        from ds_face.checkpoint import SAVE_DIR
+        return self.output_dir / SAVE_DIR
 
     def save_checkpoint(self) -> None:
         from ds_face import checkpoint
@@ -270,13 +271,14 @@ def main(argv=None) -> int:
         if args.init_backbone:  # keys and shapes against the config, on the meta device (no weights built)
             from ds_face.init_backbone import check_backbone_file
             check_backbone_file(args.init_backbone, cfg.model)
-        checkpoints = Path(cfg.output.dir) / "checkpoints"
+        from ds_face.checkpoint import LATEST, SAVE_DIR
+        checkpoints = Path(cfg.output.dir) / SAVE_DIR
         if args.resume and args.init_backbone:
             raise ConfigError("--resume and --init-backbone together: the checkpoint's backbone would replace "
                               "the file's; use one")
-        if args.resume and not (checkpoints / "latest").is_file():
+        if args.resume and not (checkpoints / LATEST).is_file():
             raise ConfigError(f"--resume: no complete checkpoint in {checkpoints} ('latest' not found)")
-        if not args.resume and (checkpoints / "latest").is_file():
+        if not args.resume and (checkpoints / LATEST).is_file():
             raise ConfigError(f"{checkpoints} already holds checkpoints; pass --resume to continue that run, "
                               f"or set another output.dir (nothing was overwritten)")
     except ConfigError as err:

@@ -15,7 +15,6 @@ each variant's last loss as a check that all three trained the same thing: with
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import time
@@ -23,6 +22,7 @@ import time
 import torch
 
 from ds_face.bench import common_args, markdown_table, threads_per_rank
+from ds_face.fileio import write_json_atomic
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -139,8 +139,7 @@ def main(argv=None) -> int:
         print(markdown_table(["variant", "mean ms/step rank 0", "mean ms/step max rank", "median ms/step max rank",
                               "samples/s", "mean / DDP", "median / DDP", f"loss at step {total}"], rows), flush=True)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
+            write_json_atomic(args.json, results)
     torch.distributed.destroy_process_group()
     return 0
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import multiprocessing
 import os
 import socket
@@ -31,6 +30,7 @@ import torch
 
 from ds_face.bench import common_args, markdown_table, threads_per_rank
 from ds_face.bench.memory import analytic_bytes
+from ds_face.fileio import write_json_atomic
 
 # seeds/003, 8x V100, 1M identities, whole training step (r50 + head): Partial FC 0.1 / model parallel.
 SEED_V100_1M = {"speed": 4803 / 3449, "time": 3449 / 4803, "memory": 5620 / 9966}
@@ -155,8 +155,7 @@ def main(argv=None) -> int:
     if rank == 0:
         print(report(results, args), flush=True)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
+            write_json_atomic(args.json, results)
     torch.distributed.destroy_process_group()
     return 0
 

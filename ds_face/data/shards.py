@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from ds_face.fileio import write_atomic
+
 FORMAT = "ds_face.arrow-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -77,11 +79,9 @@ class Manifest:
         return json.dumps(asdict(self), indent=2) + "\n"
 
     def write(self, directory: str | os.PathLike) -> Path:
-        """Atomically: a reader sees the old manifest or the new one, never half of one."""
+        """Atomically and durably: a reader sees the old manifest or the new one, never half of one."""
         path = Path(directory) / MANIFEST
-        tmp = path.with_name(MANIFEST + ".partial")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        write_atomic(path, self.to_json().encode())
         return path
 
     def shard_paths(self, directory: str | os.PathLike) -> list[str]:
