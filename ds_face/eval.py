@@ -368,13 +368,14 @@ class TrainingEvaluator:
 
 def load_model(path: str, backbone: str = "r50", embedding: int = 512, device=None):
     """A backbone built by name with ``path``'s weights (``ds_face.init_backbone`` rules), in eval mode."""
-    import torch
-
     from ds_face.backbones import get_backbone
     from ds_face.init_backbone import load_backbone_file
     model = get_backbone(backbone, embedding)
     load_backbone_file(path, model, backbone)
-    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    if device is None:  # the device DeepSpeed's accelerator picks, as in training (cuda, cpu, ...)
+        from deepspeed.accelerator import get_accelerator
+        device = get_accelerator().device_name()
+    return model.to(device).eval()
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -383,7 +384,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="r50", choices=list(BACKBONES), help="default r50")
     parser.add_argument("--embedding", type=int, default=512, help="embedding size (default 512)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", help="torch device (default: the DeepSpeed accelerator's, e.g. cuda, else cpu)")
 
 
 def format_table(results: dict[str, dict]) -> str:

@@ -40,9 +40,7 @@ def test_kill_one_rank_stops_the_launch_and_names_it(tmp_path):
                 time.sleep(0.5)
             victim = rank_pid(1, out)
             os.kill(victim, signal.SIGKILL)
-            killed = time.monotonic()
-            returncode = proc.wait(timeout=90)
-            elapsed = time.monotonic() - killed
+            returncode = proc.wait(timeout=90)  # the bound: TimeoutExpired if any rank lingers
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -50,7 +48,6 @@ def test_kill_one_rank_stops_the_launch_and_names_it(tmp_path):
         log.seek(0)
         output = log.read()
     assert returncode != 0, output[-3000:]
-    assert elapsed < 90
     assert f"ds_face.train: rank 0: " in output and f"rank 1 (pid {victim}) died" in output, output[-3000:]
     assert not any(f"output.dir={out}" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])), \
         "a rank outlived the launch"
