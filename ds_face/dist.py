@@ -94,3 +94,25 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     all_reduce_max_(value)
     return bool(value.item() > 0)
+
+
+def shutdown() -> None:
+    """End of a run on every rank: wait for the others, then tear the process group down cleanly, so that no
+    rank leaves while another still talks to it."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def exit_without_teardown(code: int) -> None:
+    """Leave the process once the work and its process group are done, without the interpreter's teardown:
+    C++ threads of gloo / DeepSpeed destroyed there occasionally abort the process ("terminate called without
+    an active exception", SIGABRT) on a loaded machine, turning a finished run into a failed one for the
+    launcher. Logs and streams are flushed first."""
+    import logging
+    import os
+    import sys
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

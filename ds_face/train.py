@@ -310,8 +310,11 @@ def main(argv=None) -> int:
         print(f"ds_face.train: rank {rank}: error: {dead}; stopping", file=sys.stderr, flush=True)
         return 1
     log.info(f"done: {trainer.global_step} optimizer steps, {trainer.head_optimizer.steps_skipped} skipped")
+    from ds_face.dist import shutdown
+    shutdown()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ds_face.dist import exit_without_teardown
+    exit_without_teardown(main())

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from ds_face.dist import exit_without_teardown, shutdown
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -32,16 +34,13 @@ def _entry(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> Non
         import deepspeed
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
         torch.save(fn(rank, world_size, *args), out / f"rank{rank}.pt")
-        torch.distributed.barrier()  # no rank tears its group down while another still talks to it
+        shutdown()  # as ds_face.train ends a run
     except BaseException:
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise SystemExit(1)
-    finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    # Leave without the interpreter's teardown: under load, C++ threads of gloo/DeepSpeed destroyed at exit
-    # occasionally abort ("terminate called without an active exception") after the result was saved.
-    os._exit(0)
+        raise SystemExit(1)
+    exit_without_teardown(0)
 
 
 class RankFailed(AssertionError):
