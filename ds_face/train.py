@@ -286,8 +286,8 @@ def main(argv=None) -> int:
         return 2
     setup_logging(rank, Path(cfg.output.dir))
 
-    import deepspeed
-    deepspeed.init_distributed(timeout=datetime.timedelta(minutes=int(os.environ.get("DS_FACE_TIMEOUT_MIN", 30))))
+    from ds_face.dist import init
+    init(timeout=datetime.timedelta(minutes=int(os.environ.get("DS_FACE_TIMEOUT_MIN", 30))))
     dead_siblings = watch_sibling_ranks(rank)
     trainer = Trainer(cfg, ds_config, layout, init_backbone=args.init_backbone)
     if args.resume:

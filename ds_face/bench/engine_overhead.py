@@ -22,6 +22,7 @@ import time
 import torch
 
 from ds_face.bench import common_args, markdown_table, threads_per_rank
+from ds_face.dist import init
 from ds_face.fileio import write_json_atomic
 
 
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     from ds_face.train import build_loader
 
     torch.set_num_threads(threads_per_rank())
-    deepspeed.init_distributed(dist_backend="gloo")  # before deepspeed.initialize and DDP construction
+    init(dist_backend="gloo")  # before deepspeed.initialize and DDP construction
     deepspeed.utils.logger.setLevel(logging.WARNING)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     total = args.warmup + args.steps

@@ -30,6 +30,7 @@ import torch
 
 from ds_face.bench import common_args, markdown_table, threads_per_rank
 from ds_face.bench.memory import analytic_bytes
+from ds_face.dist import init
 from ds_face.fileio import write_json_atomic
 
 # seeds/003, 8x V100, 1M identities, whole training step (r50 + head): Partial FC 0.1 / model parallel.
@@ -63,13 +64,11 @@ def reset_peak_rss() -> bool:
 
 def run_variant(rate: float, port: int, args: argparse.Namespace) -> dict:
     """Build and time one head in this fresh process; returns this rank's figures."""
-    import deepspeed
-
     from ds_face.head import HeadOptimizer, Margin, PartialFC
 
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(threads_per_rank())
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init(dist_backend="gloo", verbose=False)
     rank = torch.distributed.get_rank()
     try:
         baseline_kb = proc_status_kb("VmRSS")
@@ -139,8 +138,7 @@ def report(results: dict, args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import deepspeed
-    deepspeed.init_distributed(dist_backend="gloo")  # only to agree on ports and gather results
+    init(dist_backend="gloo")  # only to agree on ports and gather results
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     spawn = multiprocessing.get_context("spawn")
     results = {"world_size": world}
