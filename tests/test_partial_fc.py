@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ds_face.head import HeadOptimizer, Margin, PartialFC, class_shard
+from ds_face.head import HeadOptimizer, Margin, PartialFC, class_shard, cosine
 from tests.multirank import RankFailed, run_ranks
 
 DIM, PER_RANK = 16, 4
@@ -68,6 +68,21 @@ def test_full_softmax_equals_reference(world_size, num_classes, margin_name):
                                    atol=1e-5, rtol=1e-5)
         covered += got["count"]
     assert covered == num_classes
+
+
+def test_cosine_equals_normalised_linear_in_value_and_gradient():
+    """The head scales columns by 1/||w|| instead of normalising the centres (less memory): same maths."""
+    torch.manual_seed(3)
+    emb, centres, upstream = torch.randn(6, 512), torch.normal(0.0, 0.01, (40, 512)), torch.randn(6, 40)
+    grads = []
+    for formula in (cosine, lambda e, w: F.linear(F.normalize(e), F.normalize(w))):
+        e, w = emb.clone().requires_grad_(True), centres.clone().requires_grad_(True)
+        cos = formula(e, w)
+        (cos * upstream).sum().backward()
+        grads.append((cos.detach(), e.grad, w.grad))
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    assert grads[0][0].abs().max() <= 1.0 + 1e-6
 
 
 def test_class_shard_matches_arcface_torch_split():

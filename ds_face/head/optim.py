@@ -51,7 +51,7 @@ class HeadOptimizer:
         rows, grad = self.head.take_gradients()
         if grad is None:
             raise RuntimeError("HeadOptimizer.step() without a forward/backward through the head since the last step")
-        grad = grad / loss_scale
+        grad.div_(loss_scale)  # in place: the gradient is ours (take_gradients let go of it)
         finite = not dist.any_rank(not bool(torch.isfinite(grad).all()), grad.device)
         if not (engine_applied and finite):
             self.steps_skipped += 1
@@ -69,7 +69,9 @@ class HeadOptimizer:
         state = {key: value[at] for key, value in self.state.items()}
         if self.name == "sgd":
             buf = state["momentum_buffer"]
-            buf.mul_(self.momentum).add_(grad + self.weight_decay * weight)
+            # In place on grad (ours, dropped after the step): at rate 1.0 a temporary would be a whole
+            # slice. Same order of operations as torch.optim.SGD: (grad + wd * w), then into the buffer.
+            buf.mul_(self.momentum).add_(grad.add_(weight, alpha=self.weight_decay))
             weight.add_(buf, alpha=-lr)
         else:
             beta1, beta2 = self.betas
