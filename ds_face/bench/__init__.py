@@ -3,9 +3,13 @@
 * ``ds_face.bench.head``: the Partial FC head alone, model parallel (sample_rate 1.0) vs Partial FC 0.1.
 * ``ds_face.bench.engine_overhead``: a full training step under the DeepSpeed engine (ZeRO 0 / 2) vs plain DDP.
 * ``ds_face.bench.loader``: the Arrow training loader vs a naive PIL loop.
-* ``python -m ds_face.bench memory``: estimated memory per device, ZeRO stages vs model parallel vs Partial FC.
+* ``python -m ds_face.bench memory``: memory per device, FC inside ZeRO 0-3 vs model parallel vs Partial FC,
+  estimated (``memory.py``) and, with ``--measure``, measured on local ranks (``cells.py``, ``ds_face.spawn``).
+* ``python -m ds_face.bench speed``: samples/s of the same cells, measured.
+* ``python -m ds_face.bench report``: a per-machine training-speed report (markdown + PNG).
 
-The head and engine benchmarks run under the deepspeed launcher; see BENCHMARKS.md for commands and measured tables.
+The head and engine benchmarks run under the deepspeed launcher; the ``python -m ds_face.bench`` commands
+start their own ranks. See BENCHMARKS.md for commands and measured tables.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """``python -m ds_face.bench <command> ...``: benchmarks that need no launcher.
 
-Only ``memory`` (the analytic memory estimator, ``ds_face.bench.memory``) is registered so far.
+* ``memory``: memory per device, ZeRO stages vs model parallel vs Partial FC: estimated, ``--measure``d;
+* ``speed``: samples/s per cell, measured;
+* ``report``: a hardware report (machine spec + samples/s over batch x precision x Partial FC on/off).
 """
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"memory": "ds_face.bench.memory"}
+COMMANDS = {"memory": "ds_face.bench.memory", "speed": "ds_face.bench.speed", "report": "ds_face.bench.report"}
 USAGE = f"usage: python -m ds_face.bench {{{','.join(COMMANDS)}}} [options]  (--help after a command for its options)"
 
 

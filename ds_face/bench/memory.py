@@ -1,11 +1,11 @@
-"""Analytic memory per device: classification layer inside ZeRO vs outside (model parallel, Partial FC).
+"""Memory per device, estimated (and measured with --measure): the classification layer inside ZeRO vs outside.
 
     python -m ds_face.bench memory --backbone r50 --classes 125000,1400000,5500000,29000000 \\
         --world-size 8 --micro-batch 128 --precision fp16 --device-memory 32GB [--sample-rates 0.1,0.2] \\
-        [--optimizer sgd] [--zero-stage 0] [--breakdown] [--json out.json] [--compare-seed]
+        [--optimizer sgd] [--zero-stage 0] [--breakdown] [--json out.json] [--compare-seed] [--measure]
 
-Nothing is allocated: the figures are formulas (below) evaluated on the meta device. Rows are class
-counts C; columns are cells; each cell is the estimated MiB per device, '-' where it exceeds
+Without ``--measure`` nothing is allocated: the figures are formulas (below) evaluated on the meta
+device. Rows are class counts C; columns are cells; each cell is the estimated MiB per device, '-' where it exceeds
 ``--device-memory``. All sizes are binary, as nvidia-smi/gpustat print them: ``MB`` = ``MiB`` =
 2**20 bytes and ``GB`` = ``GiB`` = 2**30 bytes (a bare number is MB). A "32GB" V100 shows
 32510 MiB in gpustat, so ``--device-memory 32GB`` (32768 MiB) is slightly generous for it; the
@@ -17,26 +17,41 @@ Engine (backbone, plus the FC [C, D] in the data-parallel cells) under ZeRO stag
 P' parameters (P' = P, or P + C*D for "DP ZeRO-s"), per rank:
 
 * parameters: 4P' (fp32) or 2P' (fp16/bf16);   divided by W at stage 3
-* master parameters: 0 (fp32) or 4P' (fp32 copy kept by the 16-bit optimizer);   / W at stage >= 1
+* master parameters: 4P' at stage 0 in fp16/bf16 (0 in fp32); 4P'/W at stage >= 1 in every precision
+  (DeepSpeed's ZeRO optimizer clones an fp32 partition even from fp32 weights)
 * gradients: 4P' (fp32) or 2P' (fp16/bf16);   / W at stage >= 2
 * optimizer state: 4P' (SGD momentum) or 8P' (Adam/AdamW: two moments);   / W at stage >= 1
 
 so 16 B/param for fp16 + Adam and 12 B/param for fp16 + SGD at stage 0 (the ZeRO paper's K = 12 or
 8 plus 4 for 16-bit params and grads). Not counted: DeepSpeed's fp32 gradient partition for the
 optimizer (its ZeRO-2 estimator adds 4P'/W), communication buckets and allocator fragmentation.
-Data-parallel cells also hold the logits [B, C] and their gradient on every rank, counted in fp32
-(4 B each: the softmax / cross-entropy runs in fp32, as our head does; a 16-bit logits tensor
-feeding an fp32 softmax would add 2 B more per entry).
+The FC is one parameter, and ZeRO works per parameter: at stage 3 the data-parallel cells also hold
+the whole FC, gathered for its forward and backward (``fc_gathered``, C*D in the engine's precision),
+and at stage >= 2 the FC's backward makes its whole gradient before ZeRO reduces and partitions it
+(``fc_whole_gradient``: the (1 - 1/W) share the partition does not count, plus at stage 3 a copy in
+the reduce bucket). So ZeRO-2 and -3 do not lower the peak of one giant layer the way they lower
+a model of many layers (measured: ZeRO-2 = ZeRO-1, ZeRO-3 above both).
 
-Head outside ZeRO ("Model parallel" = sample rate 1.0, "Partial FC r"), per rank, with
-num_local = ceil(C / W) rows (the largest shard, ``class_shard``), all fp32:
+The classifier's step (``classifier_transients``, both kinds of cell), with A the rows a step uses
+(C in the data-parallel cells, num_local = ceil(C / W) at model parallel, max(int(r*num_local), 1) at
+rate r), N the samples it scores (B in the data-parallel cells, W*B in the sharded head), L = N*A*4
+(one fp32 logit matrix) and R = A*D*4 (one fp32 [A, D]):
+
+    max(6 L (+ R for a gathered copy of sampled rows),  3 R at rate 1.0 / 5 R for sampled rows)
+
+the forward keeps up to six logit-sized tensors alive (the product, its column-scaled cosine, the clamp,
+the margin's copy and its scaled copy, exp), backward and the optimizer step up to three or five
+[A, D] tensors (gradient, the norm path's temporary, the one being summed in; for sampled rows also the
+optimizer's gathered weight and state rows). In the data-parallel cells the FC's gradient is an engine
+component, so one R less, and a 16-bit FC adds its fp32 copy (4*C*D): the logits run in fp32. These
+counts are for ds_face's code (``ds_face.head.cosine``: the centres' norms divide the logits, no
+normalised copy of the centres) and were measured on CPU; ``--measure`` checks them.
+
+Head outside ZeRO ("Model parallel" = sample rate 1.0, "Partial FC r"), per rank, all fp32:
 
 * head weight: num_local*D*4; head optimizer state: num_local*D*4 (SGD momentum) or x2 (AdamW)
   for the whole slice (``HeadOptimizer``);
-* active rows A = num_local at rate 1.0 (the active tensor aliases the weight: no copy) or
-  A = max(int(r*num_local), 1) at rate r < 1 (a gathered copy of the sampled rows, A*D*4);
-* head gradient: A*D*4 (only for rows the step used);
-* logits and logit gradient: [W*B, A] fp32, 2 * W*B*A*4;
+* the classifier's step, above;
 * embeddings: the all-gathered [W*B, D] fp32 and its gradient, 2 * W*B*D*4 (small).
 
 The backbone of these cells is under ``--zero-stage`` (default 0, as the seed's DDP).
@@ -44,12 +59,20 @@ The backbone of these cells is under ``--zero-stage`` (default 0, as the seed's 
 Activations: (elements a forward saves per 112x112 sample) x B x (2 B for fp16/bf16, 4 for fp32).
 Elements per sample = the input plus the output numel of every leaf module (conv, batch norm,
 PReLU, dropout, linear) of one forward on the meta device (r50: 18.1M, i.e. 34.5 MiB/sample in
-fp16). This is an approximation: autograd saves a subset of these (or other tensors), fused
-kernels and cuDNN workspaces differ, and gradient checkpointing changes it entirely; override it
-with ``--activation-mb-per-sample`` (a future ``--measure`` will correct it on a GPU).
+fp16). This is an approximation: autograd saves a subset of these (or other tensors), backward
+makes temporaries, kernels keep workspaces, and gradient checkpointing changes it entirely; override
+it with ``--activation-mb-per-sample``. ``--measure`` measures it once per backbone and micro-batch
+(a probe cell whose head is negligible) and uses that figure for the comparison.
 
 Overhead: a fixed ``--overhead-mb`` per device (default 400: a CUDA context with cuDNN/cuBLAS is
-300-500 MiB; use 0 for a bare tensor count).
+300-500 MiB; use 0 for a bare tensor count). Measured figures are above a per-rank baseline, so the
+comparison uses 0.
+
+Measured (``--measure``): each cell runs ``--warmup`` + ``--steps`` real training steps on
+``--world-size`` fresh local ranks with synthetic data (``ds_face.bench.cells``): peak resident memory
+above the baseline on CPU ranks, peak allocated accelerator memory on GPUs. Printed: measured MiB ('-'
+above ``--device-memory``, failed, or not run because it would not fit in host memory), measured /
+estimated with the estimate's error, and samples/s.
 
 Seed comparison (``--compare-seed``): /work/shared/seeds/003 table 2, 8x V100 32GB, r50, fp16,
 batch 128/GPU, SGD, beside this estimator. See ``seed_comparison`` and the note printed with it.
@@ -58,7 +81,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import re
 import sys
@@ -89,17 +111,18 @@ SEED_SETTING = dict(backbone="r50", embedding=512, world_size=8, micro_batch=128
                     optimizer="sgd", device_mib=32510)
 SEED_NOTE = """\
 Where they differ: at 125K classes, where activations (34.5 MiB/sample x 128, a leaf-module count, not
-measured) and the 400 MiB overhead dominate, the estimator is 4% over the seed for model parallel,
-11% over for Partial FC 0.1 and 16% under for data parallel. The growth with C is what differs: per extra class the seed
-grows by ~20.5 KB (DP), ~5.2 KB (MP) and ~1.0 KB (PFC 0.1) per GPU against 7.2, 1.8 and 0.67 KB here (KB = 1000 B),
-so at 1M classes the estimator is 51% (DP), 71% (MP) and 106% (PFC 0.1) of the seed, and at 29M
-73% for PFC 0.1. The seed's code (arcface_torch with amp) holds several logit-sized temporaries (fp16
-and fp32 logits, softmax/exp, one-hot and index tensors) where the estimator counts logits + their
-gradient only, and its data-parallel FC is an fp32 Parameter under DDP with a gradient bucket copy and
-normalised / fp16 copies of the weight; the PyTorch caching allocator also keeps freed blocks reserved,
-which gpustat counts. Read its growth with C as a lower bound for the seed's code (its small-C figure leans on the
-activation count) and a design figure for
-ours (our head keeps 2 logit tensors and no dense gradient at r < 1); --measure will check it."""
+measured on a GPU) and the 400 MiB overhead dominate, the estimator is 8% under the seed for data parallel,
+8% over for model parallel and 11% over for Partial FC 0.1. It grows more slowly with the class count than the
+seed: per extra class the seed grows by ~20.5 KB (DP), ~5.2 KB (MP) and ~1.0 KB (PFC 0.1) per GPU against
+12.3, 3.6 and 0.84 KB here (KB = 1000 B), so at 1M classes the estimator is 72% (DP), 88% (MP) and 109%
+(PFC 0.1) of the seed and at the largest class count each column reached, 67% (DP, 1.4M), 75% (MP, 5.5M) and
+89% (PFC 0.1, 29M). The '-' pattern is the seed's but for one cell: data parallel at 2M fits here (28,756 MiB).
+The classifier's temporaries are counted for ds_face's code (measured on CPU, --measure); the seed's
+arcface_torch with amp normalises a copy of the weight (an [A, D] tensor kept for backward and several
+more in its backward, where ds_face divides the logits by the norms), keeps fp16 and fp32 logits and a
+one-hot matrix, and its data-parallel FC is an fp32 Parameter under DDP with gradient bucket copies; the
+caching allocator also keeps freed blocks reserved, which gpustat counts and --measure on a GPU (peak
+allocated) does not."""
 
 
 # -- inputs --------------------------------------------------------------------------------------
@@ -192,10 +215,31 @@ def activation_elements_per_sample(name: str, embedding: int = 512) -> int:
 def _engine_bytes(params: int, world: int, precision: str, optimizer: str, stage: int) -> dict:
     width = PRECISIONS[precision]
     div = lambda n, from_stage: n / world if stage >= from_stage else n  # noqa: E731
+    # DeepSpeed's ZeRO optimizer (stage >= 1) keeps an fp32 copy of each rank's partition whatever the
+    # precision (a clone even in fp32); at stage 0 only the 16-bit optimizers keep fp32 master weights.
+    master = 4 * params if (width < 4 or stage >= 1) else 0
     return {"parameters": div(width * params, 3),
-            "master_parameters": div(4 * params if width < 4 else 0, 1),
+            "master_parameters": div(master, 1),
             "gradients": div(width * params, 2),
             "optimizer_state": div(4 * OPTIMIZERS[optimizer] * params, 1)}
+
+
+def classifier_transients(rows_in_step: int, embedding: int, samples: int, *, rows_gathered: bool,
+                          gradient_counted: bool) -> int:
+    """Bytes the cosine classifier's step holds at its peak beyond the persistent tensors (fp32).
+
+    With L = samples x rows (one fp32 logit matrix) and R = rows x embedding x 4 (one fp32 [rows, D]):
+    the forward keeps up to 6 L alive at once (the product, its column-scaled cosine, the clamp, the
+    margin's copy and its scaled copy, exp), plus R for a gathered copy of sampled rows; backward and the
+    optimizer step hold up to 3 R at rate 1.0 (the gradient, the norm path's temporary, the one being
+    summed in) and 5 R for sampled rows (also the optimizer's gathered weight and state rows). Measured on
+    CPU for ``ds_face.head`` (``--measure`` checks it). ``gradient_counted``: the FC's gradient is already
+    an engine component (data-parallel cells), so one R less.
+    """
+    logit, row = samples * rows_in_step * 4, rows_in_step * embedding * 4
+    forward = 6 * logit + (row if rows_gathered else 0)
+    backward = (5 if rows_gathered else 3) * row - (row if gradient_counted else 0)
+    return max(forward, backward)
 
 
 def estimate(backbone: str, embedding: int, classes: int, world_size: int, micro_batch: int,
@@ -222,21 +266,31 @@ def estimate(backbone: str, embedding: int, classes: int, world_size: int, micro
         params = backbone_params(backbone, embedding)
     if activation_bytes_per_sample is None:
         activation_bytes_per_sample = activation_elements_per_sample(backbone, embedding) * PRECISIONS[precision]
+    width = PRECISIONS[precision]
+    fc = classes * embedding
     out = {}
     if kind == "dp":
-        out.update(_engine_bytes(params + classes * embedding, world_size, precision, optimizer, arg))
-        logits = micro_batch * classes * 4
-        out.update(head_weight=0, head_optimizer_state=0, head_active_copy=0, head_gradient=0,
-                   logits=logits, logit_gradient=logits, embeddings=0)
+        out.update(_engine_bytes(params + fc, world_size, precision, optimizer, arg))
+        # stage 3 gathers the whole FC for its forward and backward; at stage >= 2 its backward still makes the
+        # FC's gradient whole before ZeRO reduces and partitions it (one parameter, one gradient tensor), and
+        # stage 3 copies it into its reduce bucket
+        out["fc_gathered"] = width * fc if arg == 3 else 0
+        out["fc_whole_gradient"] = (width * fc * (1 - 1 / world_size) if arg >= 2 else 0) + (width * fc if arg == 3 else 0)
+        out.update(head_weight=0, head_optimizer_state=0)
+        # the logits run in fp32: a 16-bit FC is cast to an fp32 copy (kept for backward)
+        out["classifier_transients"] = (classifier_transients(classes, embedding, micro_batch, rows_gathered=False,
+                                                              gradient_counted=True) + (4 * fc if width < 4 else 0))
+        out["embeddings"] = 0
     else:
         out.update(_engine_bytes(params, world_size, precision, optimizer, zero_stage))
         num_local = -(-classes // world_size)
         active = num_local if arg >= 1.0 else max(int(arg * num_local), 1)
         row = embedding * 4
-        logits = world_size * micro_batch * active * 4
-        out.update(head_weight=num_local * row, head_optimizer_state=num_local * row * OPTIMIZERS[optimizer],
-                   head_active_copy=0 if arg >= 1.0 else active * row, head_gradient=active * row,
-                   logits=logits, logit_gradient=logits, embeddings=2 * world_size * micro_batch * row)
+        out.update(fc_gathered=0, fc_whole_gradient=0, head_weight=num_local * row,
+                   head_optimizer_state=num_local * row * OPTIMIZERS[optimizer],
+                   classifier_transients=classifier_transients(active, embedding, world_size * micro_batch,
+                                                               rows_gathered=arg < 1.0, gradient_counted=False),
+                   embeddings=2 * world_size * micro_batch * row)  # all-gathered, and their gradient
     out["activations"] = activation_bytes_per_sample * micro_batch
     out["overhead"] = overhead_bytes
     return {k: int(round(v)) for k, v in out.items()}
@@ -247,15 +301,13 @@ def total(components: dict) -> int:
 
 
 def analytic_bytes(head, batch: int) -> dict:
-    """fp32 bytes per rank a live PartialFC head holds at its peak, by design (transient temporaries
-    not counted); the same formulas as ``estimate``'s head components, for SGD (used by bench.head)."""
+    """fp32 bytes per rank a live PartialFC head holds at its peak: the same formulas as ``estimate``'s head
+    components, for SGD (used by bench.head)."""
     rows = head.num_local if head.sample_rate >= 1.0 else head.num_sample  # active centres per step
-    row = head.embedding_size * 4
-    return {"weight": head.num_local * row,
-            "optimizer_state": head.num_local * row,  # SGD momentum, always the full slice
-            "active_copy": 0 if head.sample_rate >= 1.0 else rows * row,  # rate 1.0 aliases the weight
-            "gradient_rows": rows * row,
-            "logits": head.world_size * batch * rows * 4}
+    return {"weight": head.num_local * head.embedding_size * 4,
+            "optimizer_state": head.num_local * head.embedding_size * 4,  # SGD momentum, the whole slice
+            "transients": classifier_transients(rows, head.embedding_size, head.world_size * batch,
+                                                rows_gathered=head.sample_rate < 1.0, gradient_counted=False)}
 
 
 def table(classes: list[int], cells: list[str], device_bytes: int | None = None, **kw) -> tuple[str, dict]:
@@ -306,8 +358,10 @@ def seed_comparison(overhead_bytes: float = 400 * MiB,
 
 
 # -- CLI -----------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ds_face.bench memory", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "python -m ds_face.bench memory", description: str | None = None,
+                 measure_flag: bool = True) -> argparse.ArgumentParser:
+    """The options of ``memory`` (also used by ``speed``, which always measures)."""
+    p = argparse.ArgumentParser(prog=prog, description=description or __doc__.splitlines()[0])
     p.add_argument("--backbone", default="r50")
     p.add_argument("--embedding", type=int, default=512)
     p.add_argument("--classes", default="125000,1400000,5500000,29000000", help="comma-separated class counts")
@@ -318,25 +372,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0,
                    help="ZeRO stage of the backbone in the Model parallel / Partial FC cells")
     p.add_argument("--sample-rates", default="0.1", help="Partial FC rates (< 1); 'Model parallel' is always shown")
+    p.add_argument("--cells", help="only these cells, comma-separated (e.g. 'DP ZeRO-0,Model parallel,Partial FC 0.1')")
     p.add_argument("--device-memory", help="per-device budget (32GB, 24GiB, 32000MB; binary units): '-' above it")
     p.add_argument("--overhead-mb", type=float, default=400.0, help="fixed per-device overhead (CUDA context)")
     p.add_argument("--activation-mb-per-sample", type=float, help="override the leaf-module activation estimate")
     p.add_argument("--breakdown", action="store_true", help="also print each cell's components (MiB)")
     p.add_argument("--compare-seed", action="store_true", help="also print the estimator beside seeds/003 table 2")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON (bytes)")
+    if measure_flag:
+        p.add_argument("--measure", action="store_true",
+                       help="also run a few real training steps per cell on --world-size fresh local ranks "
+                            "(synthetic data) and print measured next to estimated")
+    p.add_argument("--steps", type=int, default=3, help="measured: timed steps per cell")
+    p.add_argument("--warmup", type=int, default=1, help="measured: untimed steps first")
+    p.add_argument("--timeout", type=float, default=1800.0, help="measured: seconds a cell may take")
     return p
 
 
-def main(argv=None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
+def parse_grid(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[int], list[str], int | None, dict]:
+    """Check the options; returns class counts, cells, device budget (bytes or None), estimate() keywords."""
     from ds_face.backbones import BACKBONES
     if args.backbone not in BACKBONES:
         p.error(f"unknown backbone {args.backbone!r}; valid names: {', '.join(BACKBONES)}")
     for label, value in (("--world-size", args.world_size), ("--micro-batch", args.micro_batch),
-                         ("--embedding", args.embedding)):
+                         ("--embedding", args.embedding), ("--steps", args.steps)):
         if value <= 0:
             p.error(f"{label} must be a positive integer, got {value}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.overhead_mb < 0:
         p.error(f"--overhead-mb must be >= 0, got {args.overhead_mb:g}")
     if args.activation_mb_per_sample is not None and args.activation_mb_per_sample < 0:
@@ -345,15 +408,96 @@ def main(argv=None) -> int:
         classes = parse_classes(args.classes)
         rates = parse_rates(args.sample_rates)
         device = parse_memory(args.device_memory) if args.device_memory is not None else None
+        if args.cells:
+            cells = [c.strip() for c in args.cells.split(",")]
+            for cell in cells:
+                parse_cell(cell)
+        else:
+            cells = [dp_cell(s) for s in range(4)] + ["Model parallel"]
+            cells += [pfc_cell(r) for r in rates if r < 1.0 and pfc_cell(r) not in cells]
     except ValueError as e:
         p.error(str(e))
-    cells = [dp_cell(s) for s in range(4)] + ["Model parallel"]
-    cells += [pfc_cell(r) for r in rates if r < 1.0 and pfc_cell(r) not in cells]
+    too_few = [c for c in classes if c < args.world_size]
+    if too_few:
+        p.error(f"--classes: {too_few[0]} classes cannot be split over {args.world_size} ranks")
+    if getattr(args, "measure", True):  # speed always measures
+        from ds_face.bench.cells import unsupported
+        reason = unsupported(args.precision)
+        if reason:
+            p.error(f"cannot measure --precision {args.precision} here: {reason}")
+        from deepspeed.accelerator import get_accelerator
+        accelerator = get_accelerator()
+        if accelerator.device_name() != "cpu" and args.world_size > accelerator.device_count():
+            p.error(f"--world-size {args.world_size}: this machine has {accelerator.device_count()} "
+                    f"{accelerator.device_name()} device(s); measured cells run one rank per device")
     act = None if args.activation_mb_per_sample is None else args.activation_mb_per_sample * MiB
     kw = dict(backbone=args.backbone, embedding=args.embedding, world_size=args.world_size,
               micro_batch=args.micro_batch, precision=args.precision, optimizer=args.optimizer,
               zero_stage=args.zero_stage, overhead_bytes=args.overhead_mb * MiB, activation_bytes_per_sample=act)
+    return classes, cells, device, kw
+
+
+def measured_setting(args):
+    from ds_face.bench.cells import Setting
+    return Setting(backbone=args.backbone, embedding=args.embedding, world_size=args.world_size,
+                   micro_batch=args.micro_batch, precision=args.precision, optimizer=args.optimizer,
+                   zero_stage=args.zero_stage, steps=args.steps, warmup=args.warmup)
+
+
+def run_measured(classes: list[int], cells: list[str], kw: dict, args, for_memory: bool = True) -> tuple[dict, dict, dict]:
+    """Measure every cell; returns (measured, estimates those are compared with, calibration).
+
+    The estimates here have no fixed overhead (measured figures are above a baseline taken after start-up)
+    and the backbone's activations measured once by a probe cell, unless --activation-mb-per-sample is given.
+    """
+    from ds_face.bench.cells import calibrate_activations, measure_grid
+    setting = measured_setting(args)
+    calibration = {"leaf_module_bytes_per_sample": activation_elements_per_sample(args.backbone, args.embedding)
+                   * PRECISIONS[args.precision]}
+    act = kw["activation_bytes_per_sample"]
+    if act is None and for_memory:
+        print(f"measuring the activation figure once ({args.backbone}, micro-batch {args.micro_batch}, "
+              f"{args.precision}) ...", file=sys.stderr, flush=True)
+        act, probe = calibrate_activations(setting, args.timeout)
+        calibration.update(measured_bytes_per_sample=act, probe=probe)
+    compare_kw = {**kw, "overhead_bytes": 0, "activation_bytes_per_sample": act}
+    _, estimates = table(classes, cells, None, **compare_kw)
+    return measure_grid(classes, cells, setting, estimates, args.timeout, for_memory), estimates, calibration
+
+
+def measured_tables(measured: dict, estimates: dict, device_bytes: int | None) -> tuple[str, str]:
+    """(measured MiB per device, '-' over the budget or failed; measured vs estimated with the error)."""
+    from ds_face.bench import markdown_table
+    cells = list(next(iter(measured.values())))
+    rows, errors = [], []
+    for c, per_cell in measured.items():
+        row, err = [f"{c:,}"], [f"{c:,}"]
+        for cell in cells:
+            m, e = per_cell[cell], estimates[c][cell]["total_bytes"]
+            if "peak_bytes" in m:
+                fits = device_bytes is None or m["peak_bytes"] <= device_bytes
+                row.append(f"{m['peak_bytes'] / MiB:,.0f}" if fits else "-")
+                err.append(f"{m['peak_bytes'] / MiB:,.0f} / {e / MiB:,.0f} ({(e - m['peak_bytes']) / m['peak_bytes']:+.0%})")
+            else:
+                row.append("-")
+                err.append(f"not run / {e / MiB:,.0f}" if "skipped" in m else f"failed / {e / MiB:,.0f}")
+        rows.append(row)
+        errors.append(err)
+    return markdown_table(["classes"] + cells, rows), markdown_table(["classes"] + cells, errors)
+
+
+def cell_notes(measured: dict) -> str:
+    return "\n".join(f"- {c:,}, {cell}: {m.get('skipped') or m.get('error')}"
+                      for c, per_cell in measured.items() for cell, m in per_cell.items()
+                      if "skipped" in m or "error" in m)
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    classes, cells, device, kw = parse_grid(p, args)
     text, results = table(classes, cells, device, **kw)
+    act = kw["activation_bytes_per_sample"]
     per_sample = act if act is not None else \
         activation_elements_per_sample(args.backbone, args.embedding) * PRECISIONS[args.precision]
     budget = f", budget {device / MiB:,.0f} MiB" if device else ""
@@ -373,9 +517,34 @@ def main(argv=None) -> int:
               "estimates in parentheses exceed 32510 MiB):\n\n" + seed_text + "\n\n"
               + textwrap.fill(" ".join(SEED_NOTE.split()), 110))
         out["seed_comparison"] = {str(c): d for c, d in seed_data.items()}
+    if args.measure:
+        measured, estimates, calibration = run_measured(classes, cells, kw, args)
+        measured_text, error_text = measured_tables(measured, estimates, device)
+        from ds_face.bench.cells import host_memory_available
+        where = ("peak resident memory above each rank's baseline" if host_memory_available() is not None
+                 else "peak allocated accelerator memory above each rank's baseline")
+        act_note = (f"activations measured once: {calibration['measured_bytes_per_sample'] / MiB:.2f} MiB/sample "
+                    f"(leaf-module count: {calibration['leaf_module_bytes_per_sample'] / MiB:.2f})"
+                    if "measured_bytes_per_sample" in calibration else
+                    f"activations {act / MiB:.2f} MiB/sample as given")
+        print(f"\nMeasured MiB per device ({where}, the largest rank; "
+              f"{args.warmup} + {args.steps} steps per cell; '-': over budget, failed or not run):\n\n"
+              f"{measured_text}\n\nMeasured / estimated MiB (estimate error), estimates without overhead and with "
+              f"{act_note}:\n\n{error_text}")
+        from ds_face.bench.speed import speed_tables
+        speed, ratios = speed_tables(measured, "Model parallel" if "Model parallel" in cells else None)
+        print(f"\nMeasured samples/s (the same steps, with glibc returning freed memory at once, which the memory "
+              f"figures need and which slows CPU steps; `python -m ds_face.bench speed` measures without):\n\n{speed}"
+              + (f"\n\nEach cell / Model parallel:\n\n{ratios}" if ratios else ""))
+        notes = cell_notes(measured)
+        if notes:
+            print("\n" + notes)
+        out["measured"] = {str(c): r for c, r in measured.items()}
+        out["measured_vs"] = {str(c): {cell: r["total_bytes"] for cell, r in per.items()} for c, per in estimates.items()}
+        out["calibration"] = calibration
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        from ds_face.fileio import write_json_atomic
+        write_json_atomic(args.json, out)
     return 0
 
 
