@@ -133,7 +133,7 @@ def measure(args) -> list[dict]:
                           micro_batch=batch, precision=precision, zero_stage=args.zero_stage,
                           steps=args.steps, warmup=args.warmup)
         result = measure_cell(pfc_cell(rate), args.classes, setting, for_memory=False)
-        rows.append({**row, **({"not_measured": result["error"]} if "error" in result else
+        rows.append({**row, **({"error": result["error"]} if "error" in result else
                                {"samples_per_s": result["samples_per_s"], "peak_mib": result["peak_bytes"] / 2**20})})
     return rows
 
@@ -143,12 +143,15 @@ def render(args, spec: list[tuple[str, str]], rows: list[dict], plot_name: str |
     yes = lambda flag: "√" if flag else "×"  # noqa: E731  (the seeds' marks)
     table = [[f"{args.classes:,}", args.backbone, f"{r['batch']} x {args.world_size}", yes(r["precision"] == "fp16"),
               yes(r["precision"] == "bf16"), yes(r["precision"] == "tf32"), yes(r["sample_rate"] < 1.0),
-              f"~{r['samples_per_s']:,.0f}" if "samples_per_s" in r else "not measured"] for r in rows]
+              f"~{r['samples_per_s']:,.0f}" if "samples_per_s" in r else "failed (below)"]
+             for r in rows if "not_measured" not in r]  # precisions this machine lacks: listed below
     measured = {(r["batch"], r["precision"], r["sample_rate"]): r["samples_per_s"] for r in rows if "samples_per_s" in r}
     ratios = [[f"{b} x {args.world_size}", prec, f"{measured[(b, prec, args.sample_rate)] / measured[(b, prec, 1.0)]:.2f}"]
               for prec in args.precisions for b in args.batch_sizes
               if (b, prec, 1.0) in measured and (b, prec, args.sample_rate) in measured]
-    skipped = sorted({(r["precision"], r["not_measured"]) for r in rows if "not_measured" in r})
+    skipped = sorted({f"{r['precision']}: {r['not_measured']}" for r in rows if "not_measured" in r})
+    skipped += [f"{r['precision']}, batch {r['batch']} x {args.world_size}, sample rate {r['sample_rate']:g}: "
+                f"failed: {r['error']}" for r in rows if "error" in r]
     lines = [f"# Training performance report: {spec[2][1] if 'none' not in spec[2][1] else spec[0][1]}", "",
              f"Written by `python -m ds_face.bench report` on {datetime.date.today().isoformat()}.", "",
              "## Test Server Spec", "", markdown_table(["Key", "Value"], [list(kv) for kv in spec]), "",
@@ -166,7 +169,7 @@ def render(args, spec: list[tuple[str, str]], rows: list[dict], plot_name: str |
         lines += ["", "Partial FC on / off, same batch and precision (same run):", "",
                   markdown_table(["Batch-size", "Precision", "Samples/s ratio"], ratios)]
     if skipped:
-        lines += ["", "Not measured:", ""] + [f"- {prec}: {why}" for prec, why in skipped]
+        lines += ["", "Not measured:", ""] + [f"- {line}" for line in skipped]
     if plot_name:
         lines += ["", f"![samples/s against batch size]({plot_name})"]
     return "\n".join(lines) + "\n"
