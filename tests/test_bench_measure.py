@@ -95,3 +95,16 @@ def test_report_bad_input(argv, message, tmp_path, capsys):
         report.main(["--out", str(tmp_path / "r.md"), *argv])
     assert err.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "r.md").exists()
+
+
+def test_speed_table_and_ratio_to_the_baseline(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    assert speed.main(["--backbone", "r_tiny", "--world-size", "2", "--micro-batch", "4", "--precision", "fp32",
+                       "--classes", "2000", "--cells", "Model parallel,Partial FC 0.1", "--steps", "1",
+                       "--warmup", "0", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    measured = json.loads(out.read_text())["measured"]["2000"]
+    rates = {cell: measured[cell]["samples_per_s"] for cell in ("Model parallel", "Partial FC 0.1")}
+    assert all(r > 0 for r in rates.values())
+    ratio_row = text.split("Each cell / Model parallel")[1].splitlines()[4]
+    assert ratio_row == f"| 2,000 | 1.00 | {rates['Partial FC 0.1'] / rates['Model parallel']:.2f} |"
