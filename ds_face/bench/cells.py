@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds_face.bench import proc_status_kb, reset_peak_rss
 from ds_face.bench.memory import parse_cell
 from ds_face.head import Margin, cosine
 
@@ -111,7 +112,9 @@ def build_step(cell: str, classes: int, setting: Setting):
         return lambda images, labels: micro_step(trainer.engine, trainer.head, trainer.head_optimizer,
                                                  {"image": images, "label": labels}).loss
     seed_everything(setting.seed)
-    model = DataParallelFC(get_backbone(setting.backbone, setting.embedding), setting.embedding, classes)
+    from deepspeed.accelerator import get_accelerator
+    with torch.device(get_accelerator().current_device_name()):  # on a GPU, not W copies of the FC in host memory
+        model = DataParallelFC(get_backbone(setting.backbone, setting.embedding), setting.embedding, classes)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_backbone_optimizer(cfg, model),
                                            config=ds_config(setting, arg))
     dtype = next(p for p in engine.module.parameters()).dtype
@@ -139,14 +142,6 @@ def unsupported(precision: str) -> str | None:
 
 
 # -- one rank ------------------------------------------------------------------------------------
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 class PeakMemory:
     """This rank's peak memory above the moment ``start()`` was called (see the module docstring)."""
 
@@ -157,9 +152,10 @@ class PeakMemory:
 
     def start(self) -> None:
         if self.on_cpu:
-            self.baseline = _status_kb("VmRSS") * 1024
-            with open("/proc/self/clear_refs", "w") as f:  # Linux >= 4.0: VmHWM := VmRSS
-                f.write("5")
+            self.baseline = proc_status_kb("VmRSS") * 1024
+            if not reset_peak_rss():
+                raise RuntimeError("cannot reset the peak resident set (/proc/self/clear_refs needs Linux >= 4.0): "
+                                   "the measured peak would include start-up")
         else:
             self.accelerator.synchronize()
             self.baseline = self.accelerator.memory_allocated()
@@ -167,7 +163,7 @@ class PeakMemory:
 
     def peak_bytes(self) -> int:
         if self.on_cpu:
-            return _status_kb("VmHWM") * 1024 - self.baseline
+            return proc_status_kb("VmHWM") * 1024 - self.baseline
         self.accelerator.synchronize()
         return self.accelerator.max_memory_allocated() - self.baseline
 

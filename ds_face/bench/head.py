@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from ds_face.bench import common_args, markdown_table, threads_per_rank
+from ds_face.bench import common_args, markdown_table, proc_status_kb, reset_peak_rss, threads_per_rank
 from ds_face.bench.memory import analytic_bytes
 from ds_face.dist import init
 from ds_face.fileio import write_json_atomic
@@ -42,24 +42,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ds_face.bench.head", description=__doc__.splitlines()[0])
     return common_args(p, classes=1_000_000, batch=64, steps=5, warmup=2,
                        batch_help="embeddings per rank per step").parse_args(argv)
-
-
-def proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0), so import-time peaks don't count."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def run_variant(rate: float, port: int, args: argparse.Namespace) -> dict:
