@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -41,6 +42,10 @@ TAG_PREFIX = "step_"
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, partial, corrupt or does not fit this run; the message names the file."""
+
+
+HEAD_FILE = re.compile(r"^head_rank(\d+)_of(\d+)\.pt$")
+META_KEYS = ("world_size", "num_classes", "embedding_size", "global_step", "epoch", "backbone")
 
 
 def head_file(rank: int, world_size: int) -> str:
@@ -124,14 +129,21 @@ def latest_tag(save_dir: str | Path) -> str:
 
 
 def read_meta(tag_dir: Path) -> dict:
+    """rank 0's ds_face_meta.json of a tag directory, checked (resume and export both read it here)."""
     path = tag_dir / META
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; {tag_dir} is not a complete ds_face checkpoint "
+                              f"(rank 0 writes it with every save)")
     try:
         meta = json.loads(path.read_text())
-        _ = meta["world_size"], meta["num_classes"], meta["embedding_size"], meta["global_step"], meta["epoch"]
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found; {tag_dir} is not a complete ds_face checkpoint") from None
-    except (ValueError, KeyError, TypeError) as err:
+    except (OSError, UnicodeDecodeError, ValueError) as err:
         raise CheckpointError(f"{path}: corrupt ({err})") from None
+    missing = [key for key in META_KEYS if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: corrupt (missing {', '.join(missing)})")
+    from ds_face.backbones import BACKBONES
+    if meta["backbone"] not in BACKBONES:
+        raise CheckpointError(f"{path}: unknown backbone {meta['backbone']!r} (known: {', '.join(BACKBONES)})")
     return meta
 
 
@@ -145,26 +157,51 @@ def _load_rank_file(path: Path) -> dict:
 
 
 def head_slices(tag_dir: Path, world_size: int, num_classes: int, embedding_size: int) -> list[dict]:
-    """All ranks' files of a checkpoint, checked to tile [0, num_classes) exactly with [n, D] slices."""
+    """All ranks' head files of one checkpoint, in rank order: one save's complete set (no file missing, none
+    left from a save on another world size), whose [num_local, D] slices tile [0, num_classes) exactly, no gap
+    and no overlap. Resume and export both read the head through this; every error names the files."""
+    names = sorted(p.name for p in tag_dir.iterdir() if HEAD_FILE.match(p.name))
+    worlds = sorted({int(HEAD_FILE.match(n).group(2)) for n in names} | {world_size})
+    if len(worlds) > 1:
+        raise CheckpointError(f"{tag_dir}: head files from different world sizes {worlds}: {', '.join(names)} "
+                              f"({META} says {world_size})")
+    missing = [head_file(r, world_size) for r in range(world_size) if head_file(r, world_size) not in names]
+    if missing:
+        raise CheckpointError(f"{tag_dir / missing[0]}: not found; the checkpoint is incomplete "
+                              f"(missing {', '.join(missing)})")
+    extra = [n for n in names if int(HEAD_FILE.match(n).group(1)) >= world_size]
+    if extra:
+        raise CheckpointError(f"{tag_dir}: unexpected head files {', '.join(extra)} for world size {world_size}")
     files = [tag_dir / head_file(r, world_size) for r in range(world_size)]
     slices = [_load_rank_file(path) for path in files]
-    expected_start = 0
-    for path, part in zip(files, slices):
-        rows, dim = part["weight"].shape
+    cursor, previous = 0, None
+    for rank, (path, part) in enumerate(zip(files, slices)):
+        try:
+            weight = part["weight"]
+            start, count, total = (int(part[k]) for k in ("class_start", "num_local", "num_classes"))
+            rows, dim = weight.shape
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: not a head slice (needs a 2-d 'weight' tensor and integer "
+                                  f"class_start, num_local, num_classes)") from None
         problem = None
-        if part["class_start"] != expected_start:
-            problem = f"starts at class {part['class_start']}, expected {expected_start}"
-        elif rows != part["num_local"] or dim != embedding_size:
-            problem = f"weight is {rows}x{dim}, expected {part['num_local']}x{embedding_size}"
-        elif part["num_classes"] != num_classes:
-            problem = f"was saved for {part['num_classes']} classes, the checkpoint says {num_classes}"
+        if int(part.get("rank", rank)) != rank or int(part.get("world_size", world_size)) != world_size:
+            problem = f"says rank {part.get('rank')} of {part.get('world_size')}, not what its name says"
+        elif rows != count or dim != embedding_size:
+            problem = f"weight is {rows}x{dim}, expected {count}x{embedding_size}"
+        elif total != num_classes:
+            problem = f"was saved for {total} classes, the checkpoint says {num_classes}"
+        elif start != cursor:
+            where = f"after {previous.name} (which ends at class {cursor})" if previous else "at the start"
+            problem = (f"starts at class {start}, expected {cursor}: "
+                       f"{'a gap' if start > cursor else 'an overlap'} {where}")
         if problem:
-            raise CheckpointError(f"{path}: head slice {problem}; the slices of {tag_dir} do not add up to "
+            raise CheckpointError(f"{path}: head slice {problem}; the slices of {tag_dir} do not tile "
                                   f"{num_classes} classes (refusing to re-initialise any)")
-        expected_start += rows
-    if expected_start != num_classes:
-        raise CheckpointError(f"{tag_dir}: the {world_size} head slices hold {expected_start} classes, expected "
-                              f"{num_classes} (refusing to re-initialise any)")
+        cursor, previous = cursor + rows, path
+    if cursor != num_classes:
+        raise CheckpointError(f"{tag_dir}: the {world_size} head slices hold {cursor} classes, expected "
+                              f"{num_classes}: they end at class {cursor} ({previous.name}) "
+                              f"(refusing to re-initialise any)")
     return slices
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import re
@@ -52,10 +51,10 @@ from pathlib import Path
 
 import torch
 
+from ds_face.checkpoint import META
+
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
-META = "ds_face_meta.json"
-HEAD_FILE = re.compile(r"^head_rank(\d+)_of(\d+)\.pt$")
 ONNX_OPSET = 18  # the lowest opset the dynamo exporter implements natively in torch 2.13
 ONNX_CHECK_BATCHES = (4, 3)  # two sizes: proves the batch axis is really dynamic
 IMAGE = (3, 112, 112)
@@ -118,20 +117,13 @@ def resolve_tag_dir(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Path
 
 
 def read_meta(tag_dir: Path) -> dict:
-    path = tag_dir / META
-    if not path.is_file():
-        raise ExportError(f"{path} is missing: not a complete ds_face checkpoint (rank 0 writes it with every save)")
+    """ds_face_meta.json, checked where resume checks it (ds_face.checkpoint)."""
+    from ds_face.checkpoint import CheckpointError
+    from ds_face.checkpoint import read_meta as checked
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ExportError(f"{path}: cannot read it as JSON: {err}") from None
-    missing = [k for k in ("backbone", "embedding_size") if not isinstance(meta, dict) or k not in meta]
-    if missing:
-        raise ExportError(f"{path}: missing {', '.join(missing)}")
-    from ds_face.backbones import BACKBONES
-    if meta["backbone"] not in BACKBONES:
-        raise ExportError(f"{path}: unknown backbone {meta['backbone']!r} (known: {', '.join(BACKBONES)})")
-    return meta
+        return checked(tag_dir)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
 
 
 def _check_torch_file(path: Path) -> None:
@@ -295,72 +287,17 @@ def _check_against(state: dict, ref_state: dict, meta: dict, tag_dir: Path) -> N
 def gather_head(ckpt_dir: str | os.PathLike, tag: str | None = None, meta: dict | None = None) -> torch.Tensor:
     """The full [num_classes, D] fp32 centre matrix from all ranks' ``head_rank{r}_of{W}.pt``.
 
-    Fails, naming the files, unless the shards are one checkpoint's complete set and their
-    class ranges tile ``[0, num_classes)`` exactly (no gap, no overlap).
+    Fails, naming the files, unless the shards are one checkpoint's complete set and their class ranges
+    tile ``[0, num_classes)`` exactly (``ds_face.checkpoint.head_slices``, the check resume makes).
     """
+    from ds_face.checkpoint import CheckpointError, head_slices
     tag_dir = resolve_tag_dir(ckpt_dir, tag)
     meta = meta if meta is not None else read_meta(tag_dir)
-    found = {}
-    for path in tag_dir.iterdir():
-        match = HEAD_FILE.match(path.name)
-        if match:
-            found[path] = (int(match.group(1)), int(match.group(2)))
-    if not found:
-        raise ExportError(f"{tag_dir}: no head shards (head_rank<r>_of<W>.pt)")
-    sizes = sorted({w for _, w in found.values()})
-    if len(sizes) > 1:
-        raise ExportError(f"{tag_dir}: head shards from different world sizes {sizes}: "
-                          + ", ".join(sorted(p.name for p in found)))
-    world = sizes[0]
-    if "world_size" in meta and int(meta["world_size"]) != world:
-        raise ExportError(f"{tag_dir}: head shards are *_of{world}.pt but {META} says world size {meta['world_size']}")
-    missing = [f"head_rank{r}_of{world}.pt" for r in range(world) if (r, world) not in found.values()]
-    extra = sorted(p.name for p, (r, _) in found.items() if r >= world)
-    if missing or extra:
-        raise ExportError(f"{tag_dir}: incomplete head: missing {', '.join(missing) or 'none'}"
-                          + (f"; unexpected {', '.join(extra)}" if extra else ""))
-
-    shards = []
-    for path in sorted(found, key=lambda p: found[p][0]):
-        shard = _load(path)
-        if not isinstance(shard, dict) or not isinstance(shard.get("weight"), torch.Tensor):
-            raise ExportError(f"{path}: not a head shard (no 'weight' tensor)")
-        try:
-            start, count, total = (int(shard[k]) for k in ("class_start", "num_local", "num_classes"))
-        except (KeyError, TypeError, ValueError):
-            raise ExportError(f"{path}: needs integer class_start, num_local and num_classes") from None
-        weight = shard["weight"]
-        if weight.dim() != 2 or weight.shape[0] != count:
-            raise ExportError(f"{path}: weight is {list(weight.shape)} but num_local is {count}")
-        if int(shard.get("rank", found[path][0])) != found[path][0] or \
-                int(shard.get("world_size", world)) != world:
-            raise ExportError(f"{path}: says rank {shard.get('rank')} of {shard.get('world_size')}, "
-                              f"not what its name says")
-        shards.append((start, count, total, weight, path))
-
-    totals = {total for _, _, total, _, _ in shards}
-    expected = int(meta.get("num_classes", next(iter(totals))))
-    if totals != {expected}:
-        raise ExportError(f"{tag_dir}: head shards disagree on num_classes ({sorted(totals)}; {META}: "
-                          f"{meta.get('num_classes')}): " + ", ".join(p.name for *_, p in shards))
-    dims = {w.shape[1] for *_, w, _ in shards}
-    if dims != {int(meta["embedding_size"])}:
-        raise ExportError(f"{tag_dir}: head shards have embedding size {sorted(dims)}, {META} says "
-                          f"{meta['embedding_size']}")
-    shards.sort(key=lambda s: (s[0], s[4].name))
-    cursor, previous = 0, None
-    for start, count, _, _, path in shards:
-        if start != cursor:
-            what = "gap" if start > cursor else "overlap"
-            after = f"after {previous.name} (ends at class {cursor})" if previous else "at the start"
-            raise ExportError(f"head shards do not tile the {expected} classes: {what} {after}: {path.name} "
-                              f"starts at class {start}; files: "
-                              + ", ".join(str(p) for *_, p in shards))
-        cursor, previous = start + count, path
-    if cursor != expected:
-        raise ExportError(f"head shards do not tile the {expected} classes: they end at class {cursor} "
-                          f"({previous.name}); files: " + ", ".join(str(p) for *_, p in shards))
-    return torch.cat([w.detach().float() for *_, w, _ in shards]).contiguous()
+    try:
+        slices = head_slices(tag_dir, int(meta["world_size"]), int(meta["num_classes"]), int(meta["embedding_size"]))
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+    return torch.cat([s["weight"].detach().float() for s in slices]).contiguous()
 
 
 # -- ONNX -------------------------------------------------------------------------------------------

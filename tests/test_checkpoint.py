@@ -146,11 +146,11 @@ def test_head_slices_that_do_not_add_up_fail_loudly(saved_checkpoint, tmp_path):
     part = torch.load(tag_dir / head_file(1, 2), weights_only=True)
     part["weight"], part["num_local"] = part["weight"][:-2], part["num_local"] - 2
     torch.save(part, tag_dir / head_file(1, 2))
-    with pytest.raises(CheckpointError, match=r"the 2 head slices hold 48 classes, expected 50 \(refusing"):
+    with pytest.raises(CheckpointError, match=r"the 2 head slices hold 48 classes, expected 50: they end at class 48 "):
         head_slices(tag_dir, 2, CLASSES, EMBEDDING)
     part["class_start"] = 20
     torch.save(part, tag_dir / head_file(1, 2))
-    with pytest.raises(CheckpointError, match=r"head_rank1_of2.pt: head slice starts at class 20, expected 25"):
+    with pytest.raises(CheckpointError, match=r"head_rank1_of2.pt: head slice starts at class 20, expected 25: an overlap after head_rank0_of2.pt"):
         head_slices(tag_dir, 2, CLASSES, EMBEDDING)
 
 

@@ -199,7 +199,7 @@ def _edit_shard(path, **changes):
 
 @pytest.mark.parametrize("damage,expect", [
     ("missing", r"missing head_rank1_of2\.pt"),
-    ("overlap", r"overlap after head_rank0_of2\.pt .*head_rank1_of2\.pt starts at class 5"),
+    ("overlap", r"head_rank1_of2\.pt: head slice starts at class 5, expected 6: an overlap after head_rank0_of2\.pt"),
     ("short", r"end at class 10 \(head_rank1_of2\.pt\)"),
     ("stale", r"different world sizes \[2, 3\]: .*head_rank0_of3\.pt"),
 ])
@@ -244,7 +244,7 @@ BAD = {
                              r"step_1/mp_rank_00_model_states\.pt is not a readable torch file"),
     "corrupt optimizer shard": (lambda d: _garble(next((d / TAG).glob("*optim_states.pt"))) or d,
                                 r"step_1/zero_pp_rank_0_mp_rank_00_optim_states\.pt is not a readable torch file"),
-    "missing meta": (lambda d: (d / TAG / "ds_face_meta.json").unlink() or d, r"step_1/ds_face_meta\.json is missing"),
+    "missing meta": (lambda d: (d / TAG / "ds_face_meta.json").unlink() or d, r"step_1/ds_face_meta\.json: not found; .* is not a complete ds_face checkpoint"),
 }
 
 
