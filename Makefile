@@ -36,7 +36,7 @@ bench-engine: setup
 # measured memory per rank (and samples/s): FC inside ZeRO 0-3 vs model parallel vs Partial FC; ~15 min on 2 cores
 bench-memory: setup
 	$(PY) -m ds_face.bench memory --backbone r_tiny --world-size 2 --micro-batch 32 --precision fp32 \
-	    --classes 200000,500000,1000000 --device-memory 3GB --overhead-mb 0 --measure
+	    --classes 200000,500000,1000000 --device-memory 3GB --overhead-mb 0 --measure --plot reports/memory-cpu-2ranks.png
 
 # a training-speed report for this machine (markdown + PNG) under reports/; ~3 min on 2 cores
 bench-report: setup

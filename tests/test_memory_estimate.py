@@ -208,3 +208,10 @@ def test_module_entry_point():
     bad = subprocess.run([sys.executable, "-m", "ds_face.bench", "latency"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "error: unknown command 'latency'" in bad.stderr
+
+
+def test_plot_writes_a_png(capsys, tmp_path):
+    png = tmp_path / "m.png"
+    code, _ = run_cli(capsys, "--backbone", "r_tiny", "--classes", "1000,100000", "--world-size", "2",
+                      "--device-memory", "1GB", "--plot", str(png))
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

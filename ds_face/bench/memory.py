@@ -2,7 +2,8 @@
 
     python -m ds_face.bench memory --backbone r50 --classes 125000,1400000,5500000,29000000 \\
         --world-size 8 --micro-batch 128 --precision fp16 --device-memory 32GB [--sample-rates 0.1,0.2] \\
-        [--optimizer sgd] [--zero-stage 0] [--breakdown] [--json out.json] [--compare-seed] [--measure]
+        [--optimizer sgd] [--zero-stage 0] [--breakdown] [--json out.json] [--plot out.png] [--compare-seed] \\
+        [--measure [--steps 3 --warmup 1]] [--cells 'DP ZeRO-0,Model parallel,Partial FC 0.1']
 
 Without ``--measure`` nothing is allocated: the figures are formulas (below) evaluated on the meta
 device. Rows are class counts C; columns are cells; each cell is the estimated MiB per device, '-' where it exceeds
@@ -379,6 +380,8 @@ def build_parser(prog: str = "python -m ds_face.bench memory", description: str 
     p.add_argument("--breakdown", action="store_true", help="also print each cell's components (MiB)")
     p.add_argument("--compare-seed", action="store_true", help="also print the estimator beside seeds/003 table 2")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON (bytes)")
+    p.add_argument("--plot", metavar="PATH.png", help="also draw MiB per device against classes, a line per cell, "
+                                                      "the budget dashed (measured figures as dots)")
     if measure_flag:
         p.add_argument("--measure", action="store_true",
                        help="also run a few real training steps per cell on --world-size fresh local ranks "
@@ -492,6 +495,38 @@ def cell_notes(measured: dict) -> str:
                       if "skipped" in m or "error" in m)
 
 
+def plot(path: str, estimates: dict, device_bytes: int | None, title: str, measured: dict | None = None) -> None:
+    """MiB per device against the class count (log scale), a line per cell; written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display
+    import matplotlib.pyplot as plt
+
+    from ds_face.fileio import write_atomic
+    classes = list(estimates)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for cell in estimates[classes[0]]:
+        line, = ax.plot(classes, [estimates[c][cell]["total_bytes"] / MiB for c in classes], marker=".",
+                        label=f"{cell} (estimated)")
+        if measured:
+            points = [(c, measured[c][cell]["peak_bytes"] / MiB) for c in classes if "peak_bytes" in measured[c][cell]]
+            if points:
+                ax.plot(*zip(*points), "o", color=line.get_color(), label=f"{cell} (measured)")
+    if device_bytes:
+        ax.axhline(device_bytes / MiB, color="black", linestyle="--", linewidth=1,
+                   label=f"budget {device_bytes / MiB:,.0f} MiB")
+        highest = max(r["total_bytes"] for per in estimates.values() for r in per.values()) / MiB
+        ax.set_ylim(0, min(highest, 3 * device_bytes / MiB) * 1.05)  # the budget region, not 300 GB at 29M classes
+    ax.set_xscale("log")
+    ax.set_xlabel("classes")
+    ax.set_ylabel("MiB per device")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
@@ -545,6 +580,13 @@ def main(argv=None) -> int:
     if args.json:
         from ds_face.fileio import write_json_atomic
         write_json_atomic(args.json, out)
+    if args.plot:
+        title = (f"{args.backbone}, {args.world_size} ranks x micro-batch {args.micro_batch}, {args.precision}, "
+                 f"{args.optimizer}")
+        if args.measure:  # the estimates the measurement is compared with (no overhead, measured activations)
+            plot(args.plot, estimates, device, title + " (measured and estimated)", measured)
+        else:
+            plot(args.plot, results, device, title + " (estimated)")
     return 0
 
 
