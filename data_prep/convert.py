@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from data_prep.recordio import RecordIOError
 from ds_face import __version__
-from ds_face.fileio import PARTIAL, fsync_dir, write_atomic, write_json_atomic
+from ds_face.fileio import PARTIAL, fsync_path, write_atomic, write_json_atomic
 from ds_face.data.shards import (
     MANIFEST, ROWS_PER_RECORD_BATCH, SCHEMA, Manifest, ShardInfo, read_manifest, rows_per_shard, sha256_of,
     shard_name,
@@ -409,7 +409,7 @@ def convert(source: Source, out: str | os.PathLike, *, num_shards: int | None = 
         raise
     for name, what in source.carried.items():
         write_atomic(out / name, what if isinstance(what, bytes) else Path(what).read_bytes())
-    fsync_dir(out)  # every shard rename is on disk before the manifest names them
+    fsync_path(out)  # every shard rename is on disk before the manifest names them
     manifest = Manifest(num_samples=n, num_classes=source.num_classes, shards=shards, image_size=source.image_size,
                         sources=[{"file": f["file"], "bytes": f["bytes"]} for f in source.files],
                         carried=sorted(source.carried), converter=plan["converter"],

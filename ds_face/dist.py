@@ -130,7 +130,6 @@ def exit_without_teardown(code: int) -> None:
     an active exception", SIGABRT) on a loaded machine, turning a finished run into a failed one for the
     launcher. Logs and streams are flushed first."""
     import logging
-    import os
     import sys
     logging.shutdown()
     sys.stdout.flush()

@@ -13,15 +13,8 @@ from typing import Any, Callable
 PARTIAL = ".partial"
 
 
-def fsync_dir(directory: str | os.PathLike) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file's data, or a directory's entries (after a rename in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -39,10 +32,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[Path], None], 
     else:
         tmp.write_bytes(data)
     if durable:
-        _fsync_file(tmp)
+        fsync_path(tmp)
     os.replace(tmp, path)
     if durable:
-        fsync_dir(path.parent)
+        fsync_path(path.parent)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, durable: bool = True) -> None:

@@ -22,7 +22,6 @@ import argparse
 import concurrent.futures
 import multiprocessing
 import os
-import socket
 import statistics
 import time
 
@@ -32,6 +31,7 @@ from ds_face.bench import common_args, markdown_table, proc_status_kb, reset_pea
 from ds_face.bench.memory import analytic_bytes
 from ds_face.dist import init
 from ds_face.fileio import write_json_atomic
+from ds_face.spawn import free_port
 
 # seeds/003, 8x V100, 1M identities, whole training step (r50 + head): Partial FC 0.1 / model parallel.
 SEED_V100_1M = {"speed": 4803 / 3449, "time": 3449 / 4803, "memory": 5620 / 9966}
@@ -73,12 +73,6 @@ def run_variant(rate: float, port: int, args: argparse.Namespace) -> dict:
                 "peak_reset": reset, "analytic": analytic_bytes(head, args.batch)}
     finally:
         torch.distributed.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def summarize(per_rank: list[dict], batch: int) -> dict:
