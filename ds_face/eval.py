@@ -219,6 +219,8 @@ def embed_flip(model, images: np.ndarray, batch_size: int = 128, device=None,
     follows the model's parameters (fp16/bf16 engines). ``deadline`` (time.monotonic()) aborts with
     EvalTimeout between batches."""
     import torch
+
+    from ds_face.data.arrow import normalize  # the training input's normalisation: one place for both
     first = next(model.parameters())
     device = torch.device(device) if device is not None else first.device
     dtype = first.dtype if first.is_floating_point() else torch.float32
@@ -231,7 +233,7 @@ def embed_flip(model, images: np.ndarray, batch_size: int = 128, device=None,
                 if deadline is not None and time.monotonic() > deadline:
                     raise EvalTimeout(f"stopped after {start} of {len(images)} images")
                 batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
-                x = batch.to(device).permute(0, 3, 1, 2).to(torch.float32).div_(255).sub_(0.5).div_(0.5)
+                x = normalize(batch.to(device))
                 for k, inp in enumerate((x, torch.flip(x, dims=[3]))):
                     outs[k].append(model(inp.to(dtype)).float().cpu().numpy())
     finally:
