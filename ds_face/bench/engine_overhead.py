@@ -22,7 +22,7 @@ import time
 import torch
 
 from ds_face.bench import common_args, markdown_table, threads_per_rank
-from ds_face.dist import init
+from ds_face.dist import exit_without_teardown, init, shutdown
 from ds_face.fileio import write_json_atomic
 
 
@@ -141,9 +141,9 @@ def main(argv=None) -> int:
                               "samples/s", "mean / DDP", "median / DDP", f"loss at step {total}"], rows), flush=True)
         if args.json:
             write_json_atomic(args.json, results)
-    torch.distributed.destroy_process_group()
+    shutdown()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_without_teardown(main())  # as ds_face.train: no interpreter teardown racing gloo's threads

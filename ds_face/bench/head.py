@@ -29,7 +29,7 @@ import torch
 
 from ds_face.bench import common_args, markdown_table, proc_status_kb, reset_peak_rss, threads_per_rank
 from ds_face.bench.memory import analytic_bytes
-from ds_face.dist import init
+from ds_face.dist import exit_without_teardown, init, shutdown
 from ds_face.fileio import write_json_atomic
 from ds_face.spawn import free_port
 
@@ -130,9 +130,9 @@ def main(argv=None) -> int:
         print(report(results, args), flush=True)
         if args.json:
             write_json_atomic(args.json, results)
-    torch.distributed.destroy_process_group()
+    shutdown()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_without_teardown(main())  # as ds_face.train: no interpreter teardown racing gloo's threads
