@@ -4,30 +4,34 @@
       latest                           tag of the newest COMPLETE checkpoint; replaced atomically, last of all
       step_300/
         mp_rank_00_model_states.pt ... DeepSpeed: backbone and its (ZeRO-partitioned) optimizer
-        head_rank0_of2.pt ...          one per rank: head slice, head optimizer rows, LR schedule, data position,
-                                       RNG states (DeepSpeed's client_state is written by one rank only)
-        ds_face_meta.json              rank 0: step, epoch, world size, classes, embedding size, backbone, config
+        backbone_full.pt               rank 0: the backbone's fp32 masters + optimizer state, gathered
+                                       (ds_face.zero_state), for a resume on another world size
+        head_rank0_of2.pt ...          one per rank: head slice, head optimizer rows, and the state of the
+                                       other components (data identity, position, RNG, BatchNorm buffers)
+        ds_face_meta.json              rank 0: step, samples seen, batch layout, classes, backbone, config
 
-A save writes everything into the tag directory, agrees across ranks that every write succeeded, and only
-then moves `latest`: a crash or a failed write mid-save leaves the previous checkpoint in charge.
+The checkpointer is handed the run's stateful parts and knows nothing else of the trainer:
 
-Resuming on another world size re-shards the head exactly: the slices are checked to tile [0, num_classes)
-(never silently re-initialised, deepinsight/insightface#1758) and every rank takes its new rows, optimizer
-state included. The backbone's weights always load; its optimizer state loads when DeepSpeed can map it to
-the new world size (ZeRO stage 0: not partitioned), and is otherwise reset with a warning: DeepSpeed 0.19.8's
-universal-checkpoint converter handles Adam states only and fails on SGD momentum.
+* the DeepSpeed **engine** (backbone + its optimizer): DeepSpeed's own files, plus ``backbone_full.pt``;
+* **sharded** parts (the Partial FC head and its optimizer): ``shard_state()`` holds this rank's class
+  range; ``load_shards(all ranks' states)`` takes the rows of the new range, on any world size;
+* **replicated** parts (the run's position, the data's identity): ``state_dict()``/``load_state_dict()``,
+  the same on every rank, read back from rank 0's file;
+* **per-rank** parts (RNG streams, BatchNorm running stats): after a resize, new rank r takes old rank
+  r mod W_old's, so the run stays deterministic given its seed.
+
+A save first clears the leftovers of an earlier interrupted save of the same step (never the checkpoint
+`latest` names), writes everything, agrees across ranks that every write succeeded, and only then moves
+`latest`: a crash or a failed write mid-save leaves the previous checkpoint in charge.
 """
 from __future__ import annotations
 
 import json
 import logging
-import random
 import re
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ds_face.dist import any_rank
@@ -37,7 +41,9 @@ log = logging.getLogger("ds_face")
 LATEST = "latest"
 SAVE_DIR = "checkpoints"  # inside output.dir
 META = "ds_face_meta.json"
+BACKBONE_FULL = "backbone_full.pt"
 TAG_PREFIX = "step_"
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
 
 class CheckpointError(ValueError):
@@ -45,76 +51,149 @@ class CheckpointError(ValueError):
 
 
 HEAD_FILE = re.compile(r"^head_rank(\d+)_of(\d+)\.pt$")
-META_KEYS = ("world_size", "num_classes", "embedding_size", "global_step", "epoch", "backbone")
+META_KEYS = ("world_size", "num_classes", "embedding_size", "global_step", "epoch", "backbone", "samples_seen",
+             "micro_batch", "accumulation")
 
 
 def head_file(rank: int, world_size: int) -> str:
     return f"head_rank{rank}_of{world_size}.pt"
 
 
-# -- saving ------------------------------------------------------------------------------------------------
+class Checkpointer:
+    """Save and restore one run's state: ``save(step, meta)`` and ``load()``, both collective."""
 
-def rank_state(trainer) -> dict:
-    """What this rank alone knows: its head slice and optimizer rows, data position, RNG streams."""
-    from deepspeed.accelerator import get_accelerator
-    head = trainer.head
-    np_state = np.random.get_state()
-    return {
-        "rank": head.rank, "world_size": head.world_size, "num_classes": head.num_classes,
-        "class_start": head.class_start, "num_local": head.num_local, "embedding_size": head.embedding_size,
-        "weight": head.weight.detach().cpu(),
-        "optimizer": {**trainer.head_optimizer.state_dict(),
-                      "state": {k: v.cpu() for k, v in trainer.head_optimizer.state.items()}},
-        "sampler": head.sampler.get_state(),
-        # DeepSpeed saves rank 0's module; BatchNorm running stats differ per rank (nothing syncs them)
-        "buffers": {name: buf.detach().cpu() for name, buf in trainer.engine.module.named_buffers()},
-        "lr_scheduler": trainer.engine.lr_scheduler.state_dict(),
-        "data": trainer.loader.state_dict(),
-        "global_step": trainer.global_step, "epoch": trainer.epoch,
-        "rng": {"torch": torch.get_rng_state(), "accelerator": get_accelerator().get_rng_state(),
-                "python": random.getstate(),
-                "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]]},
-    }
+    def __init__(self, save_dir: str | Path, keep_last: int, engine, sharded: dict, replicated: dict,
+                 per_rank: dict, rank: int, world_size: int):
+        self.save_dir, self.keep_last = Path(save_dir), keep_last
+        self.engine, self.sharded, self.replicated, self.per_rank = engine, sharded, replicated, per_rank
+        self.rank, self.world_size = rank, world_size
+        self.device = engine.device
+
+    # -- saving --------------------------------------------------------------------------------------------
+    def save(self, step: int, meta: dict) -> str:
+        """Collective: every rank calls it at the same optimizer step. ``meta``: rank 0's ds_face_meta.json
+        (step, layout, config...). Returns the tag."""
+        tag = f"{TAG_PREFIX}{step}"
+        tag_dir = self.save_dir / tag
+        if self.rank == 0:
+            self._clear_leftovers(tag_dir)
+        torch.distributed.barrier()  # nobody writes into the directory before it is clean
+        self.engine.save_checkpoint(str(self.save_dir), tag=tag, save_latest=False)
+        from ds_face.zero_state import full_state
+        backbone = full_state(self.engine, keep=self.rank == 0)  # collective: gathers every rank's partition
+        error = None
+        try:
+            state = {"rank": self.rank, "world_size": self.world_size, **self.sharded["head"].shard_state(),
+                     "sharded": {name: part.shard_state() for name, part in self.sharded.items() if name != "head"},
+                     "replicated": {name: part.state_dict() for name, part in self.replicated.items()},
+                     "per_rank": {name: part.state_dict() for name, part in self.per_rank.items()}}
+            write_atomic(tag_dir / head_file(self.rank, self.world_size), lambda p: torch.save(state, p))
+            if self.rank == 0:
+                if backbone is not None:
+                    backbone["engine_counters"] = {name: int(getattr(self.engine, name)) for name in ENGINE_COUNTERS}
+                    write_atomic(tag_dir / BACKBONE_FULL, lambda p: torch.save(backbone, p))
+                write_json_atomic(tag_dir / META, {"tag": tag, "global_step": step, "world_size": self.world_size,
+                                                   **meta})
+        except OSError as err:
+            error = err
+        if any_rank(error is not None, self.device):  # every rank learns that the save failed
+            raise CheckpointError(f"{tag_dir}: checkpoint not saved"
+                                  + (f" (rank {self.rank}: {error})" if error else " (another rank failed to write)")
+                                  + f"; {self.save_dir / LATEST} still names the previous one")
+        torch.distributed.barrier()  # every rank's files are in place before `latest` names them
+        if self.rank == 0:
+            write_atomic(self.save_dir / LATEST, tag.encode())
+            self._prune(keep=tag)
+        torch.distributed.barrier()
+        return tag
+
+    def _clear_leftovers(self, tag_dir: Path) -> None:
+        """A directory for this step from a save that never completed (a crash, maybe on another world size):
+        start from nothing, so that one checkpoint never mixes two saves' files."""
+        latest = self.save_dir / LATEST
+        if tag_dir.exists() and not (latest.is_file() and latest.read_text().strip() == tag_dir.name):
+            log.warning(f"{tag_dir}: left by an interrupted save; removing it before saving this step again")
+            shutil.rmtree(tag_dir)
+
+    def _prune(self, keep: str) -> None:
+        tags = sorted((p for p in self.save_dir.glob(f"{TAG_PREFIX}*")
+                       if p.is_dir() and p.name[len(TAG_PREFIX):].isdigit()),
+                      key=lambda p: int(p.name[len(TAG_PREFIX):]))
+        for old in tags[:-self.keep_last] if self.keep_last > 0 else []:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # -- loading -------------------------------------------------------------------------------------------
+    def load(self, cfg) -> dict:
+        """Collective: restore the latest complete checkpoint into freshly built components, on any world size.
+        Returns its ds_face_meta.json."""
+        error = None
+        try:  # every file checked before DeepSpeed's collectives, and every rank told if one rank failed
+            tag = latest_tag(self.save_dir)
+            tag_dir = self.save_dir / tag
+            meta = read_meta(tag_dir)
+            check_fits(meta, cfg, tag_dir / META)
+            old_world = meta["world_size"]
+            slices = head_slices(tag_dir, old_world, meta["num_classes"], meta["embedding_size"])
+            backbone = self._read_backbone_full(tag_dir, old_world)
+        except CheckpointError as err:
+            error = err
+        if any_rank(error is not None, self.device):
+            raise error or CheckpointError(f"{self.save_dir}: another rank could not read the checkpoint")
+        self._load_backbone(tag, old_world, backbone)
+        try:
+            self.sharded["head"].load_shards(slices)
+            for name, part in self.sharded.items():
+                if name != "head":
+                    part.load_shards([s["sharded"][name] for s in slices])
+            for name, part in self.replicated.items():
+                part.load_state_dict(slices[0]["replicated"][name])
+            mine = slices[self.rank % old_world]  # after a resize: old rank r mod W_old's streams
+            for name, part in self.per_rank.items():
+                part.load_state_dict(mine["per_rank"][name])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{tag_dir}: a component's state does not load ({type(err).__name__}: {err})") \
+                from None
+        log.info(f"resumed from {tag_dir} (step {meta['global_step']}, {meta['samples_seen']} samples seen, "
+                 f"saved on {old_world} rank(s), now {self.world_size})")
+        return meta
+
+    def _read_backbone_full(self, tag_dir: Path, old_world: int):
+        if old_world == self.world_size:
+            return None  # DeepSpeed's own files fit
+        from ds_face.zero_state import is_partitioned
+        if not is_partitioned(self.engine):
+            return None  # stage 0 (fp32/fp16): DeepSpeed's files are the same for every world size
+        path = tag_dir / BACKBONE_FULL
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not found; this checkpoint was saved on {old_world} rank(s) by an engine "
+                                  f"whose state is not partitioned (ZeRO stage 0?), and this run partitions it: "
+                                  f"resume with the ZeRO stage it was saved with")
+        state = _load_rank_file(path)
+        if not isinstance(state, dict) or not isinstance(state.get("params"), dict):
+            raise CheckpointError(f"{path}: corrupt (no per-parameter state)")
+        return state
+
+    def _load_backbone(self, tag: str, old_world: int, backbone: dict | None) -> None:
+        engine = self.engine
+        if backbone is None:
+            path, _ = engine.load_checkpoint(str(self.save_dir), tag=tag, load_module_strict=True,
+                                             load_optimizer_states=True, load_lr_scheduler_states=False)
+            if path is None:
+                raise CheckpointError(f"{self.save_dir / tag}: DeepSpeed found no model states to load")
+            return
+        from ds_face.zero_state import load_full_state
+        try:
+            load_full_state(engine, backbone)
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{self.save_dir / tag / BACKBONE_FULL}: does not fit this backbone ({err})") \
+                from None
+        counters = backbone.get("engine_counters", {})  # what DeepSpeed's load_checkpoint would restore
+        for name in ENGINE_COUNTERS:
+            setattr(engine, name, int(counters.get(name, 0)))
 
 
-def save(trainer, save_dir: str | Path, keep_last: int) -> str:
-    """Collective: every rank calls it at the same optimizer step. Returns the tag."""
-    save_dir = Path(save_dir)
-    tag = f"{TAG_PREFIX}{trainer.global_step}"
-    rank, world = trainer.head.rank, trainer.head.world_size
-    trainer.engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
-    error = None
-    try:
-        state = rank_state(trainer)
-        write_atomic(save_dir / tag / head_file(rank, world), lambda p: torch.save(state, p))
-        if rank == 0:
-            meta = {"tag": tag, "global_step": trainer.global_step, "epoch": trainer.epoch, "world_size": world,
-                    "num_classes": trainer.head.num_classes, "embedding_size": trainer.head.embedding_size,
-                    "backbone": trainer.cfg.model.backbone, "config": asdict(trainer.cfg)}
-            write_json_atomic(save_dir / tag / META, meta)
-    except OSError as err:
-        error = err
-    if any_rank(error is not None, trainer.head.weight.device):  # every rank learns that the save failed
-        raise CheckpointError(f"{save_dir / tag}: checkpoint not saved"
-                              + (f" (rank {rank}: {error})" if error else " (another rank failed to write)")
-                              + f"; {save_dir / LATEST} still names the previous one")
-    torch.distributed.barrier()  # every rank's files are in place before `latest` names them
-    if rank == 0:
-        write_atomic(save_dir / LATEST, tag.encode())
-        _prune(save_dir, keep_last, keep=tag)
-    torch.distributed.barrier()
-    return tag
-
-
-def _prune(save_dir: Path, keep_last: int, keep: str) -> None:
-    tags = sorted((p for p in save_dir.glob(f"{TAG_PREFIX}*") if p.is_dir() and p.name[len(TAG_PREFIX):].isdigit()),
-                  key=lambda p: int(p.name[len(TAG_PREFIX):]))
-    for old in tags[:-keep_last] if keep_last > 0 else []:
-        if old.name != keep:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-# -- loading -----------------------------------------------------------------------------------------------
+# -- reading: resume and export both use these ---------------------------------------------------------------
 
 def latest_tag(save_dir: str | Path) -> str:
     path = Path(save_dir) / LATEST
@@ -161,6 +240,13 @@ def head_slices(tag_dir: Path, world_size: int, num_classes: int, embedding_size
     left from a save on another world size), whose [num_local, D] slices tile [0, num_classes) exactly, no gap
     and no overlap. Resume and export both read the head through this; every error names the files."""
     names = sorted(p.name for p in tag_dir.iterdir() if HEAD_FILE.match(p.name))
+    if not isinstance(world_size, int) or world_size < 1:
+        raise CheckpointError(f"{tag_dir / META}: corrupt (world_size {world_size!r})")
+    if world_size > len(names):  # bounded by the files that are there: never loop over a count from a file
+        first = next(r for r in range(len(names) + 1) if head_file(r, world_size) not in names)
+        raise CheckpointError(f"{tag_dir / head_file(first, world_size)}: not found; the checkpoint is incomplete "
+                              f"(missing {head_file(first, world_size)}; {len(names)} head file(s) for world size "
+                              f"{world_size})")
     worlds = sorted({int(HEAD_FILE.match(n).group(2)) for n in names} | {world_size})
     if len(worlds) > 1:
         raise CheckpointError(f"{tag_dir}: head files from different world sizes {worlds}: {', '.join(names)} "
@@ -205,17 +291,6 @@ def head_slices(tag_dir: Path, world_size: int, num_classes: int, embedding_size
     return slices
 
 
-def _rows(slices: list[dict], get, start: int, count: int) -> torch.Tensor:
-    """Rows [start, start + count) of the class-indexed tensor `get(slice)` concatenated over the slices."""
-    parts = []
-    for part in slices:
-        lo = max(start, part["class_start"])
-        hi = min(start + count, part["class_start"] + part["num_local"])
-        if lo < hi:
-            parts.append(get(part)[lo - part["class_start"]:hi - part["class_start"]])
-    return torch.cat(parts)
-
-
 def check_fits(meta: dict, cfg, meta_path: Path) -> None:
     problems = [f"{key} is {meta[key]} in the checkpoint, {value} in the run config"
                 for key, value in (("num_classes", cfg.head.num_classes),
@@ -225,65 +300,30 @@ def check_fits(meta: dict, cfg, meta_path: Path) -> None:
         raise CheckpointError(f"{meta_path}: does not fit this run: " + "; ".join(problems))
 
 
-def load(trainer, save_dir: str | Path) -> str:
-    """Collective: restore the latest complete checkpoint into a freshly built Trainer. Returns the tag."""
-    save_dir = Path(save_dir)
-    head, opt = trainer.head, trainer.head_optimizer
-    error = None
-    try:  # every file checked before DeepSpeed's collectives, and every rank told if one rank failed
-        tag = latest_tag(save_dir)
-        tag_dir = save_dir / tag
-        meta = read_meta(tag_dir)
-        check_fits(meta, trainer.cfg, tag_dir / META)
-        old_world = meta["world_size"]
-        slices = head_slices(tag_dir, old_world, meta["num_classes"], meta["embedding_size"])
-    except CheckpointError as err:
-        error = err
-    if any_rank(error is not None, head.weight.device):
-        raise error or CheckpointError(f"{save_dir}: another rank could not read the checkpoint")
-    same_world = old_world == head.world_size
-
-    _load_backbone(trainer.engine, save_dir, tag, same_world)
-
-    mine = slices[head.rank] if same_world else slices[0]
-    with torch.no_grad():
-        head.weight.copy_(_rows(slices, lambda s: s["weight"], head.class_start, head.num_local))
-        for key, value in opt.state.items():
-            value.copy_(_rows(slices, lambda s: s["optimizer"]["state"][key], head.class_start, head.num_local))
-    opt.steps_applied, opt.steps_skipped = mine["optimizer"]["steps_applied"], mine["optimizer"]["steps_skipped"]
-    trainer.engine.lr_scheduler.load_state_dict(mine["lr_scheduler"])
-    trainer.loader.load_state_dict(mine["data"])
-    trainer.global_step, trainer.epoch = meta["global_step"], meta["epoch"]
-    if same_world:  # the run continues exactly: same sampling and random streams as without the interruption
-        from deepspeed.accelerator import get_accelerator
-        head.sampler.set_state(mine["sampler"])
-        with torch.no_grad():
-            for name, buf in trainer.engine.module.named_buffers():
-                buf.copy_(mine["buffers"][name])
-        rng = mine["rng"]
-        torch.set_rng_state(rng["torch"])
-        get_accelerator().set_rng_state(rng["accelerator"])
-        random.setstate(_tuples(rng["python"]))
-        np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy(), *rng["numpy"][2:]))
-    log.info(f"resumed from {tag_dir} (step {trainer.global_step}, epoch {trainer.epoch}, saved on {old_world} "
-             f"rank(s), now {head.world_size})")
-    return tag
 
 
-def _tuples(value):
-    """random.getstate() comes back from torch.load with lists where it had tuples."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _load_backbone(engine, save_dir: Path, tag: str, same_world: bool) -> None:
-    kwargs = dict(load_module_strict=True, load_lr_scheduler_states=False)
-    if same_world or engine.zero_optimization_stage() == 0:  # stage 0's optimizer state is not partitioned
-        path, _ = engine.load_checkpoint(str(save_dir), tag=tag, load_optimizer_states=True, **kwargs)
+def plan_resume(save_dir: str | Path, micro_batch: int, accumulation: int, world_size: int,
+                keep_global_batch: bool) -> tuple[int, str]:
+    """Before any process group starts: the gradient accumulation a resume should use, and the line that says
+    what changed. With ``keep_global_batch``, a new world size that divides the saved global batch gets the
+    accumulation that keeps it (8 -> 4 ranks: accumulation x 2), so the run's arithmetic is unchanged;
+    otherwise the DeepSpeed JSON's accumulation stands and the global batch changes (the LR schedule follows
+    samples either way)."""
+    tag_dir = Path(save_dir) / latest_tag(save_dir)
+    meta = read_meta(tag_dir)
+    old = (int(meta["world_size"]), int(meta["micro_batch"]), int(meta["accumulation"]))
+    old_global = old[0] * old[1] * old[2]
+    if keep_global_batch and old_global % (world_size * micro_batch) == 0:
+        accumulation = old_global // (world_size * micro_batch)
+    new_global = world_size * micro_batch * accumulation
+    if (world_size, micro_batch, accumulation) == old:
+        return accumulation, ""
+    if new_global == old_global:
+        kept = "global batch kept"
+    elif keep_global_batch:
+        kept = f"global batch changed: {old_global} is not a multiple of {world_size} x {micro_batch}"
     else:
-        log.warning(f"{save_dir / tag}: saved on another world size with ZeRO stage "
-                    f"{engine.zero_optimization_stage()}; loading the backbone weights only: its optimizer state "
-                    f"(momentum) starts from zero. The head is re-sharded with its optimizer state.")
-        path, _ = engine.load_checkpoint(str(save_dir), tag=tag, load_optimizer_states=False, load_module_only=True,
-                                         **kwargs)
-    if path is None:
-        raise CheckpointError(f"{save_dir / tag}: DeepSpeed found no model states to load")
+        kept = "global batch changed: checkpoint.keep_global_batch is off"
+    return accumulation, (f"resuming {tag_dir.name} with another layout: {old[0]} rank(s) x micro-batch {old[1]} x "
+                          f"accumulation {old[2]} = {old_global} -> {world_size} rank(s) x micro-batch {micro_batch} "
+                          f"x accumulation {accumulation} = {new_global} ({kept})")

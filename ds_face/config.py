@@ -71,7 +71,7 @@ class DataConfig:
     path: str = ""  # arrow: the directory written by data_prep (holds manifest.json)
     num_samples: int = 0  # synthetic only: images per epoch
     num_workers: int = 2  # arrow: DataLoader worker processes per rank (decode, flip)
-    shuffle_buffer: int = 10000  # arrow: samples per worker's shuffle buffer (x ~8 KB of JPEG each)
+    streams: int = 16  # shards read at once and mixed into every micro-batch (ds_face.data.order); fixed for a run
     flip: bool = True  # arrow: random horizontal flip
     on_corrupt: str = "skip"  # arrow: an undecodable image is counted and skipped ("skip") or stops the run
 
@@ -87,6 +87,7 @@ class OutputConfig:
 class CheckpointConfig:
     every_steps: int = 0  # also save every N optimizer steps (0: only at each epoch's end and at the finish)
     keep_last: int = 3  # complete checkpoints kept in <output.dir>/checkpoints (0: all)
+    keep_global_batch: bool = True  # on a resume with another world size, adjust accumulation to keep it
 
 
 @dataclass
@@ -182,24 +183,15 @@ def check_together(cfg: RunConfig, layout: BatchLayout, run_path: str | Path) ->
     if cfg.head.num_classes < layout.world_size:
         errors.append(f"head.num_classes ({cfg.head.num_classes}) must be >= world size ({layout.world_size}): "
                       "every rank owns at least one class centre")
-    if cfg.data.source == "synthetic" and cfg.data.num_samples < layout.per_step:
-        errors.append(f"data.num_samples ({cfg.data.num_samples}) is smaller than one optimizer step's batch "
-                      f"({layout.per_step} = micro-batch x accumulation x world size)")
+    if cfg.data.source == "synthetic" and cfg.data.num_samples * cfg.schedule.epochs < layout.per_step:
+        errors.append(f"data.num_samples ({cfg.data.num_samples}) x schedule.epochs is smaller than one optimizer "
+                      f"step's batch ({layout.per_step} = micro-batch x accumulation x world size)")
     if cfg.data.source == "arrow":
-        from ds_face.data.arrow import DataError, count_streams
         from ds_face.data.shards import read_manifest
         manifest = read_manifest(cfg.data.path)  # _check_arrow has read it once already
-        try:
-            counts = count_streams(manifest.num_samples, len(manifest.shards), layout.micro_batch,
-                                   layout.accumulation, layout.world_size, cfg.data.num_workers,
-                                   where=f"data.path {cfg.data.path}")
-        except DataError as err:
-            errors.append(str(err))
-        else:
-            if counts.steps_per_epoch < 1:
-                errors.append(f"data.path {cfg.data.path}: {manifest.num_samples} samples give each of the "
-                              f"{counts.streams} loader streams {counts.rows_per_stream} rows, less than one "
-                              f"optimizer step ({layout.per_step} samples)")
+        if manifest.num_samples * cfg.schedule.epochs < layout.per_step:
+            errors.append(f"data.path {cfg.data.path}: {cfg.schedule.epochs} epoch(s) of {manifest.num_samples} "
+                          f"samples are fewer than one optimizer step ({layout.per_step} samples)")
     if cfg.eval.sets and layout.zero_stage == 3:
         errors.append("'eval.sets' is not supported under ZeRO stage 3 (the backbone's parameters are "
                       "partitioned over the ranks, and evaluation runs on rank 0 alone); use stage 0-2, or "
@@ -300,6 +292,8 @@ def _check_run(cfg: RunConfig) -> list[str]:
         errors.append(f"'schedule.warmup_epochs' must be in [0, epochs), got {cfg.schedule.warmup_epochs}")
     if cfg.schedule.max_steps is not None and cfg.schedule.max_steps < 1:
         errors.append(f"'schedule.max_steps' must be >= 1 or null, got {cfg.schedule.max_steps}")
+    if cfg.data.streams < 1:
+        errors.append(f"'data.streams' must be >= 1, got {cfg.data.streams}")
     if cfg.data.source not in DATA_SOURCES:
         errors.append(f"'data.source' is {cfg.data.source!r}; valid: {', '.join(DATA_SOURCES)}")
     elif cfg.data.source == "synthetic" and cfg.data.num_samples < 1:
@@ -337,8 +331,6 @@ def _check_arrow(cfg: RunConfig) -> list[str]:
     errors = []
     if d.num_workers < 0:
         errors.append(f"'data.num_workers' must be >= 0, got {d.num_workers}")
-    if d.shuffle_buffer < 0:
-        errors.append(f"'data.shuffle_buffer' must be >= 0, got {d.shuffle_buffer}")
     if d.on_corrupt not in ON_CORRUPT:
         errors.append(f"'data.on_corrupt' is {d.on_corrupt!r}; valid: {', '.join(ON_CORRUPT)}")
     if not d.path:

@@ -15,14 +15,16 @@ import datetime
 import os
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
+from ds_face.checkpoint import LATEST, SAVE_DIR, CheckpointError, plan_resume
 from ds_face.config import BatchLayout, ConfigError, RunConfig, check_together, load_ds_config, load_run_config
+from ds_face.data.order import run_end
 from ds_face.progress import Progress, log, setup_logging
 
 
@@ -72,14 +74,13 @@ class MicroStep:
     applied: bool  # ... and both backbone and head took it (False if skipped or not a boundary)
 
 
-def micro_step(engine, head, head_optimizer, batch: dict) -> MicroStep:
+def micro_step(engine, head, head_optimizer, batch: dict, lr: float) -> MicroStep:
     images = batch["image"].to(engine.device, dtype=model_dtype(engine), non_blocking=True)
     labels = batch["label"].to(engine.device, non_blocking=True)
     loss = head(engine(images), labels)
     engine.backward(loss)
     boundary = engine.is_gradient_accumulation_boundary()
-    # Read before engine.step(), which may advance the schedule and change the loss scale.
-    lr, scale = engine.get_lr()[0], loss_scale(engine)
+    scale = loss_scale(engine)  # read before engine.step(), which may change the loss scale
     engine.step()
     applied = boundary and head_optimizer.step(lr, scale, engine_applied=engine.was_step_applied())
     return MicroStep(loss.detach(), boundary, applied)
@@ -102,23 +103,29 @@ def build_backbone_optimizer(cfg: RunConfig, backbone: torch.nn.Module) -> torch
 
 
 def build_loader(cfg: RunConfig, layout: BatchLayout, rank: int):
-    from ds_face.data import ArrowFaces, SyntheticFaces
+    from ds_face.data import ArrowFaces, Loader, SyntheticFaces
+    from ds_face.data.order import Layout
     d = cfg.data
     if d.source == "arrow":
-        return ArrowFaces(d.path, layout.micro_batch, layout.accumulation, rank, layout.world_size,
-                          num_workers=d.num_workers, seed=cfg.seed, shuffle_buffer=d.shuffle_buffer,
-                          flip=d.flip, on_corrupt=d.on_corrupt)
-    return SyntheticFaces(cfg.head.num_classes, cfg.data.num_samples, layout.micro_batch, layout.accumulation,
-                          rank, layout.world_size, seed=cfg.seed)
+        source = ArrowFaces(d.path, seed=cfg.seed, flip=d.flip, on_corrupt=d.on_corrupt)
+        workers = d.num_workers
+    else:
+        source, workers = SyntheticFaces(cfg.head.num_classes, d.num_samples, seed=cfg.seed), 0
+    return Loader(source, Layout(layout.micro_batch, layout.accumulation, layout.world_size, rank),
+                  streams=d.streams, seed=cfg.seed, num_workers=workers)
 
 
 class Trainer:
+    """Wiring: the engine (backbone), the head and its optimizer, the loader, the LR schedule, and the
+    checkpointer that is handed all their states. ``fit()`` is the loop."""
+
     def __init__(self, cfg: RunConfig, ds_config: dict, layout: BatchLayout, init_backbone: str | None = None):
         import deepspeed
 
         from ds_face.backbones import get_backbone
-        from ds_face.head import HeadOptimizer, Margin, PartialFC
-        from ds_face.schedule import poly_warmup_scheduler
+        from ds_face.checkpoint import SAVE_DIR, Checkpointer
+        from ds_face.head import build_head
+        from ds_face.stateful import ModuleBuffers, Position, ProcessRNG
 
         self.cfg, self.layout = cfg, layout
         self.rank = torch.distributed.get_rank()
@@ -126,11 +133,12 @@ class Trainer:
         seed_everything(cfg.seed)  # same backbone init everywhere; DeepSpeed broadcasts rank 0's anyway
 
         self.loader = build_loader(cfg, layout, self.rank)
-        if self.loader.steps_per_epoch < 1:
-            raise ConfigError(f"an epoch has no optimizer step: fewer samples than one global batch "
-                              f"({layout.per_step})")
-        self.total_steps = cfg.schedule.epochs * self.loader.steps_per_epoch
-        warmup = int(cfg.schedule.warmup_epochs * self.loader.steps_per_epoch)
+        self.epoch_size = self.loader.epoch_size
+        self.total_samples = cfg.schedule.epochs * self.epoch_size  # the run: every sample once per epoch
+        if self.total_samples < layout.per_step:
+            raise ConfigError(f"the run has no optimizer step: {cfg.schedule.epochs} epoch(s) of {self.epoch_size} "
+                              f"samples are fewer than one global batch ({layout.per_step})")
+        self.position = Position()
 
         backbone = get_backbone(cfg.model.backbone, cfg.model.embedding_size, cfg.model.dropout,
                                 cfg.model.gradient_checkpointing)
@@ -138,87 +146,115 @@ class Trainer:
             from ds_face.init_backbone import load_backbone_file
             load_backbone_file(init_backbone, backbone, cfg.model.backbone)
             log.info(f"backbone initialised from {init_backbone}")
+        # No DeepSpeed LR scheduler: the LR is a function of samples seen (SampleSchedule), set every step.
         self.engine, _, _, _ = deepspeed.initialize(
-            model=backbone, optimizer=build_backbone_optimizer(cfg, backbone), config=ds_config,
-            lr_scheduler=poly_warmup_scheduler(self.total_steps, warmup, cfg.schedule.power))
-
-        margin = Margin(s=cfg.head.scale, m1=cfg.head.margin[0], m2=cfg.head.margin[1], m3=cfg.head.margin[2])
-        self.head = PartialFC(cfg.model.embedding_size, cfg.head.num_classes, cfg.head.sample_rate, margin,
-                              device=self.engine.device, seed=cfg.seed)
-        opt = cfg.optimizer
-        self.head_optimizer = HeadOptimizer(self.head, opt.name, momentum=opt.momentum,
-                                            weight_decay=opt.weight_decay)
-        self.global_step = 0
-        self.epoch = 0
+            model=backbone, optimizer=build_backbone_optimizer(cfg, backbone), config=ds_config)
+        self.head, self.head_optimizer = build_head(cfg, self.engine.device)
+        self.checkpointer = Checkpointer(
+            self.output_dir / SAVE_DIR, cfg.checkpoint.keep_last, self.engine,
+            sharded={"head": self.head, "head_optimizer": self.head_optimizer},
+            replicated={"position": self.position, "data": self.loader},
+            per_rank={"rng": ProcessRNG(), "buffers": ModuleBuffers(self.engine.module)},
+            rank=self.rank, world_size=layout.world_size)
         self.losses: list[float] = []  # mean loss of each optimizer step this process ran
+        self.lrs: list[tuple[int, float]] = []  # (samples seen after the step, its LR), for tests and plots
+        self.ledger: list[torch.Tensor] | None = None  # set to [] to record every trained (epoch, row)
+        self.dropped = 0  # samples of the last epoch left untrained at the run's end (< one global batch)
         self._saved_step = None  # the step of the newest checkpoint, so that no tag is written twice
 
     @property
-    def checkpoint_dir(self) -> Path:
-        from ds_face.checkpoint import SAVE_DIR
-        return self.output_dir / SAVE_DIR
+    def global_step(self) -> int:
+        return self.position.step
+
+    @property
+    def epoch(self) -> int:
+        return self.position.samples // self.epoch_size
 
     def save_checkpoint(self) -> None:
-        from ds_face import checkpoint
-        if self._saved_step != self.global_step:
-            tag = checkpoint.save(self, self.checkpoint_dir, self.cfg.checkpoint.keep_last)
-            self._saved_step = self.global_step
-            log.info(f"saved checkpoint {self.checkpoint_dir / tag}")
+        if self._saved_step == self.position.step:
+            return
+        l = self.layout
+        meta = {"samples_seen": self.position.samples, "epoch": self.epoch, "micro_batch": l.micro_batch,
+                "accumulation": l.accumulation, "global_batch": l.per_step, "num_classes": self.head.num_classes,
+                "embedding_size": self.head.embedding_size, "backbone": self.cfg.model.backbone,
+                "config": asdict(self.cfg)}
+        tag = self.checkpointer.save(self.position.step, meta)
+        self._saved_step = self.position.step
+        log.info(f"saved checkpoint {self.checkpointer.save_dir / tag}")
 
-    def resume(self) -> None:
-        from ds_face import checkpoint
-        checkpoint.load(self, self.checkpoint_dir)
-        self._saved_step = self.global_step
+    def resume(self) -> dict:
+        meta = self.checkpointer.load(self.cfg)
+        self._saved_step = self.position.step
+        return meta
 
     def describe(self) -> None:
         e, l, h = self.engine, self.layout, self.head
         precision = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[model_dtype(e)]
+        end = run_end(self.total_samples, self.position.samples, l.per_step)
         log.info(f"world size {l.world_size}, ZeRO stage {e.zero_optimization_stage()}, {precision}, "
                  f"micro-batch {l.micro_batch} x accumulation {l.accumulation} x {l.world_size} ranks = "
                  f"{l.per_step} samples per optimizer step")
-        log.info(f"{self.loader.steps_per_epoch} steps per epoch, {self.cfg.schedule.epochs} epochs, "
-                 f"{self.total_steps} steps in the schedule"
-                 + (f", stopping after {self.cfg.schedule.max_steps}" if self.cfg.schedule.max_steps else ""))
+        log.info(f"{self.cfg.schedule.epochs} epochs of {self.epoch_size} samples; at sample "
+                 f"{self.position.samples} (step {self.position.step}), {(end - self.position.samples) // l.per_step} "
+                 f"steps to go, {self.position.step + (end - self.position.samples) // l.per_step} in all"
+                 + (f", stopping after step {self.cfg.schedule.max_steps}" if self.cfg.schedule.max_steps else ""))
         log.info(f"Partial FC: {h.num_classes} classes, {h.num_local} on rank 0 ({h.num_local * h.embedding_size * 4 / 2**20:.1f} MiB "
                  f"fp32 weights), sample_rate {h.sample_rate} -> {h.num_sample if h.sample_rate < 1 else h.num_local} "
                  f"centres per rank per step")
 
     def fit(self) -> float:
         """Train until the schedule (or ``max_steps``) ends; returns the last logged mean loss."""
-        cfg = self.cfg
-        last_step = min(self.total_steps, cfg.schedule.max_steps or self.total_steps)
+        from ds_face.schedule import SampleSchedule
+        cfg, position, G = self.cfg, self.position, self.layout.per_step
+        end = run_end(self.total_samples, position.samples, G)  # the last whole step's end
+        schedule = SampleSchedule(cfg.optimizer.lr, end, int(cfg.schedule.warmup_epochs * self.epoch_size),
+                                  cfg.schedule.power)
+        last_step = position.step + (end - position.samples) // G
+        if cfg.schedule.max_steps:
+            last_step = min(last_step, cfg.schedule.max_steps)
         progress = None
         if self.rank == 0:
             tb_dir = self.output_dir / "tensorboard" if cfg.output.tensorboard else None
-            progress = Progress(last_step, self.layout.per_step, cfg.output.log_every, tb_dir, self.global_step)
+            progress = Progress(last_step, G, cfg.output.log_every, tb_dir, position.step)
         from ds_face.eval import TrainingEvaluator
         evaluate = TrainingEvaluator(self, progress)  # eval.sets on rank 0, every eval.every_steps and at the end
         step_losses: list[torch.Tensor] = []
         last_loss = float("nan")
         every = cfg.checkpoint.every_steps
-        while self.global_step < last_step:
-            self.loader.set_epoch(self.epoch)
-            for batch in self.loader:
-                result = micro_step(self.engine, self.head, self.head_optimizer, batch)
-                step_losses.append(result.loss)
-                if not result.boundary:
-                    continue
-                self.global_step += 1
-                last_loss = torch.stack(step_losses).mean().item()
-                self.losses.append(last_loss)
-                step_losses.clear()
-                if progress is not None:
-                    progress.update(last_loss, self.global_step, self.epoch, self.engine.get_lr()[0],
-                                    loss_scale(self.engine) if self.engine.fp16_enabled() else None,
-                                    self.head_optimizer.steps_skipped)
-                evaluate(self.global_step, last=self.global_step >= last_step)
-                if self.global_step >= last_step:
-                    break
-                if every and self.global_step % every == 0:
-                    self.save_checkpoint()
-            else:
-                self.epoch += 1
-                self.save_checkpoint()  # at each epoch's end (unless this step was just saved)
+        micro = 0
+        lr = None
+        for batch in self.loader.micro_batches(position.samples, end) if position.step < last_step else ():
+            if micro == 0:  # a new optimizer step: its LR is the curve at the samples seen once it is done
+                lr = schedule.apply(self.engine.optimizer, position.samples + G)
+            self.head.reseed(position.samples * self.layout.accumulation + micro)
+            if self.ledger is not None:
+                self.ledger.append(torch.stack([batch["epoch"], batch["sample"]]))
+            result = micro_step(self.engine, self.head, self.head_optimizer, batch, lr)
+            step_losses.append(result.loss)
+            micro += 1
+            if not result.boundary:
+                continue
+            micro = 0
+            epoch_before = self.epoch
+            position.step += 1
+            position.samples += G
+            last_loss = torch.stack(step_losses).mean().item()
+            self.losses.append(last_loss)
+            self.lrs.append((position.samples, lr))
+            step_losses.clear()
+            if progress is not None:
+                progress.update(last_loss, position.step, epoch_before, lr,
+                                loss_scale(self.engine) if self.engine.fp16_enabled() else None,
+                                self.head_optimizer.steps_skipped)
+            evaluate(position.step, last=position.step >= last_step)
+            if position.step >= last_step:
+                break
+            if (every and position.step % every == 0) or self.epoch != epoch_before:  # and at each epoch's end
+                self.save_checkpoint()
+        if position.samples == end and end < self.total_samples:
+            self.dropped = self.total_samples - end
+            log.info(f"{self.dropped} samples of the last epoch were not trained: fewer than one global batch "
+                     f"({G}) was left")
         self.save_checkpoint()
         if progress is not None:
             progress.close()
@@ -271,7 +307,6 @@ def main(argv=None) -> int:
         if args.init_backbone:  # keys and shapes against the config, on the meta device (no weights built)
             from ds_face.init_backbone import check_backbone_file
             check_backbone_file(args.init_backbone, cfg.model)
-        from ds_face.checkpoint import LATEST, SAVE_DIR
         checkpoints = Path(cfg.output.dir) / SAVE_DIR
         if args.resume and args.init_backbone:
             raise ConfigError("--resume and --init-backbone together: the checkpoint's backbone would replace "
@@ -281,17 +316,26 @@ def main(argv=None) -> int:
         if not args.resume and (checkpoints / LATEST).is_file():
             raise ConfigError(f"{checkpoints} already holds checkpoints; pass --resume to continue that run, "
                               f"or set another output.dir (nothing was overwritten)")
-    except ConfigError as err:
+        resized = ""
+        if args.resume:  # another world size: keep the global batch through the accumulation if it divides
+            accumulation, resized = plan_resume(checkpoints, layout.micro_batch, layout.accumulation,
+                                                layout.world_size, cfg.checkpoint.keep_global_batch)
+            if accumulation != layout.accumulation:
+                ds_config = {key: value for key, value in ds_config.items() if key != "train_batch_size"}
+                ds_config["gradient_accumulation_steps"] = accumulation
+                layout = replace(layout, accumulation=accumulation)
+    except (ConfigError, CheckpointError) as err:
         print(f"ds_face.train: error: {err}", file=sys.stderr)
         return 2
     setup_logging(rank, Path(cfg.output.dir))
+    if resized:
+        log.info(resized)
 
     from ds_face.dist import init
     init(timeout=datetime.timedelta(minutes=int(os.environ.get("DS_FACE_TIMEOUT_MIN", 30))))
     dead_siblings = watch_sibling_ranks(rank)
     trainer = Trainer(cfg, ds_config, layout, init_backbone=args.init_backbone)
     if args.resume:
-        from ds_face.checkpoint import CheckpointError
         try:
             trainer.resume()
         except CheckpointError as err:  # raised on every rank alike

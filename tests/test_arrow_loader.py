@@ -1,5 +1,6 @@
-"""The streaming Arrow loader: every sample once per epoch across ranks x workers, equal batches on every
-rank, resumable position, corrupt images, bad directories. Real shard files, real `datasets`, real ranks.
+"""The Arrow loader: every sample once per epoch across ranks x workers, the same micro-batches whatever the
+worker count and (for one step) the world size, any start position, corrupt images, bad directories.
+Real shard files, real `datasets` memory maps, real ranks.
 
 Test images are PNGs (lossless) whose pixels spell out the sample's index: red/green = index, blue = the
 column number, so a flipped image reads its columns backwards.
@@ -14,7 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ds_face.data.arrow import ArrowFaces, DataError, count_streams, decode_rgb, flip_coin, normalize
+from ds_face.data.arrow import ArrowFaces, DataError, decode_rgb, flip_coin, normalize
+from ds_face.data.loader import Loader
+from ds_face.data.order import EpochOrder, Layout
 from ds_face.data.shards import SCHEMA, Manifest, ShardInfo, rows_per_shard, sha256_of, shard_name
 from tests.multirank import run_ranks
 
@@ -54,8 +57,17 @@ def decode_batch(batch) -> tuple[list[int], list[bool]]:
     return index, flipped
 
 
-def epoch_indices(loader) -> list[list[int]]:
-    return [decode_batch(batch)[0] for batch in loader]
+def make_loader(directory, micro_batch, accumulation=1, rank=0, world_size=1, workers=0, seed=2048, streams=4,
+                on_corrupt="skip"):
+    source = ArrowFaces(directory, seed=seed, on_corrupt=on_corrupt)
+    return Loader(source, Layout(micro_batch, accumulation, world_size, rank), streams=streams, seed=seed,
+                  num_workers=workers)
+
+
+def epoch_indices(loader, epoch=0) -> list[list[int]]:
+    """The sample numbers (decoded from the pixels) of each micro-batch of one epoch's whole steps."""
+    n, g = loader.epoch_size, loader.layout.global_batch
+    return [decode_batch(batch)[0] for batch in loader.micro_batches(epoch * n, epoch * n + n // g * g)]
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +75,17 @@ def dataset_1000(tmp_path_factory):
     return write_shards(tmp_path_factory.mktemp("arrow") / "ds", 1000, 8)
 
 
-def test_count_streams():
-    counts = count_streams(1000, 8, micro_batch=32, accumulation=1, world_size=2, num_workers=2)
-    assert (counts.streams, counts.rows_per_stream, counts.micro_batches) == (4, 250, 15)  # floor(500/32)
-    exact = count_streams(1024, 8, micro_batch=32, accumulation=2, world_size=2, num_workers=2)
-    assert exact.steps_per_epoch == 1024 // (32 * 2 * 2)  # equal shards: floor(samples / global batch)
-    uneven = count_streams(1003, 8, micro_batch=10, accumulation=1, world_size=2, num_workers=1)
-    assert uneven.rows_per_stream == 4 * 125  # the 3 shards with a spare row may go to either rank
-    with pytest.raises(DataError, match=r"12 shards cannot be dealt out evenly to 2 ranks x 4 loader workers.*"
-                                        r"data.num_workers to one of \[1, 2, 3, 6\]"):
-        count_streams(1200, 12, 32, 1, world_size=2, num_workers=4)
+def test_epoch_order_is_a_seeded_permutation_that_mixes_the_streams():
+    rows = [13, 13, 12, 12, 12, 12, 12]  # 86 rows, shards of unequal size
+    order = EpochOrder(rows, streams=3, seed=1, epoch=0)
+    everything = order.rows(np.arange(86))
+    assert sorted(everything.tolist()) == list(range(86))
+    assert (np.concatenate([order.rows(np.arange(i, min(i + 5, 86))) for i in range(0, 86, 5)]) == everything).all()
+    assert (EpochOrder(rows, 3, 1, 0).rows(np.arange(86)) == everything).all()
+    assert not (EpochOrder(rows, 3, 1, 1).rows(np.arange(86)) == everything).all()
+    assert not (EpochOrder(rows, 3, 2, 0).rows(np.arange(86)) == everything).all()
+    shard_of = np.searchsorted(np.cumsum(rows), everything, side="right")
+    assert len(set(shard_of[:6].tolist())) == 3  # consecutive samples come from the 3 streams' shards in turn
 
 
 def test_normalize_matches_arcface_torch():
@@ -95,38 +108,58 @@ def test_jpeg_decodes_like_pil():
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_one_rank_sees_every_sample_once_with_flips(dataset_1000, workers):
-    loader = ArrowFaces(dataset_1000, 25, 1, rank=0, world_size=1, num_workers=workers, shuffle_buffer=100)
-    assert len(loader) == loader.steps_per_epoch == 40
+    loader = make_loader(dataset_1000, 25, workers=workers)
     seen, flips = [], []
-    for batch in loader:
+    n = 0
+    for batch in loader.micro_batches(0, 1000):
         assert batch["image"].shape == (25, 3, 112, 112) and batch["image"].dtype == torch.float32
         index, flipped = decode_batch(batch)
         assert batch["label"].tolist() == [i % 10 for i in index]
+        assert batch["sample"].tolist() == index  # test shards: sample i is dataset row i
+        assert batch["epoch"].tolist() == [0] * 25
         seen += index
         flips += [f == flip_coin(2048, 0, i) for i, f in zip(index, flipped)]
-    assert sorted(seen) == list(range(1000))
+        n += 1
+    assert n == 40 and sorted(seen) == list(range(1000))
     assert all(flips) and 350 < sum(flip_coin(2048, 0, i) for i in range(1000)) < 650
     assert seen != sorted(seen)  # shuffled
 
 
+def test_the_micro_batches_do_not_depend_on_the_worker_count(dataset_1000):
+    assert epoch_indices(make_loader(dataset_1000, 30, workers=0)) == \
+        epoch_indices(make_loader(dataset_1000, 30, workers=1)) == \
+        epoch_indices(make_loader(dataset_1000, 30, workers=2))
+
+
 def test_epochs_reshuffle_and_repeat_for_a_seed(dataset_1000):
     def order(epoch, seed=2048):
-        loader = ArrowFaces(dataset_1000, 50, 1, 0, 1, num_workers=0, seed=seed, shuffle_buffer=200)
-        loader.set_epoch(epoch)
-        return sum(epoch_indices(loader), [])
+        return sum(epoch_indices(make_loader(dataset_1000, 50, seed=seed), epoch), [])
     first = order(0)
     assert first == order(0)
     assert sorted(order(1)) == sorted(first) and order(1) != first
     assert order(0, seed=7) != first
 
 
+def test_a_step_holds_the_same_micro_batches_on_2_ranks_as_on_1_rank_accumulating_2(dataset_1000):
+    one = epoch_indices(make_loader(dataset_1000, 20, accumulation=2))
+    ranks = [epoch_indices(make_loader(dataset_1000, 20, rank=r, world_size=2)) for r in range(2)]
+    assert [batch for pair in zip(*ranks) for batch in pair] == one  # slot k = micro_step x W + rank
+
+
+def test_a_pass_from_any_position_continues_the_uninterrupted_one(dataset_1000):
+    whole = make_loader(dataset_1000, 16)
+    uninterrupted = [decode_batch(b)[0] for b in whole.micro_batches(0, 3000)]  # 3 epochs: crosses 2 ends
+    assert len(uninterrupted) == 187  # 3000 // 16
+    rest = [decode_batch(b)[0] for b in make_loader(dataset_1000, 16, workers=2).micro_batches(16 * 70, 3000)]
+    assert rest == uninterrupted[70:]
+    # an epoch's end inside a micro-batch: 1000 = 62 x 16 + 8, so batch 62 holds epoch 0's last 8 and epoch 1's first 8
+    epochs = [b["epoch"].tolist() for b in whole.micro_batches(62 * 16, 63 * 16)]
+    assert epochs == [[0] * 8 + [1] * 8]
+
+
 def _rank_epochs(rank, world_size, directory, micro_batch, workers, epochs):
-    loader = ArrowFaces(directory, micro_batch, 2, rank, world_size, num_workers=workers, shuffle_buffer=64)
-    out = []
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        out.append(epoch_indices(loader))
-    return {"epochs": out, "steps": loader.steps_per_epoch}
+    loader = make_loader(directory, micro_batch, 2, rank, world_size, workers=workers)
+    return {"epochs": [epoch_indices(loader, epoch) for epoch in range(epochs)]}
 
 
 def test_two_ranks_two_workers_cover_the_epoch_exactly_once(tmp_path):
@@ -141,56 +174,19 @@ def test_two_ranks_two_workers_cover_the_epoch_exactly_once(tmp_path):
 
 
 def test_uneven_shards_still_give_every_rank_the_same_batches(tmp_path):
-    # 8 shards of 125 or 126 rows: ranks get different totals, but the same number of batches.
-    directory = write_shards(tmp_path / "ds", 1003, 8)
-    results = run_ranks(2, _rank_epochs, str(directory), 20, 2, 2)
-    for epoch in range(2):
-        per_rank = [r["epochs"][epoch] for r in results]
-        assert len(per_rank[0]) == len(per_rank[1]) == results[0]["steps"] * 2 == 24  # floor(500/20), even
-        everything = Counter(i for batches in per_rank for batch in batches for i in batch)
-        assert max(everything.values()) == 1 and set(everything) <= set(range(1003))
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_mid_epoch_sees_exactly_the_rest(dataset_1000, workers):
-    def loader():
-        return ArrowFaces(dataset_1000, 30, 1, 0, 1, num_workers=workers, shuffle_buffer=100)
-    full = loader()
-    full.set_epoch(1)
-    uninterrupted = epoch_indices(full)
-
-    first = loader()
-    first.set_epoch(1)
-    done = []
-    for batch in first:
-        done.append(decode_batch(batch)[0])
-        if len(done) == 11:
-            break
-    state = first.state_dict()
-    assert state["epoch"] == 1 and state["micro_batches"] == 11
-
-    second = loader()
-    second.load_state_dict(state)
-    rest = epoch_indices(second)
-    assert len(done) + len(rest) == len(uninterrupted) == 33
-    seen = [i for batch in done + rest for i in batch]
-    assert len(set(seen)) == len(seen)
-    assert sorted(seen) == sorted(i for batch in uninterrupted for i in batch)
-    if workers == 0:  # one stream: the very same order as without the interruption
-        assert done + rest == uninterrupted
-
-
-def test_resume_with_another_world_size_skips_the_same_share(dataset_1000):
-    loader = ArrowFaces(dataset_1000, 20, 1, 0, 1, num_workers=0, shuffle_buffer=10)
-    state = {**loader.state_dict(), "world_size": 2, "micro_batches": 10}  # 2 ranks x 10 x 20 = 400 samples
-    loader.load_state_dict(state)
-    assert len(epoch_indices(loader)) == len(loader) - 20
+    # 7 shards of 143 or 144 rows, a count that does not divide by ranks x workers: nothing to configure.
+    directory = write_shards(tmp_path / "ds", 1003, 7)
+    results = run_ranks(2, _rank_epochs, str(directory), 20, 2, 1)
+    per_rank = [r["epochs"][0] for r in results]
+    assert len(per_rank[0]) == len(per_rank[1]) == 1003 // 80 * 2  # whole steps of 2 ranks x 2 x 20
+    everything = Counter(i for batches in per_rank for batch in batches for i in batch)
+    assert max(everything.values()) == 1 and len(everything) == 1003 // 80 * 80
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_image_is_counted_and_replaced(tmp_path, workers):
     directory = write_shards(tmp_path / "ds", 200, 4, images={7: b"\xff\xd8\xff broken", 150: b"not an image"})
-    loader = ArrowFaces(directory, 20, 1, 0, 1, num_workers=workers, shuffle_buffer=0)
+    loader = make_loader(directory, 20, workers=workers)
     batches = epoch_indices(loader)
     assert len(batches) == 10 and loader.corrupt_images == 2
     seen = Counter(i for batch in batches for i in batch)
@@ -200,8 +196,8 @@ def test_corrupt_image_is_counted_and_replaced(tmp_path, workers):
 
 def test_corrupt_image_fails_when_configured(tmp_path):
     directory = write_shards(tmp_path / "ds", 40, 1, images={3: b"\xff\xd8\xff broken"})
-    loader = ArrowFaces(directory, 20, 1, 0, 1, num_workers=0, shuffle_buffer=0, on_corrupt="fail")
-    with pytest.raises(DataError, match=r"sample index 3 \(label 3\): cannot decode image"):
+    loader = make_loader(directory, 20, on_corrupt="fail")
+    with pytest.raises(DataError, match=r"dataset row 3 \(label 3\): cannot decode image"):
         epoch_indices(loader)
 
 
@@ -209,37 +205,40 @@ def test_wrong_image_size_is_a_corrupt_sample(tmp_path):
     small = io.BytesIO()
     Image.new("RGB", (96, 112)).save(small, format="PNG")
     directory = write_shards(tmp_path / "ds", 40, 1, images={5: small.getvalue()})
-    loader = ArrowFaces(directory, 20, 1, 0, 1, num_workers=0, shuffle_buffer=0, on_corrupt="fail")
-    with pytest.raises(DataError, match="sample index 5.*image is 96x112, expected 112x112"):
+    loader = make_loader(directory, 20, on_corrupt="fail")
+    with pytest.raises(DataError, match="dataset row 5.*image is 96x112, expected 112x112"):
         epoch_indices(loader)
 
 
 def test_bad_directories(tmp_path, dataset_1000):
     with pytest.raises(DataError, match=r"manifest.json: not found.*never finished leaves no manifest"):
-        ArrowFaces(tmp_path, 20, 1, 0, 1)
+        ArrowFaces(tmp_path)
     copy = write_shards(tmp_path / "gone", 100, 2)
     os.remove(copy / shard_name(1, 2))
     with pytest.raises(DataError, match=r"data-00001-of-00002.arrow: listed in .*manifest.json but not found"):
-        ArrowFaces(copy, 20, 1, 0, 1)
-    (tmp_path / "bad" ).mkdir()
+        ArrowFaces(copy)
+    (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match=r"bad/manifest.json: not valid JSON"):
-        ArrowFaces(tmp_path / "bad", 20, 1, 0, 1)
+        ArrowFaces(tmp_path / "bad")
     short = write_shards(tmp_path / "short", 100, 2)
     manifest = (short / "manifest.json").read_text().replace('"num_samples": 100', '"num_samples": 120', 1)
     (short / "manifest.json").write_text(manifest.replace('"rows": 50', '"rows": 60'))
-    loader = ArrowFaces(short, 20, 1, 0, 1, num_workers=0, shuffle_buffer=0)
-    with pytest.raises(DataError, match=r"ran out after 5 of 6 micro-batches.*data_prep.verify"):
-        epoch_indices(loader)
+    with pytest.raises(DataError, match=r"data-0000[01]-of-00002.arrow: holds 50 rows, the manifest says 60"):
+        epoch_indices(make_loader(short, 20))
+    empty = write_shards(tmp_path / "empty", 100, 2)
+    (empty / shard_name(0, 2)).write_bytes(b"")
+    with pytest.raises(DataError, match=r"data-00000-of-00002.arrow: cannot be read as an Arrow shard"):
+        epoch_indices(make_loader(empty, 20))
 
 
 def _rank_labels_by_index(rank, world_size, directory):
-    loader = ArrowFaces(directory, 16, 1, rank, world_size, num_workers=2, shuffle_buffer=50)
-    pairs = []
-    for batch in loader:
+    loader = make_loader(directory, 16, rank=rank, world_size=world_size, workers=2)
+    out = []
+    for batch in loader.micro_batches(0, 512):
         index, flipped = decode_batch(batch)
-        pairs += list(zip(index, batch["label"].tolist(), flipped))
-    return pairs
+        out += list(zip(index, batch["label"].tolist(), flipped, batch["sample"].tolist()))
+    return out
 
 
 def test_recordio_round_trip_through_converter_and_two_ranks_two_workers(tmp_path):
@@ -252,7 +251,6 @@ def test_recordio_round_trip_through_converter_and_two_ranks_two_workers(tmp_pat
     assert rec2arrow.main([str(tmp_path / "rec"), str(tmp_path / "arrow"), "--workers", "2", "--shards", "8"]) == 0
     per_rank = run_ranks(2, _rank_labels_by_index, str(tmp_path / "arrow"))
     assert len(per_rank[0]) == len(per_rank[1]) == 256
-    seen = sorted(pair[:2] for pairs in per_rank for pair in pairs)
+    seen = sorted(item[:2] for items in per_rank for item in items)
     assert seen == sorted((n, n % 7) for n in range(512))
-    keys = {n: key for key, n in enumerate(sorted(range(512), key=lambda n: n % 7), 1)}  # .rec keys by label
-    assert all(flipped == flip_coin(2048, 0, keys[n]) for pairs in per_rank for n, _, flipped in pairs)
+    assert all(flipped == flip_coin(2048, 0, row) for items in per_rank for _, _, flipped, row in items)

@@ -93,21 +93,27 @@ def test_head_reshards_exactly_to_another_world_size(tmp_path, new_world, stage)
     assert sum(n for _, n in ranges) == CLASSES and ranges[0][0] == 0
     assert torch.equal(torch.cat([r["head"] for r in resumed]), full_head)
     assert torch.equal(torch.cat([r["momentum"] for r in resumed]), full_momentum)
-    for r in resumed:
-        assert (r["step"], r["epoch"]) == (3, 0)  # saved at the last step of epoch 0, its data all seen
+    for rank, r in enumerate(resumed):
+        assert (r["step"], r["epoch"]) == (3, 1)  # saved after the last step of epoch 0: epoch 1 is next
         for key, value in saved[0]["backbone"].items():
-            assert torch.equal(r["backbone"][key], value), key
+            # BatchNorm statistics are per rank: new rank r takes old rank r mod 2's; weights are rank 0's
+            expected = saved[rank % 2]["backbone"][key] if "running" in key or "tracked" in key else value
+            assert torch.equal(r["backbone"][key], expected), key
         assert r["trained_to"] > 3
 
 
 def _failed_save_keeps_previous(rank, world_size, out_dir):
     trainer = make_trainer(world_size, out_dir, max_steps=3, every=0)
     trainer.fit()  # step_3 complete
-    blocked = Path(out_dir) / "checkpoints" / "step_4" / head_file(1, 2)
-    if rank == 1:
-        blocked.mkdir(parents=True)  # rank 1 cannot write its head file: the save fails midway
-    torch.distributed.barrier()
-    trainer.global_step = 4
+    if rank == 1:  # rank 1 cannot write its head file: the save fails midway (a full disk, say)
+        import errno
+
+        from ds_face import checkpoint
+
+        def full_disk(path, data, durable=True):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        checkpoint.write_atomic = full_disk
+    trainer.position.step = 4
     try:
         trainer.save_checkpoint()
         error = None

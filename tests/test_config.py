@@ -118,8 +118,9 @@ def test_classes_fewer_than_ranks(tmp_path):
 
 
 def test_poly_schedule_with_warmup():
-    schedule = PolyWarmup(total_steps=10, warmup_steps=2, power=2.0)
-    assert [schedule(s) for s in range(3)] == [0.5, 1.0, 1.0]
+    # units done (samples, or steps), counted once the step is done: the last step's multiplier is 0
+    schedule = PolyWarmup(total=10, warmup=2, power=2.0)
+    assert [schedule(done) for done in range(1, 4)] == [0.5, 1.0, pytest.approx((1 - 1 / 8) ** 2)]
     assert schedule(6) == pytest.approx((1 - 4 / 8) ** 2)
     assert schedule(10) == 0.0
 
@@ -134,12 +135,12 @@ def test_arrow_source_checked_against_manifest_and_world_size(tmp_path):
     for expected in ("'head.num_classes' is 100, but", "has 12 classes (manifest.json); set head.num_classes: 12",
                      "'data.on_corrupt' is 'ignore'; valid: skip, fail", "'data.num_workers' must be >= 0"):
         assert expected in text
-    cfg = load_run_config(path, {"head.num_classes": 12, "data.on_corrupt": "fail", "data.num_workers": 3})
-    check_together(cfg, BatchLayout(4, 1, 2), path)  # 6 shards: 2 ranks x 3 workers
-    with pytest.raises(ConfigError, match=r"6 shards cannot be dealt out evenly to 4 ranks x 3 loader workers"):
-        check_together(cfg, BatchLayout(4, 1, 4), path)
-    with pytest.raises(ConfigError, match=r"120 samples give each of the 6 loader streams 20 rows, less than one "
-                                          r"optimizer step \(128 samples\)"):
+    cfg = load_run_config(path, {"head.num_classes": 12, "data.on_corrupt": "fail", "data.num_workers": 3,
+                                 "schedule.epochs": 1})
+    check_together(cfg, BatchLayout(4, 1, 2), path)
+    check_together(cfg, BatchLayout(4, 1, 7), path)  # no shard count to divide: any world size reads any row
+    with pytest.raises(ConfigError, match=r"1 epoch\(s\) of 120 samples are fewer than one optimizer step "
+                                          r"\(128 samples\)"):
         check_together(cfg, BatchLayout(32, 2, 2), path)
     with pytest.raises(ConfigError, match="'data.path' must name a directory written by data_prep"):
         load_run_config(path, {"head.num_classes": 12, "data.path": "", "data.on_corrupt": "skip",

@@ -1,9 +1,7 @@
 """Export (`python -m ds_face.export`) and `--init-backbone`, on real checkpoints.
 
 The checkpoints come from the real DeepSpeed engine (``ds_face.train.Trainer``) on 1 and 2
-gloo ranks, trained for two optimizer steps and saved with ``engine.save_checkpoint``; the
-head shards and ``ds_face_meta.json`` are written next to them in the checkpoint format the
-trainer's saver uses (``write_head_and_meta`` below).
+gloo ranks, trained for two optimizer steps and saved by the trainer's own checkpointer.
 """
 from __future__ import annotations
 
@@ -29,7 +27,7 @@ ONE_RANK = [(0, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16")]
 TWO_RANKS = [(0, "fp32"), (2, "fp32")]
 
 
-def make_trainer(world_size, stage, precision, init_backbone=None):
+def make_trainer(world_size, stage, precision, init_backbone=None, out_dir=None):
     ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
           "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
           "steps_per_print": 10**9}
@@ -38,22 +36,9 @@ def make_trainer(world_size, stage, precision, init_backbone=None):
     cfg = RunConfig(model=ModelConfig(backbone="r_tiny", embedding_size=EMBEDDING),
                     head=HeadConfig(num_classes=CLASSES, sample_rate=1.0),
                     data=DataConfig(num_samples=1000),
-                    output=OutputConfig(dir=tempfile.mkdtemp(), tensorboard=False))
+                    output=OutputConfig(dir=str(out_dir or tempfile.mkdtemp()), tensorboard=False))
     from ds_face.train import Trainer
     return Trainer(cfg, ds, BatchLayout(4, 1, world_size), init_backbone=init_backbone)
-
-
-def write_head_and_meta(trainer, tag_dir: Path, global_step: int) -> None:
-    """The files ds_face's saver writes next to DeepSpeed's: one head shard per rank, meta on rank 0."""
-    head, rank, world = trainer.head, trainer.rank, trainer.layout.world_size
-    torch.save({"weight": head.weight.detach().cpu().clone(), "class_start": head.class_start,
-                "num_local": head.num_local, "num_classes": head.num_classes, "world_size": world, "rank": rank,
-                "optimizer": trainer.head_optimizer.state_dict()}, tag_dir / f"head_rank{rank}_of{world}.pt")
-    if rank == 0:
-        meta = {"global_step": global_step, "epoch": 0, "world_size": world, "num_classes": head.num_classes,
-                "embedding_size": head.embedding_size, "backbone": trainer.cfg.model.backbone,
-                "config": dataclasses.asdict(trainer.cfg)}
-        (tag_dir / "ds_face_meta.json").write_text(json.dumps(meta))
 
 
 def _checkpoint_worker(rank, world_size, root, cases):
@@ -62,12 +47,9 @@ def _checkpoint_worker(rank, world_size, root, cases):
     from ds_face.train import micro_step
     out = {}
     for stage, precision in cases:
-        trainer = make_trainer(world_size, stage, precision)
-        for _, batch in zip(range(2), trainer.loader):
-            micro_step(trainer.engine, trainer.head, trainer.head_optimizer, batch)
-        save_dir = Path(root) / f"w{world_size}_z{stage}_{precision}"
-        trainer.engine.save_checkpoint(str(save_dir), tag=TAG)
-        write_head_and_meta(trainer, save_dir / TAG, trainer.engine.global_steps)
+        trainer = make_trainer(world_size, stage, precision, out_dir=Path(root) / f"w{world_size}_z{stage}_{precision}")
+        trainer.cfg.schedule.max_steps = 1
+        trainer.fit()  # one optimizer step, then the trainer's own save: step_1
         torch.distributed.barrier()
         with deepspeed.zero.GatheredParameters(list(trainer.engine.module.parameters()), enabled=stage == 3):
             module = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
@@ -90,7 +72,7 @@ def ckpts(tmp_path_factory):
         per_rank = run_ranks(world_size, _checkpoint_worker, str(root), cases)
         for stage, precision in cases:
             key = f"z{stage}_{precision}"
-            found[world_size, key] = (root / f"w{world_size}_{key}", [r[key] for r in per_rank])
+            found[world_size, key] = (root / f"w{world_size}_{key}" / "checkpoints", [r[key] for r in per_rank])
     return found
 
 

@@ -105,7 +105,7 @@ def _sampled_worker(rank, world_size):
         local = embeddings[mine].clone().requires_grad_(True)
         loss = head(local, labels[mine])
         loss.backward()
-        index = head._pending[0].index.clone()
+        index = head.pending_rows()[0].index.clone()
         before = (head.weight.clone(), optimizer.state["momentum_buffer"].clone())
         assert optimizer.step(lr=0.1)
         out["steps"].append({"loss": loss.detach(), "index": index, "weight_before": before[0],

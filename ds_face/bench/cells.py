@@ -110,7 +110,7 @@ def build_step(cell: str, classes: int, setting: Setting):
         trainer = Trainer(cfg, ds_config(setting, setting.zero_stage),
                           BatchLayout(setting.micro_batch, 1, setting.world_size))
         return lambda images, labels: micro_step(trainer.engine, trainer.head, trainer.head_optimizer,
-                                                 {"image": images, "label": labels}).loss
+                                                 {"image": images, "label": labels}, cfg.optimizer.lr).loss
     seed_everything(setting.seed)
     from deepspeed.accelerator import get_accelerator
     with torch.device(get_accelerator().current_device_name()):  # on a GPU, not W copies of the FC in host memory

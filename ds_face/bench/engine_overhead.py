@@ -53,9 +53,17 @@ def run_config(args, total_steps: int, world: int):
 
 def deepspeed_variant(cfg, layout, stage: int, args):
     """The project's Trainer (engine + head + head optimizer), stepped by micro_step."""
+    from ds_face.schedule import SampleSchedule
     from ds_face.train import Trainer, micro_step
     trainer = Trainer(cfg, ds_config(stage, args), layout)
-    return lambda batch: micro_step(trainer.engine, trainer.head, trainer.head_optimizer, batch).loss
+    schedule = SampleSchedule(cfg.optimizer.lr, trainer.total_samples, 0, cfg.schedule.power)
+    done = [0]  # samples seen: the same curve as the DDP variant's step-counting LambdaLR
+
+    def step(batch):
+        done[0] += layout.per_step
+        lr = schedule.apply(trainer.engine.optimizer, done[0])
+        return micro_step(trainer.engine, trainer.head, trainer.head_optimizer, batch, lr).loss
+    return step
 
 
 def ddp_variant(cfg, total_steps: int, clip: float):
@@ -63,7 +71,7 @@ def ddp_variant(cfg, total_steps: int, clip: float):
     from torch.nn.parallel import DistributedDataParallel
 
     from ds_face.backbones import get_backbone
-    from ds_face.head import HeadOptimizer, Margin, PartialFC
+    from ds_face.head import build_head
     from ds_face.schedule import poly_warmup_scheduler
     from ds_face.train import build_backbone_optimizer, seed_everything
 
@@ -72,10 +80,7 @@ def ddp_variant(cfg, total_steps: int, clip: float):
     model = DistributedDataParallel(backbone)  # after init_distributed: uses its gloo group
     optimizer = build_backbone_optimizer(cfg, backbone)
     scheduler = poly_warmup_scheduler(total_steps, 0, cfg.schedule.power)(optimizer)
-    h, o = cfg.head, cfg.optimizer
-    head = PartialFC(cfg.model.embedding_size, h.num_classes, h.sample_rate,
-                     Margin(s=h.scale, m1=h.margin[0], m2=h.margin[1], m3=h.margin[2]), seed=cfg.seed)
-    head_optimizer = HeadOptimizer(head, o.name, momentum=o.momentum, weight_decay=o.weight_decay)
+    head, head_optimizer = build_head(cfg, "cpu")
 
     def step(batch):
         loss = head(model(batch["image"]), batch["label"])
@@ -105,7 +110,7 @@ def main(argv=None) -> int:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     total = args.warmup + args.steps
     cfg, layout = run_config(args, total, world), BatchLayout(args.batch, 1, world)
-    batches = list(build_loader(cfg, layout, rank))  # generated once, outside the timers, reused by all
+    batches = list(build_loader(cfg, layout, rank).micro_batches(0, total * layout.per_step))  # once, untimed
 
     builders = {"DDP": lambda: ddp_variant(cfg, total, args.clip),
                 "DeepSpeed ZeRO 0": lambda: deepspeed_variant(cfg, layout, 0, args),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import itertools
 import random
 import time
 from pathlib import Path
@@ -57,9 +56,10 @@ def naive_pil_batches(rec_dir: Path, samples: int, batch: int):
 
 def arrow_batches(arrow_dir: Path, samples: int, batch: int, workers: int):
     """Built here, before the timer starts: opening the dataset is once per run, not per sample."""
-    from ds_face.data import ArrowFaces
-    loader = ArrowFaces(arrow_dir, batch, 1, 0, 1, num_workers=workers, shuffle_buffer=10_000)
-    return itertools.islice(loader, -(-samples // batch))
+    from ds_face.data import ArrowFaces, Loader
+    from ds_face.data.order import Layout
+    loader = Loader(ArrowFaces(arrow_dir), Layout(batch, 1, 1), num_workers=workers)
+    return loader.micro_batches(0, -(-samples // batch) * batch)
 
 
 def decode_only(rec_dir: Path, samples: int, decoder: str):

@@ -1,11 +1,14 @@
-"""Data loaders. Each yields per-rank micro-batches ``{"image", "label"}`` and has
-``steps_per_epoch`` (optimizer steps, equal on every rank), ``set_epoch`` and
-``state_dict``/``load_state_dict`` (the position within the epoch).
+"""Data: sources of rows (Arrow shards, synthetic), the run's sample order, and the per-rank loader.
 
-The loaders are imported on first use, so that `data_prep` can read the shard format
-(`ds_face.data.shards`) without importing torch."""
+    ds_face.data.shards   the shard format data_prep writes (no torch needed)
+    ds_face.data.order    run position -> (epoch, dataset row): one global order, whatever the world size
+    ds_face.data.arrow    ArrowFaces: rows from memory-mapped shards, decoded and flipped
+    ds_face.data.synthetic  SyntheticFaces: rows from a formula
+    ds_face.data.loader   Loader: this rank's micro-batches from a position of the run
 
-__all__ = ["ArrowFaces", "SyntheticFaces"]
+The loaders are imported on first use, so that `data_prep` can read the shard format without importing torch."""
+
+__all__ = ["ArrowFaces", "SyntheticFaces", "Loader"]
 
 
 def __getattr__(name: str):
@@ -15,4 +18,7 @@ def __getattr__(name: str):
     if name == "SyntheticFaces":
         from ds_face.data.synthetic import SyntheticFaces
         return SyntheticFaces
+    if name == "Loader":
+        from ds_face.data.loader import Loader
+        return Loader
     raise AttributeError(f"module 'ds_face.data' has no attribute {name!r}")

@@ -1,20 +1,19 @@
-"""Class-dependent synthetic faces, in the batch format every loader yields.
+"""Class-dependent synthetic faces: a dataset of ``num_samples`` rows that exists only as a formula.
 
-A batch is ``{"image": float32 [B, 3, 112, 112] in [-1, 1], "label": int64 [B]}``.
-Each class has a fixed coarse 8x8 colour pattern (seeded by the class id, so it
-is the same on every rank and needs no memory per class); an image is its
-class's pattern, upsampled, plus fresh noise. A network can learn the classes,
-so the loss visibly falls, which arcface_torch's constant synthetic image can't show.
-
-Every rank yields exactly ``steps_per_epoch * accumulation`` micro-batches per
-epoch, so no collective ever waits on a rank that ran out of data.
+Row r has a fixed label (seeded by the run's seed and r) and an image: its class's coarse 8x8 colour
+pattern (seeded by the class id, the same on every rank, no memory per class), upsampled, plus noise fixed
+by (seed, epoch, row). A network can learn the classes, so the loss visibly falls, which arcface_torch's
+constant synthetic image can't show. Rows are read in the run's order like Arrow rows (`ds_face.data.order`),
+so resumes and resizes see exactly the samples an uninterrupted run would.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 IMAGE_SIZE = 112
 _PATTERN = 8  # coarse grid: 112 / 8 = 14 pixels per cell
+_SHARD_ROWS = 10_000  # synthetic "shards": units of the epoch order, as for Arrow data
 
 
 def class_pattern(label: int) -> torch.Tensor:
@@ -23,42 +22,32 @@ def class_pattern(label: int) -> torch.Tensor:
 
 
 class SyntheticFaces:
-    def __init__(self, num_classes: int, num_samples: int, micro_batch: int, accumulation: int,
-                 rank: int, world_size: int, seed: int = 0, noise: float = 0.5):
-        self.num_classes, self.micro_batch, self.accumulation = num_classes, micro_batch, accumulation
-        self.rank, self.world_size, self.seed, self.noise = rank, world_size, seed, noise
-        self.steps_per_epoch = num_samples // (micro_batch * accumulation * world_size)
-        self.epoch = 0
-        self._position = 0  # micro-batches of this epoch already yielded
+    def __init__(self, num_classes: int, num_samples: int, seed: int = 0, noise: float = 0.5):
+        self.num_classes, self.num_samples, self.seed, self.noise = num_classes, num_samples, seed, noise
+        full, rest = divmod(num_samples, _SHARD_ROWS)
+        self.shard_rows = [_SHARD_ROWS] * full + ([rest] if rest else [])
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self._position = epoch, 0
+    def identity(self) -> dict:
+        return {"source": "synthetic", "num_samples": self.num_samples, "num_classes": self.num_classes}
 
-    def __len__(self) -> int:
-        """Micro-batches per epoch on this rank."""
-        return self.steps_per_epoch * self.accumulation
+    def label(self, rows: np.ndarray) -> np.ndarray:
+        mixed = (rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(self.seed * 0xBF58476D1CE4E5B9 & (2**64 - 1))
+        mixed ^= mixed >> np.uint64(31)
+        return (mixed % np.uint64(self.num_classes)).astype(np.int64)
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "micro_batches": self._position, "world_size": self.world_size,
-                "micro_batch": self.micro_batch}
+    def make(self, epochs: np.ndarray, rows: np.ndarray) -> dict:
+        labels = self.label(rows)
+        patterns = torch.stack([class_pattern(label) for label in labels.tolist()])
+        images = patterns.repeat_interleave(IMAGE_SIZE // _PATTERN, dim=2) \
+                         .repeat_interleave(IMAGE_SIZE // _PATTERN, dim=3)
+        noise = torch.empty_like(images)
+        generator = torch.Generator()
+        for i, (epoch, row) in enumerate(zip(epochs.tolist(), rows.tolist())):
+            generator.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_000_007 + row)
+            noise[i].normal_(generator=generator)
+        return {"image": (images + self.noise * noise).clamp_(-1.0, 1.0), "label": torch.from_numpy(labels),
+                "sample": torch.from_numpy(rows), "corrupt": 0}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Same layout: continue exactly. Another world size or micro-batch: skip the same share of the epoch."""
-        self.epoch = state["epoch"]
-        done = state["micro_batches"] * state["micro_batch"] * state["world_size"]  # samples, all ranks
-        position = done // (self.micro_batch * self.world_size)
-        self._position = min(position - position % self.accumulation, len(self))
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank)
-        for i in range(len(self)):
-            labels = torch.randint(0, self.num_classes, (self.micro_batch,), generator=generator)
-            noise = torch.randn((self.micro_batch, 3, IMAGE_SIZE, IMAGE_SIZE), generator=generator)
-            if i < self._position:  # resumed mid-epoch: same random draws, batches already trained on
-                continue
-            patterns = torch.stack([class_pattern(label) for label in labels.tolist()])
-            images = patterns.repeat_interleave(IMAGE_SIZE // _PATTERN, dim=2) \
-                             .repeat_interleave(IMAGE_SIZE // _PATTERN, dim=3)
-            self._position = i + 1
-            yield {"image": (images + self.noise * noise).clamp_(-1.0, 1.0), "label": labels}
+    @staticmethod
+    def finish(batch: dict) -> dict:
+        return batch

@@ -3,4 +3,13 @@ from ds_face.head.margins import Margin
 from ds_face.head.optim import HeadOptimizer
 from ds_face.head.partial_fc import PartialFC, class_shard, cosine, distributed_cross_entropy
 
-__all__ = ["Margin", "PartialFC", "HeadOptimizer", "class_shard", "cosine", "distributed_cross_entropy"]
+__all__ = ["Margin", "PartialFC", "HeadOptimizer", "build_head", "class_shard", "cosine", "distributed_cross_entropy"]
+
+
+def build_head(cfg, device) -> tuple[PartialFC, HeadOptimizer]:
+    """The head and its optimizer from a run config (``ds_face.config.RunConfig``): the one place they are
+    built, for training and for benchmarks."""
+    h, o = cfg.head, cfg.optimizer
+    margin = Margin(s=h.scale, m1=h.margin[0], m2=h.margin[1], m3=h.margin[2])
+    head = PartialFC(cfg.model.embedding_size, h.num_classes, h.sample_rate, margin, device=device, seed=cfg.seed)
+    return head, HeadOptimizer(head, o.name, momentum=o.momentum, weight_decay=o.weight_decay)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ds_face import dist
-from ds_face.head.partial_fc import PartialFC
+from ds_face.head.partial_fc import PartialFC, rows_of
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -92,6 +92,22 @@ class HeadOptimizer:
     def state_dict(self) -> dict:
         return {"name": self.name, "state": dict(self.state),
                 "steps_applied": self.steps_applied, "steps_skipped": self.steps_skipped}
+
+    # -- checkpoints: this rank's optimizer rows, re-sliced to any world size like the head's weight --
+    def shard_state(self) -> dict:
+        return {"name": self.name, "class_start": self.head.class_start, "num_local": self.head.num_local,
+                "state": {k: v.cpu() for k, v in self.state.items()},
+                "steps_applied": self.steps_applied, "steps_skipped": self.steps_skipped}
+
+    def load_shards(self, shards: list[dict]) -> None:
+        """``shards``: every rank's ``shard_state()`` of one save, in rank order (any world size)."""
+        names = {s["name"] for s in shards}
+        if names != {self.name}:
+            raise ValueError(f"head optimizer state is for {sorted(names)}, this run uses {self.name!r}")
+        with torch.no_grad():
+            for key, value in self.state.items():
+                value.copy_(rows_of(shards, lambda s: s["state"][key], self.head.class_start, self.head.num_local))
+        self.steps_applied, self.steps_skipped = shards[0]["steps_applied"], shards[0]["steps_skipped"]
 
     def load_state_dict(self, state: dict) -> None:
         if state["name"] != self.name:

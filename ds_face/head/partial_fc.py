@@ -63,7 +63,11 @@ class PartialFC(nn.Module):
         weight = torch.normal(0.0, 0.01, (self.num_local, embedding_size), generator=init)
         # A buffer, not a Parameter: autograd never sees the full slice; see ActiveRows.
         self.register_buffer("weight", weight.to(device))
-        self.sampler = torch.Generator(device=self.weight.device).manual_seed(seed * 1000 + self.rank + 1)
+        # Negatives are drawn from a generator re-seeded every micro-step from (seed, position, class range):
+        # sampling is a function of where the run is, with no state to save, and is the same after a resume.
+        self.seed = seed
+        self.sampler = torch.Generator(device=self.weight.device)
+        self.reseed(0)
         self._pending: list[ActiveRows] = []
 
     def extra_repr(self) -> str:
@@ -71,6 +75,11 @@ class PartialFC(nn.Module):
                 f"embedding={self.embedding_size}, sample_rate={self.sample_rate}")
 
     # -- sampling ---------------------------------------------------------------------------------
+    def reseed(self, position: int) -> None:
+        """Fix this micro-step's negative sampling by the run's position (e.g. its first sample's index)."""
+        key = (self.seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + self.class_start) % (2**63)
+        self.sampler.manual_seed(key)
+
     def sample(self, positives: torch.Tensor) -> torch.Tensor | None:
         """Sorted local row ids to use this step, or None for all rows."""
         if self.sample_rate >= 1.0:
@@ -133,6 +142,32 @@ class PartialFC(nn.Module):
 
     def discard_gradients(self) -> None:
         self._pending = []
+
+    def pending_rows(self) -> list[ActiveRows]:
+        """The active rows of the micro-steps since the last optimizer step (for inspection and tests)."""
+        return list(self._pending)
+
+    # -- checkpoints: this rank's class range, re-sliced to any world size on load ----------------
+    def shard_state(self) -> dict:
+        return {"class_start": self.class_start, "num_local": self.num_local, "num_classes": self.num_classes,
+                "embedding_size": self.embedding_size, "weight": self.weight.detach().cpu()}
+
+    def load_shards(self, shards: list[dict]) -> None:
+        """Take this rank's rows from the slices of all ranks of a save (any world size; checked to tile)."""
+        with torch.no_grad():
+            self.weight.copy_(rows_of(shards, lambda s: s["weight"], self.class_start, self.num_local))
+
+
+def rows_of(shards: list[dict], get, start: int, count: int) -> torch.Tensor:
+    """Rows [start, start + count) of the class-indexed tensor ``get(shard)`` over slices that tile the
+    classes in order (each has ``class_start`` and ``num_local``)."""
+    parts = []
+    for shard in shards:
+        lo = max(start, shard["class_start"])
+        hi = min(start + count, shard["class_start"] + shard["num_local"])
+        if lo < hi:
+            parts.append(get(shard)[lo - shard["class_start"]:hi - shard["class_start"]])
+    return torch.cat(parts)
 
 
 def cosine(embeddings: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:

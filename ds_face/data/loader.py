@@ -1,0 +1,74 @@
+"""This rank's micro-batches, from any position of the run's sample stream.
+
+``Loader(source, layout).micro_batches(start, stop)`` yields, for each optimizer step from run position
+``start`` to ``stop``, this rank's ``accumulation`` micro-batches (``ds_face.data.order`` says which samples
+each holds). DataLoader workers build micro-batches in parallel; micro-batch k of the rank is built by
+whichever worker gets it, and the DataLoader hands them over in order, so the samples do not depend on the
+worker count either.
+
+Every rank gets the same number of micro-batches (every step has ``world_size x accumulation`` slots of
+``micro_batch`` samples), so no collective ever waits on a rank that ran out.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import torch
+
+from ds_face.data.order import Layout, SampleStream
+
+log = logging.getLogger("ds_face")
+
+
+class _MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch k of this rank, k counted from the first step of this pass (runs in the workers)."""
+
+    def __init__(self, source, stream: SampleStream, layout: Layout, start: int, steps: int):
+        self.source, self.stream, self.layout, self.start, self.steps = source, stream, layout, start, steps
+
+    def __len__(self) -> int:
+        return self.steps * self.layout.accumulation
+
+    def __getitem__(self, k: int) -> dict:
+        step, micro_step = divmod(k, self.layout.accumulation)
+        slot = self.layout.slot(self.start + step * self.layout.global_batch, micro_step)
+        epochs, rows = self.stream.samples(slot)
+        batch = self.source.make(epochs, rows)
+        batch["epoch"] = torch.from_numpy(epochs)
+        return batch
+
+
+class Loader:
+    """Micro-batches of one rank: ``{"image": float [B, 3, 112, 112] in [-1, 1], "label": int64 [B],
+    "sample": int64 [B] (dataset row), "epoch": int64 [B]}``."""
+
+    def __init__(self, source, layout: Layout, *, streams: int = 16, seed: int = 2048, num_workers: int = 0):
+        self.source, self.layout, self.num_workers = source, layout, num_workers
+        self.streams, self.seed = streams, seed
+        self.stream = SampleStream(source.shard_rows, streams, seed)
+        self.epoch_size = self.stream.epoch_size
+        self.corrupt_images = 0
+
+    def micro_batches(self, start: int, stop: int) -> Iterator[dict]:
+        """The micro-batches of every whole step in [start, stop) of the run's sample stream."""
+        steps = max(0, stop - start) // self.layout.global_batch
+        dataset = _MicroBatches(self.source, self.stream, self.layout, start, steps)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                                             prefetch_factor=4 if self.num_workers else None,
+                                             persistent_workers=False)
+        for batch in loader:
+            self.corrupt_images += batch.pop("corrupt")
+            yield self.source.finish(batch)
+
+    def state_dict(self) -> dict:
+        """What the sample order depends on; the position itself is the run's (samples seen)."""
+        return {**self.source.identity(), "streams": self.streams, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        changed = sorted(k for k in set(mine) | set(state) if mine.get(k) != state.get(k))
+        if changed:
+            log.warning(f"the data differ from the checkpoint's ({', '.join(f'{k}: {state.get(k)} -> {mine.get(k)}' for k in changed)}): "
+                        f"training continues at the same sample count, but not with exactly the samples not yet "
+                        f"seen")

@@ -1,0 +1,252 @@
+"""Elastic resume: a run resized after a lost node is still the same run.
+
+Real DeepSpeed engines on real gloo ranks, real checkpoint files, CPU fp32 unless said:
+* the backbone's fp32 weights and optimizer state (SGD momentum, AdamW moments, fp16 loss scale), gathered,
+  are identical before and after 2 -> 3, 3 -> 2 and 2 -> 1 at ZeRO 0, 2 and 3;
+* the LR follows samples: every resumed step's LR is the uninterrupted run's at the same sample count, and
+  the last step's is 0;
+* a per-sample ledger across a mid-epoch 2 -> 3 resize: every sample of every epoch trained once;
+* a 2 -> 1 resize with the global batch kept continues the uninterrupted run's losses (the real launcher);
+* a crash mid-save, then a resume on another world size that saves the same step: `latest` resumes and exports.
+"""
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_face.config import (
+    BatchLayout, CheckpointConfig, DataConfig, HeadConfig, ModelConfig, OptimizerConfig, OutputConfig, RunConfig,
+    ScheduleConfig,
+)
+from tests.multirank import run_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES, EMBEDDING, MICRO = 50, 32, 8  # 50 classes: 25/25 on 2 ranks, 17/17/16 on 3
+
+
+def make_trainer(world_size, out_dir, stage=2, max_steps=None, optimizer="sgd", precision="fp32", samples=96,
+                 accumulation=1, sample_rate=0.5, data=None, epochs=2, every=0):
+    from ds_face.train import Trainer
+    ds = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": accumulation,
+          "gradient_clipping": 5.0, "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+          "steps_per_print": 10**9}
+    if precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "hysteresis": 1}
+    cfg = RunConfig(model=ModelConfig(backbone="r_tiny", embedding_size=EMBEDDING),
+                    head=HeadConfig(num_classes=CLASSES, sample_rate=sample_rate),
+                    optimizer=OptimizerConfig(name=optimizer, lr=0.1 if optimizer == "sgd" else 1e-3),
+                    schedule=ScheduleConfig(epochs=epochs, warmup_epochs=0.5, max_steps=max_steps),
+                    data=data or DataConfig(num_samples=samples),
+                    output=OutputConfig(dir=str(out_dir), tensorboard=False),
+                    checkpoint=CheckpointConfig(every_steps=every, keep_last=3))
+    return Trainer(cfg, ds, BatchLayout(MICRO, accumulation, world_size))
+
+
+def _state(trainer):
+    from ds_face.zero_state import gathered_state
+    state = gathered_state(trainer.engine)  # collective
+    scaler = getattr(trainer.engine.optimizer, "loss_scaler", None)
+    return {"params": state["params"], "keys": state["state_keys"],
+            "loss_scale": getattr(scaler, "cur_scale", None),
+            "head": trainer.head.weight.clone(),
+            "head_momentum": {k: v.clone() for k, v in trainer.head_optimizer.state.items()}}
+
+
+def _save(rank, world_size, root, stage, optimizer, precision):
+    if precision == "fp16":
+        from deepspeed.accelerator import get_accelerator
+        get_accelerator().is_fp16_supported = lambda: True  # see tests/test_engine.py: fp16 on any CPU
+    trainer = make_trainer(world_size, root, stage, max_steps=3, optimizer=optimizer, precision=precision)
+    trainer.fit()  # 3 steps, then saves step_3
+    return _state(trainer)
+
+
+def _resume(rank, world_size, root, stage, optimizer, precision):
+    if precision == "fp16":
+        from deepspeed.accelerator import get_accelerator
+        get_accelerator().is_fp16_supported = lambda: True
+    trainer = make_trainer(world_size, root, stage, optimizer=optimizer, precision=precision)
+    trainer.resume()
+    state = _state(trainer)
+    trainer.fit()  # and it trains on
+    state["trained_to"] = trainer.global_step
+    state["range"] = (trainer.head.class_start, trainer.head.num_local)
+    return state
+
+
+CASES = [(stage, old, new, "sgd", "fp32") for stage in (0, 2, 3) for old, new in ((2, 3), (3, 2), (2, 1))]
+CASES += [(2, 2, 3, "adamw", "fp32"), (3, 3, 2, "adamw", "fp32"), (2, 2, 1, "sgd", "fp16")]
+
+
+@pytest.mark.parametrize("stage,old,new,optimizer,precision", CASES)
+def test_resize_carries_the_whole_optimizer_state(tmp_path, stage, old, new, optimizer, precision):
+    saved = run_ranks(old, _save, str(tmp_path), stage, optimizer, precision)
+    resumed = run_ranks(new, _resume, str(tmp_path), stage, optimizer, precision)
+    before = saved[0]
+    expected_keys = {"sgd": ["momentum_buffer"], "adamw": ["exp_avg", "exp_avg_sq"]}[optimizer]
+    assert before["keys"] == expected_keys
+    assert all(torch.count_nonzero(entry[key]) for entry in before["params"].values() for key in expected_keys)
+    for r in resumed:
+        assert r["keys"] == expected_keys
+        assert r["params"].keys() == before["params"].keys()
+        for name, entry in before["params"].items():
+            for key, value in entry.items():
+                assert torch.equal(r["params"][name][key], value), (name, key)
+        assert r["loss_scale"] == before["loss_scale"]
+        assert r["trained_to"] > 3
+    if precision == "fp16":
+        assert before["loss_scale"] is not None
+    momentum = [k for k in before["head_momentum"]]
+    for key in momentum:
+        full = torch.cat([s["head_momentum"][key] for s in saved])
+        assert torch.equal(torch.cat([r["head_momentum"][key] for r in resumed]), full), key
+    assert torch.equal(torch.cat([r["head"] for r in resumed]), torch.cat([s["head"] for s in saved]))
+    assert sum(n for _, n in (r["range"] for r in resumed)) == CLASSES
+
+
+# -- the LR follows samples; every sample of every epoch once, across a mid-epoch 2 -> 3 resize --------------
+
+def _data(kind, root):
+    if kind == "synthetic":
+        return DataConfig(num_samples=100)
+    from tests.test_arrow_loader import write_shards
+    path = Path(root) / "arrow"
+    if not (path / "manifest.json").exists():
+        write_shards(path, 100, 4, num_classes=CLASSES)
+    return DataConfig(source="arrow", path=str(path), num_workers=1)
+
+
+def _run_with_ledger(rank, world_size, root, out, kind, max_steps, resume):
+    trainer = make_trainer(world_size, Path(root) / out, stage=2, max_steps=max_steps, data=_data(kind, root))
+    trainer.ledger = []
+    if resume:
+        trainer.resume()
+    trainer.fit()
+    ledger = torch.cat(trainer.ledger, dim=1) if trainer.ledger else torch.empty(2, 0, dtype=torch.int64)
+    return {"lrs": trainer.lrs, "ledger": ledger, "dropped": trainer.dropped, "samples": trainer.position.samples}
+
+
+def reference_lr(samples, horizon=192, warmup=50, base=0.1, power=2.0):
+    """The curve restated: linear warm-up over `warmup` samples, then (1 - progress)^power to 0 at `horizon`."""
+    if samples < warmup:
+        return base * samples / warmup
+    return base * max(0.0, 1 - (samples - warmup) / (horizon - warmup)) ** power
+
+
+@pytest.mark.parametrize("kind", ["synthetic", "arrow"])
+def test_mid_epoch_2_to_3_resize_trains_every_sample_once_on_the_same_lr_curve(tmp_path, kind):
+    # 100 samples x 2 epochs. 2 ranks x 8 = 16 per step: the run ends at 192 (12 steps), 8 samples untrained.
+    # Cut after 3 steps (48 samples, mid-epoch 0), resume on 3 ranks x 8 = 24 per step: 6 steps to 192.
+    whole = run_ranks(2, _run_with_ledger, str(tmp_path), "whole", kind, None, False)
+    first = run_ranks(2, _run_with_ledger, str(tmp_path), "cut", kind, 3, False)
+    resumed = run_ranks(3, _run_with_ledger, str(tmp_path), "cut", kind, None, True)
+
+    assert [s for s, _ in whole[0]["lrs"]] == list(range(16, 193, 16))
+    assert [s for s, _ in resumed[0]["lrs"]] == list(range(72, 193, 24))
+    for samples, lr in whole[0]["lrs"] + resumed[0]["lrs"]:
+        assert lr == pytest.approx(reference_lr(samples), rel=1e-12, abs=1e-15), samples
+    uninterrupted = dict(whole[0]["lrs"])
+    for samples, lr in resumed[0]["lrs"]:
+        if samples in uninterrupted:
+            assert lr == uninterrupted[samples]
+    assert resumed[0]["lrs"][-1] == (192, 0.0) and whole[0]["lrs"][-1] == (192, 0.0)
+
+    # the ledger: (epoch, dataset row) of every trained sample, from every rank of both launches
+    trained = torch.cat([r["ledger"] for r in first + resumed], dim=1)
+    assert trained.shape[1] == 48 + 144
+    epoch0, epoch1 = trained[1][trained[0] == 0], trained[1][trained[0] == 1]
+    assert sorted(epoch0.tolist()) == list(range(100))  # epoch 0: every sample once, across the resize
+    assert len(set(epoch1.tolist())) == len(epoch1) == 92  # epoch 1: once each, 8 left at the run's end
+    assert all(r["dropped"] == 8 for r in resumed) and all(r["samples"] == 192 for r in resumed)
+    # the same samples as the uninterrupted run trained, only cut into other steps
+    assert sorted(map(tuple, trained.T.tolist())) == \
+        sorted(map(tuple, torch.cat([r["ledger"] for r in whole], dim=1).T.tolist()))
+
+
+# -- the same run: 2 -> 1 ranks with the global batch kept continues the uninterrupted losses -------------------
+
+RUN_YAML = """
+model: {backbone: r_tiny, embedding_size: 32}
+head: {num_classes: 50, sample_rate: 1.0}
+optimizer: {name: sgd, lr: 0.02}
+schedule: {epochs: 1, warmup_epochs: 0.2}
+data: {source: synthetic, num_samples: 480}
+output: {dir: OUT, log_every: 1, tensorboard: false}
+seed: 7
+"""
+DS_JSON = """{"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 5.0,
+ "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": true, "steps_per_print": 1000000000}"""
+
+
+def _launch(ranks, run_yaml, ds_json, *args):
+    from tests.test_train_cli import DEEPSPEED, _port
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(_port()), "--module", "ds_face.train",
+           "--config", str(run_yaml), "--deepspeed_config", str(ds_json), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _losses(log: str) -> dict[int, float]:
+    return {int(step): float(loss) for loss, step in re.findall(r"Loss ([0-9.]+) .*Global Step: (\d+)/", log)}
+
+
+def test_2_to_1_resize_with_the_global_batch_kept_continues_the_same_run(tmp_path):
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(DS_JSON)
+    runs = {}
+    for name in ("whole", "cut"):
+        (tmp_path / f"{name}.yaml").write_text(RUN_YAML.replace("OUT", str(tmp_path / name)))
+    _launch(2, tmp_path / "whole.yaml", ds_json)  # 480 / (2 x 8) = 30 steps
+    _launch(2, tmp_path / "cut.yaml", ds_json, "--set", "schedule.max_steps=8")  # saves step_8
+    out = _launch(1, tmp_path / "cut.yaml", ds_json, "--resume")
+    assert ("resuming step_8 with another layout: 2 rank(s) x micro-batch 8 x accumulation 1 = 16 -> "
+            "1 rank(s) x micro-batch 8 x accumulation 2 = 16 (global batch kept)") in out
+    for name in ("whole", "cut"):
+        runs[name] = _losses((tmp_path / name / "training.log").read_text())
+    assert sorted(runs["whole"]) == list(range(1, 31)) and sorted(runs["cut"]) == list(range(1, 31))
+    for step in range(9, 31):  # 22 steps after the resize, on 1 rank accumulating 2 micro-batches
+        whole, resized = runs["whole"][step], runs["cut"][step]
+        assert abs(resized - whole) <= 1e-4 * whole + 1e-4, (step, whole, resized)  # + the log's rounding
+    assert runs["whole"][30] < runs["whole"][1]  # it learns
+
+
+# -- a crash mid-save, then a resume on another world size that saves the same step again --------------------
+
+def _save_two_checkpoints(rank, world_size, root):
+    trainer = make_trainer(world_size, root, stage=2, max_steps=4, every=2)
+    trainer.fit()  # step_2 and step_4
+
+
+def _resume_and_train_to(rank, world_size, root, max_steps):
+    trainer = make_trainer(world_size, root, stage=2, max_steps=max_steps, every=2)
+    trainer.resume()
+    resumed_at = trainer.global_step
+    trainer.fit()
+    return {"resumed_at": resumed_at, "step": trainer.global_step}
+
+
+def test_a_save_over_an_interrupted_one_of_another_world_size_starts_clean(tmp_path):
+    from ds_face import export
+    run_ranks(2, _save_two_checkpoints, str(tmp_path))
+    save_dir = tmp_path / "checkpoints"
+    # As if the 2-rank run had died writing step_4: `latest` still names step_2, step_4 lacks some files.
+    (save_dir / "latest").write_text("step_2")
+    (save_dir / "step_4" / "ds_face_meta.json").unlink()
+    (save_dir / "step_4" / "head_rank1_of2.pt").unlink()
+    user_file = tmp_path / "notes.txt"
+    user_file.write_text("mine")
+    result = run_ranks(1, _resume_and_train_to, str(tmp_path), 4)  # 1 rank: step 2 -> 4, saves step_4 again
+    assert result[0] == {"resumed_at": 2, "step": 4}
+    assert (save_dir / "latest").read_text() == "step_4"
+    names = sorted(p.name for p in (save_dir / "step_4").iterdir())
+    assert "head_rank0_of1.pt" in names and not [n for n in names if "of2" in n]
+    assert not [n for n in names if n.startswith("zero_pp_rank_1")]  # no stale ZeRO shard of rank 1
+    assert user_file.read_text() == "mine"
+    again = run_ranks(1, _resume_and_train_to, str(tmp_path), 5)  # `latest` resumes ...
+    assert again[0] == {"resumed_at": 4, "step": 5}
+    (save_dir / "latest").write_text("step_4")
+    assert export.main([str(save_dir), "--out", str(tmp_path / "model.pt")]) == 0  # ... and exports
+    assert (tmp_path / "model.pt").stat().st_size > 0
