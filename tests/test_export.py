@@ -323,7 +323,7 @@ def test_init_backbone_accepts_ddp_and_wrapped_files(tmp_path):
     ("other backbone", r"does not fit backbone 'r_tiny', embedding 32: 72 unexpected keys: layer1\.1\.bn1\.weight.*"
                        r"96 shape mismatches: conv1\.weight: file \[64, 3, 3, 3\] vs model \[8, 3, 3, 3\].*"
                        r"The file has layers \[2, 2, 2, 2\], .* \(looks like r18\)"),
-    ("not torch", r"cannot read it as a weights-only torch file"),
+    ("not torch", r"not a readable torch file"),
     ("deepspeed file", r"is a DeepSpeed checkpoint file, not a model\.pt; export it first"),
     ("no file", r"no such file"),
 ])
