@@ -74,6 +74,7 @@ class DataConfig:
     shuffle_buffer: int = 10000  # arrow: samples per worker's shuffle buffer (x ~8 KB of JPEG each)
     flip: bool = True  # arrow: random horizontal flip
     on_corrupt: str = "skip"  # arrow: an undecodable image is counted and skipped ("skip") or stops the run
+    verify_sha256: bool = False  # arrow: before start, hash every shard against manifest.json (sizes: always)
 
 
 @dataclass
@@ -332,7 +333,7 @@ def _check_eval(e: EvalConfig) -> list[str]:
 
 def _check_arrow(cfg: RunConfig) -> list[str]:
     from ds_face.data.arrow import ON_CORRUPT
-    from ds_face.data.shards import ShardError, read_manifest
+    from ds_face.data.shards import ShardError, check_shard_files, read_manifest
     d = cfg.data
     errors = []
     if d.num_workers < 0:
@@ -345,6 +346,7 @@ def _check_arrow(cfg: RunConfig) -> list[str]:
         return errors + ["'data.path' must name a directory written by data_prep (rec2arrow or folder2arrow)"]
     try:
         manifest = read_manifest(d.path)
+        check_shard_files(manifest, d.path, full_hash=d.verify_sha256)  # sizes (and hashes) before any rank
     except ShardError as err:
         return errors + [f"'data.path': {err}"]
     if manifest.num_classes != cfg.head.num_classes:

@@ -15,6 +15,7 @@ refused file stops everything before DeepSpeed unpickles anything.
 from __future__ import annotations
 
 import os
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,16 @@ def named_globals(path: str | os.PathLike) -> list[str]:
     return found
 
 
+def _is_pickle(path: Path) -> bool:
+    """Whether the file's pickle parses as opcodes at all (garbage and truncated files do not)."""
+    import pickletools
+    try:
+        data = _pickle_bytes(path)
+        return bool(data) and all(True for _ in pickletools.genops(data))
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _allowed_names() -> set[str]:
     names = set(DEEPSPEED_GLOBALS)
     try:  # torch's own allow-list (tensor rebuilders, OrderedDict, ...): only to pick the culprit to name
@@ -112,16 +123,21 @@ def load_weights_only(path: str | os.PathLike, map_location: Any = "cpu", mmap: 
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - any failure means the file is unusable; say which and why
         text = str(err)
-        if "Weights only load failed" in text or isinstance(err, __import__("pickle").UnpicklingError):
+        refused = None
+        if "Weights only load failed" in text or isinstance(err, pickle.UnpicklingError):
             allowed = _allowed_names()
             refused = next((g for g in named_globals(path) if g not in allowed), None)
+        if refused or ("Unsupported" in text and _is_pickle(path)):  # a real pickle asking for more than data
             what = f"the global {refused}" if refused else "something other than tensors and plain values"
             raise UnsafeFileError(path, f"refused to load: it names {what}, which a weights-only load does not "
                                   f"allow (a checkpoint holds only tensors, plain values and "
                                   f"{len(DEEPSPEED_GLOBALS)} DeepSpeed types); this file may be malicious",
                                   refused) from None
-        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-        raise UnsafeFileError(path, f"not a readable torch file ({type(err).__name__}: {first})") from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        first = next((ln.split("error:", 1)[1].strip() for ln in lines if "WeightsUnpickler error:" in ln),
+                     lines[0] if lines else type(err).__name__)
+        raise UnsafeFileError(path, f"not a readable torch file ({type(err).__name__}: {first}; truncated "
+                              f"or not written by torch.save?)") from None
 
 
 def check_checkpoint_dir(tag_dir: str | os.PathLike) -> list[Path]:
