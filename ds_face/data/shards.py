@@ -32,6 +32,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("index", pa.int64())])
 ROWS_PER_RECORD_BATCH = 1000  # the unit `datasets` streams; its own writer uses the same cap
+MIN_ROW_BYTES = 16  # the least a row takes in a shard: its int64 label and int64 index (image bytes aside)
 
 
 class ShardError(ValueError):
@@ -182,6 +183,9 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
             value = getattr(shard, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ShardError(f"{path}: 'shards[{i}].{key}' must be an integer >= 0, got {value!r}")
+        if shard.rows * MIN_ROW_BYTES > shard.bytes:  # a count is bounded by the bytes that would hold it
+            raise ShardError(f"{path}: 'shards[{i}].rows' is {shard.rows}, but the shard's {shard.bytes} bytes "
+                             f"hold at most {shard.bytes // MIN_ROW_BYTES} rows ({MIN_ROW_BYTES} bytes each at least)")
         if not isinstance(shard.sha256, str) or not _SHA256.match(shard.sha256):
             raise ShardError(f"{path}: 'shards[{i}].sha256' must be 64 lowercase hex digits, got {shard.sha256!r}")
     names = [s.file for s in shards]
