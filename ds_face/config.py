@@ -297,7 +297,7 @@ def check_ds_json(ds: dict) -> list[str]:
                                                    " (not a DeepSpeed 0.19.8 config key)"))
     for key in DS_SECTIONS:
         if key in ds and not isinstance(ds[key], dict):
-            errors.append(f"'{key}' must be an object like {{\"enabled\": true}}, got {ds[key]!r}")
+            errors.append(f"'{key}' must be a JSON object {{...}}, got {ds[key]!r}")
     for key in DS_BOOLS:
         if key in ds and not isinstance(ds[key], bool):
             errors.append(f"'{key}' must be true or false, got {ds[key]!r}")

@@ -138,8 +138,11 @@ def image_header_size(data: bytes) -> tuple[int, int]:
     from PIL import Image
     if data[:3] == b"\xff\xd8\xff":
         return tuple(simplejpeg.decode_jpeg_header(data)[:2])
-    with Image.open(io.BytesIO(data)) as image:  # reads the header; pixels are decoded only on access
-        return image.height, image.width
+    import warnings
+    with warnings.catch_warnings():  # PIL's own bomb warning: MAX_PIXELS, far lower, decides here
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as image:  # reads the header; pixels are decoded only on access
+            return image.height, image.width
 
 
 def decode_images(images: list[bytes], where: str = "", max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -154,6 +157,8 @@ def decode_images(images: list[bytes], where: str = "", max_pixels: int = MAX_PI
     for i, data in enumerate(images):
         try:
             height, width = image_header_size(data)
+        except Image.DecompressionBombError as err:  # over twice PIL's limit: PIL refuses to open it at all
+            raise BinError(f"{where}: image {i}: {err}; refused without decoding it") from None
         except Exception as err:
             raise BinError(f"{where}: image {i} cannot be decoded ({type(err).__name__}: {err})") from None
         if height * width > max_pixels:

@@ -224,8 +224,8 @@ def test_train_reports_a_key_under_a_value_not_a_traceback(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("fields,expect", [
-    ({"fp16": 5}, r"'fp16' must be an object like \{\"enabled\": true\}, got 5"),
-    ({"zero_optimization": [2]}, r"'zero_optimization' must be an object .*, got \[2\]"),
+    ({"fp16": 5}, r"'fp16' must be a JSON object \{\.\.\.\}, got 5"),
+    ({"zero_optimization": [2]}, r"'zero_optimization' must be a JSON object \{\.\.\.\}, got \[2\]"),
     ({"gradient_clipping": "abc"}, r"'gradient_clipping' must be a finite number >= 0 \(0: off\), got 'abc'"),
     ({"gradient_clipping": float("nan")}, r"'gradient_clipping' must be a finite number >= 0 \(0: off\), got nan"),
     ({"gradient_clipping": -1}, r"'gradient_clipping' must be a finite number >= 0"),

@@ -283,6 +283,17 @@ def test_an_oversized_image_is_refused_from_its_header_without_decoding(tmp_path
     assert expect in err and "refused without decoding it" in err
 
 
+def test_an_image_pil_itself_refuses_to_open_is_named(tmp_path):
+    rng = np.random.default_rng(0)
+    bins = [png(face(i, rng)) for i in range(20)]
+    bins[5] = huge_png(20000, 20000)  # over twice PIL's bomb limit: PIL raises on open
+    path = tmp_path / "bomb.bin"
+    path.write_bytes(pickle.dumps((bins, [True] * 10)))
+    with pytest.raises(ev.BinError, match=rf"{path}: image 5: Image size \(400000000 pixels\) exceeds limit .*"
+                                          r"refused without decoding it"):
+        ev.VerificationSet.load(path)
+
+
 def test_a_larger_image_within_the_bound_is_resized(tmp_path):
     import simplejpeg
     rng = np.random.default_rng(0)
