@@ -241,9 +241,9 @@ BAD = {
     "missing model states": (lambda d: (d / TAG / export.MODEL_STATES).unlink() or d,
                              r"step_1/mp_rank_00_model_states\.pt is missing"),
     "corrupt model states": (lambda d: _garble(d / TAG / export.MODEL_STATES) or d,
-                             r"step_1/mp_rank_00_model_states\.pt is not a readable torch file"),
+                             r"step_1/mp_rank_00_model_states\.pt: not a readable torch file"),
     "corrupt optimizer shard": (lambda d: _garble(next((d / TAG).glob("*optim_states.pt"))) or d,
-                                r"step_1/zero_pp_rank_0_mp_rank_00_optim_states\.pt is not a readable torch file"),
+                                r"step_1/zero_pp_rank_0_mp_rank_00_optim_states\.pt: not a readable torch file"),
     "missing meta": (lambda d: (d / TAG / "ds_face_meta.json").unlink() or d, r"step_1/ds_face_meta\.json: not found; .* is not a complete ds_face checkpoint"),
 }
 
