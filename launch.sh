@@ -9,10 +9,14 @@
 # Single node by default: all local GPUs, or NUM_RANKS (default 2) CPU ranks when there is no GPU.
 # With --hostfile/-H: the hostfile is checked first (python -m ds_face.hostfile), and DS_FACE_*,
 # HF_*, OMP_NUM_THREADS, GLOO_*/TORCH_* variables reach the other nodes through a merged .deepspeed_env.
+# Before DeepSpeed starts anything, python -m ds_face.preflight checks both configs and output.dir; on a
+# single node the master port (a busy --master_port stops the launch; a busy default 29500 is replaced
+# by a free port, said on stderr); with a hostfile every value that DeepSpeed's pdsh runner would pass
+# through the nodes' shell (refused unless it arrives verbatim).
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
-    sed -n '2,11p' "$0" >&2
+    sed -n '2,16p' "$0" >&2
     exit 2
 fi
 run_config=$1 ds_config=$2
@@ -40,12 +44,27 @@ if ! printf '%s\n' "${runner[@]+"${runner[@]}"}" | grep -Eq "^($placement)(=|$)"
     runner+=(--num_gpus "${NUM_RANKS:-2}")
 fi
 
-cmd=("$deepspeed_bin" "${runner[@]}" --module ds_face.train
-     --config "$run_config" --deepspeed_config "$ds_config" "${trainer[@]+"${trainer[@]}"}")
+preflight=("$python_bin" -m ds_face.preflight "$run_config" "$ds_config")
 
 if [ -z "$hostfile" ]; then
-    exec "${cmd[@]}"
+    # Single node: configs, output.dir and the master port, in about a second.
+    master_port= port_given=
+    for ((i = 0; i < ${#runner[@]}; i++)); do
+        case ${runner[i]} in
+            --master_port) master_port=${runner[i+1]:-}; port_given=1 ;;
+            --master_port=*) master_port=${runner[i]#--master_port=}; port_given=1 ;;
+        esac
+    done
+    case $master_port in ''|*[!0-9]*) [ -n "$port_given" ] && { echo "launch.sh: error: --master_port '$master_port' is not a port number" >&2; exit 2; } ;; esac
+    port=$("${preflight[@]}" --port "${master_port:-29500}" ${port_given:+--port-given} \
+           -- "${trainer[@]+"${trainer[@]}"}") || exit 2
+    [ -n "$port_given" ] || [ "$port" = 29500 ] || runner+=(--master_port "$port")
+    exec "$deepspeed_bin" "${runner[@]}" --module ds_face.train \
+        --config "$run_config" --deepspeed_config "$ds_config" "${trainer[@]+"${trainer[@]}"}"
 fi
+
+cmd=("$deepspeed_bin" "${runner[@]}" --module ds_face.train
+     --config "$run_config" --deepspeed_config "$ds_config" "${trainer[@]+"${trainer[@]}"}")
 
 # Multi-node: a bad hostfile fails here, before ssh/pdsh start anything.
 "$python_bin" -m ds_face.hostfile "$hostfile" >/dev/null
@@ -61,16 +80,23 @@ while IFS= read -r name; do
     forward+=("$name=$value")
 done < <(compgen -e | grep -E '^(DS_FACE_[A-Z0-9_]*|HF_[A-Z0-9_]*|OMP_NUM_THREADS|GLOO_[A-Z0-9_]*|TORCH_NCCL_[A-Z0-9_]*|TORCH_DISTRIBUTED_DEBUG|TORCH_CPP_LOG_LEVEL)$' || true)
 
+env_name=${DS_ENV_FILE:-.deepspeed_env}
+case $env_name in /*) user_files=("$env_name") ;; *) user_files=("$HOME/$env_name" "$PWD/$env_name") ;; esac
+# Every value DeepSpeed's runner will export, and every trainer argument, reaches every node's shell:
+# refuse those that would not arrive verbatim (ds_face.preflight), before anything starts.
+checks=(--remote)
+for user_file in "${user_files[@]}"; do [ -f "$user_file" ] && checks+=(--env-file "$user_file"); done
+for pair in "${forward[@]+"${forward[@]}"}"; do checks+=(--forward "${pair%%=*}"); done
+"${preflight[@]}" "${checks[@]}" -- "${trainer[@]+"${trainer[@]}"}" || exit 2
+
 if [ ${#forward[@]} -eq 0 ]; then
     exec "${cmd[@]}"
 fi
 
-env_name=${DS_ENV_FILE:-.deepspeed_env}
 env_file=$(mktemp "${TMPDIR:-/tmp}/ds_face_env.XXXXXX")
 trap 'rm -f "$env_file"' EXIT
 {
     seen=
-    case $env_name in /*) user_files=("$env_name") ;; *) user_files=("$HOME/$env_name" "$PWD/$env_name") ;; esac
     for user_file in "${user_files[@]}"; do
         [ -f "$user_file" ] || continue
         real=$(realpath "$user_file")

@@ -35,15 +35,13 @@ def arrow_source(directory: str) -> tuple[int, Iterator[tuple[bytes, int, str]]]
     """(number of samples, iterator of (image bytes, label, where)) over the shards in manifest order."""
     import pyarrow as pa
 
-    from ds_face.data.shards import ShardError, read_manifest
+    from ds_face.data.shards import ShardError, check_shard_files, read_manifest
     try:
         manifest = read_manifest(directory)
+        check_shard_files(manifest, directory)  # confined to the directory, present, of the manifest's size
     except ShardError as err:
         raise EmbedError(str(err)) from None
     paths = manifest.shard_paths(directory)
-    for path in paths:
-        if not os.path.isfile(path):
-            raise EmbedError(f"{path}: shard listed in the manifest is missing")
 
     def rows():
         for path in paths:

@@ -19,7 +19,9 @@ code, so the files are read with a restricted unpickler that resolves no global 
 and scalar reconstructors (``_reconstruct``, ``ndarray``, ``dtype``, ``scalar``: they build arrays from bytes and
 call nothing else) and ``_codecs.encode`` (protocol-2 pickles of Python 3 bytes), for third-party files that store images as uint8 arrays or flags as numpy bools. Anything
 else (``os.system``, ``builtins.eval``, ...) is refused before it is called, with an error naming the file and
-the global. The InsightFace files need no global.
+the global. The InsightFace files need no global. Every image's width and height are read from its header
+before it is decoded; an image over ``MAX_PIXELS`` (16x 112x112) is refused, naming it, so a 10000x10000
+JPEG costs nothing.
 """
 from __future__ import annotations
 
@@ -38,6 +40,10 @@ import numpy as np
 from ds_face.fileio import write_json_atomic
 
 IMAGE_SIZE = (112, 112)
+# The largest image a .bin may hold, in pixels: 16x the 112x112 the sets are made of (e.g. 448x448, or the
+# 250x250 LFW originals), read from the header and refused before decoding: a 10000x10000 JPEG would
+# otherwise take ~300 MB to decode (65535x65535: ~13 GB) before being resized to 112x112.
+MAX_PIXELS = 16 * IMAGE_SIZE[0] * IMAGE_SIZE[1]
 THRESHOLDS = np.arange(0, 4, 0.01)
 NUM_FOLDS = 10
 
@@ -126,13 +132,38 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     return images, np.asarray(issame, dtype=bool)
 
 
-def decode_images(images: list[bytes], where: str = "") -> np.ndarray:
-    """uint8 [N, 112, 112, 3] RGB; an image of another size is resized to 112x112 (arcface_torch resizes too)."""
+def image_header_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from an encoded image's header alone (JPEG: simplejpeg; PNG and others: PIL's lazy open)."""
+    import simplejpeg
+    from PIL import Image
+    if data[:3] == b"\xff\xd8\xff":
+        return tuple(simplejpeg.decode_jpeg_header(data)[:2])
+    import warnings
+    with warnings.catch_warnings():  # PIL's own bomb warning: MAX_PIXELS, far lower, decides here
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as image:  # reads the header; pixels are decoded only on access
+            return image.height, image.width
+
+
+def decode_images(images: list[bytes], where: str = "", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """uint8 [N, 112, 112, 3] RGB; an image of another size is resized to 112x112 (arcface_torch resizes too).
+
+    Every image's size is read from its header first; one larger than ``max_pixels`` is refused, naming it,
+    before any of its pixels are decoded."""
     from PIL import Image
 
     from ds_face.data.arrow import decode_rgb
     out = np.empty((len(images), *IMAGE_SIZE, 3), np.uint8)
     for i, data in enumerate(images):
+        try:
+            height, width = image_header_size(data)
+        except Image.DecompressionBombError as err:  # over twice PIL's limit: PIL refuses to open it at all
+            raise BinError(f"{where}: image {i}: {err}; refused without decoding it") from None
+        except Exception as err:
+            raise BinError(f"{where}: image {i} cannot be decoded ({type(err).__name__}: {err})") from None
+        if height * width > max_pixels:
+            raise BinError(f"{where}: image {i} is {width}x{height}, more than the {max_pixels} pixels allowed "
+                           f"(16x {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}); refused without decoding it")
         try:
             pixels = decode_rgb(data)
             if pixels.shape[:2] != IMAGE_SIZE:

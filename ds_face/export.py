@@ -32,10 +32,11 @@ without ``--overwrite``):
 
 Exit codes: 0 done, 2 bad input (``error: ...`` on stderr, nothing written), 1 ONNX check failed.
 
-Files are read with ``torch.load(weights_only=True)`` wherever that can work: our own files
-(head shards) and DeepSpeed's model-states file. DeepSpeed's ZeRO optimizer shards pickle
-DeepSpeed objects, so ``deepspeed.utils.zero_to_fp32`` loads them with ``weights_only=False``:
-only export checkpoints you (or someone you trust) produced.
+Every ``*.pt`` of the tag directory is first read weights-only (``ds_face.safe_load``: tensors, plain
+values and the four DeepSpeed types its files hold); only then does DeepSpeed's ``zero_to_fp32``, which
+unpickles the ZeRO shards with ``weights_only=False``, see them. A file that names anything else
+(``os.system``, ``builtins.exec``, ...) is refused, naming the file and the global; nothing of it runs.
+The counts in ``ds_face_meta.json`` are checked against the files present before they are used.
 """
 from __future__ import annotations
 
@@ -117,12 +118,24 @@ def resolve_tag_dir(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Path
 
 
 def read_meta(tag_dir: Path) -> dict:
-    """ds_face_meta.json, checked where resume checks it (ds_face.checkpoint)."""
+    """ds_face_meta.json, checked where resume checks it (ds_face.checkpoint), its counts bounded by the files."""
     from ds_face.checkpoint import CheckpointError
     from ds_face.checkpoint import read_meta as checked
+    from ds_face.safe_load import check_meta_counts
     try:
-        return checked(tag_dir)
-    except CheckpointError as err:
+        meta = checked(tag_dir)
+        check_meta_counts(meta, tag_dir, META)
+        return meta
+    except (CheckpointError, ValueError) as err:
+        raise ExportError(str(err)) from None
+
+
+def check_files(tag_dir: Path) -> None:
+    """Every torch file of the tag directory read weights-only, before DeepSpeed unpickles any of them."""
+    from ds_face.safe_load import UnsafeFileError, check_checkpoint_dir
+    try:
+        check_checkpoint_dir(tag_dir)
+    except UnsafeFileError as err:
         raise ExportError(str(err)) from None
 
 
@@ -133,13 +146,13 @@ def _check_torch_file(path: Path) -> None:
         raise ExportError(f"{path} is not a readable torch file (truncated or corrupt?)")
 
 
-def _load(path: Path, weights_only: bool = True):
+def _load(path: Path):
+    from ds_face.safe_load import UnsafeFileError, load_weights_only
     _check_torch_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(f"{path}: cannot load it: {first}") from None
+        return load_weights_only(path)
+    except UnsafeFileError as err:
+        raise ExportError(str(err)) from None
 
 
 # -- the backbone -----------------------------------------------------------------------------------
@@ -163,7 +176,8 @@ def load_backbone_state(ckpt_dir: str | os.PathLike, tag: str | None = None) -> 
     if not states_file.exists():
         raise ExportError(f"{states_file} is missing (ZeRO-3: {ZERO3_MODEL_STATES.format(rank=0)}): "
                           f"{tag_dir} is not a complete DeepSpeed checkpoint")
-    states = _load(states_file)  # DeepSpeed's model-states file holds only tensors and plain values
+    check_files(tag_dir)  # before zero_to_fp32 (weights_only=False) sees any file
+    states = _load(states_file)
     if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
         raise ExportError(f"{states_file} is not a DeepSpeed model-states file (no 'module' entry)")
     meta = read_meta(tag_dir)
@@ -264,7 +278,7 @@ def _zero_fp32(tag_dir: Path, stage: int, world_size: int, optim_files: list[Pat
     with contextlib.redirect_stdout(sys.stderr):
         try:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-            # zero_to_fp32 loads the optimizer shards with weights_only=False (they pickle DeepSpeed objects).
+            # zero_to_fp32 loads the shards with weights_only=False: load_backbone_state ran check_files first.
             return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name))
         except Exception as err:
             raise ExportError(f"{tag_dir}: DeepSpeed could not rebuild the fp32 weights: "
@@ -293,6 +307,7 @@ def gather_head(ckpt_dir: str | os.PathLike, tag: str | None = None, meta: dict 
     from ds_face.checkpoint import CheckpointError, head_slices
     tag_dir = resolve_tag_dir(ckpt_dir, tag)
     meta = meta if meta is not None else read_meta(tag_dir)
+    check_files(tag_dir)
     try:
         slices = head_slices(tag_dir, int(meta["world_size"]), int(meta["num_classes"]), int(meta["embedding_size"]))
     except CheckpointError as err:

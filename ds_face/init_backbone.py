@@ -1,6 +1,6 @@
 """Start a backbone from a ``model.pt``: ``ds_face.train ... --init-backbone model.pt``.
 
-Accepted files (read with ``torch.load(weights_only=True)``, nothing is executed):
+Accepted files (read weights-only by ``ds_face.safe_load.load_weights_only``, nothing is executed):
 
 * a plain state_dict, as arcface_torch saves it (``torch.save(backbone.module.state_dict())``,
   the model-zoo ``model.pt`` files) and as ``python -m ds_face.export`` writes it;
@@ -34,19 +34,12 @@ class BackboneFileError(ConfigError):
 
 def read_backbone_file(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
     """The state_dict in ``path``, unwrapped and without ``module.`` prefixes (not yet checked)."""
+    from ds_face.safe_load import UnsafeFileError, load_weights_only
     path = Path(path)
-    if not path.is_file():
-        raise BackboneFileError(f"{path}: no such file")
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError:
-            if not mmap:
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) files can't mmap
-    except Exception as err:  # truncated / not a torch file / pickled objects beyond tensors
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BackboneFileError(f"{path}: cannot read it as a weights-only torch file: {first}") from None
+    try:  # the one weights-only loader: a file that names os.system & co. is refused, naming it
+        obj = load_weights_only(path, mmap=mmap)
+    except UnsafeFileError as err:
+        raise BackboneFileError(str(err)) from None
     if isinstance(obj, dict) and "module" in obj and "buffer_names" in obj and "ds_version" in obj:
         raise BackboneFileError(f"{path} is a DeepSpeed checkpoint file, not a model.pt; export it first: "
                                 f"python -m ds_face.export {path.parent} --out model.pt")

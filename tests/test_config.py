@@ -145,3 +145,136 @@ def test_arrow_source_checked_against_manifest_and_world_size(tmp_path):
     with pytest.raises(ConfigError, match="'data.path' must name a directory written by data_prep"):
         load_run_config(path, {"head.num_classes": 12, "data.path": "", "data.on_corrupt": "skip",
                                "data.num_workers": 2})
+
+
+# -- issue 14: numbers finite and sane, the DeepSpeed JSON typed, --set as meant, output.dir writable ---------
+
+from ds_face.config import parse_set_overrides  # noqa: E402
+
+CPU_DEMO = ROOT / "configs" / "cpu_demo.yaml"
+
+
+@pytest.mark.parametrize("pair,expect", [
+    ("optimizer.lr=.nan", r"'optimizer\.lr' must be a finite number, got nan"),
+    ("optimizer.lr=.inf", r"'optimizer\.lr' must be a finite number, got inf"),
+    ("optimizer.lr=-.inf", r"'optimizer\.lr' must be a finite number, got -inf"),
+    ("optimizer.lr=1.0e+30", r"'optimizer\.lr' must be in \(0, 10\.0\], got 1e\+30"),
+    ("optimizer.lr=1e400", r"'optimizer\.lr' must be a finite number"),
+    ("optimizer.lr=0", r"'optimizer\.lr' must be in \(0, 10\.0\], got 0\.0"),
+    ("head.scale=.nan", r"'head\.scale' must be a finite number, got nan"),
+    ("head.scale=1e9", r"'head\.scale' must be in \(0, 1024\.0\], got 1000000000\.0"),
+    ("schedule.power=.nan", r"'schedule\.power' must be a finite number, got nan"),
+    ("schedule.warmup_epochs=.nan", r"'schedule\.warmup_epochs' must be a finite number, got nan"),
+    ("head.margin=[1.0, .nan, 0.0]", r"'head\.margin' must be three finite numbers"),
+    ("head.margin=[1.0, 0.5, 5.0]", r"'head\.margin' \[1\.0, 0\.5, 5\.0\] out of range: need 0 < m1 <= 10\.0"),
+    ("head.sample_rate=.nan", r"'head\.sample_rate' must be a finite number, got nan"),
+    ("optimizer.momentum=-5", r"'optimizer\.momentum' must be in \[0, 1\), got -5\.0"),
+    ("optimizer.momentum=1", r"'optimizer\.momentum' must be in \[0, 1\), got 1\.0"),
+    ("optimizer.weight_decay=-1e-4", r"'optimizer\.weight_decay' must be in \[0, 1\.0\], got -0\.0001"),
+    ("optimizer.weight_decay=.inf", r"'optimizer\.weight_decay' must be a finite number, got inf"),
+    ("model.dropout=2.0", r"'model\.dropout' must be in \[0, 1\), got 2\.0"),
+    ("model.dropout=1", r"'model\.dropout' must be in \[0, 1\), got 1\.0"),
+    ("model.backbone.foo=1", r"--set model\.backbone\.foo: 'model\.backbone' is 'r_tiny', not a mapping: it has "
+                             r"no key 'foo'"),
+    ("optimizer.lr=abc", r"'optimizer\.lr' must be float, got 'abc'"),
+])
+def test_set_values_out_of_range_are_refused_by_name(pair, expect):
+    with pytest.raises(ConfigError, match=expect) as err:
+        load_run_config(CPU_DEMO, parse_set_overrides([pair]))
+    assert str(err.value).startswith(f"{CPU_DEMO}: invalid run config:")
+
+
+def test_nan_in_the_yaml_file_is_refused(tmp_path):
+    path = run_yaml(tmp_path, "optimizer:\n  lr: .nan\n  momentum: -5\nhead:\n  scale: .nan\n")
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    assert "'optimizer.lr' must be a finite number, got nan" in str(err.value)
+
+
+@pytest.mark.parametrize("pair,expect", [
+    ("optimizer.lr=1e-3", 0.001), ("optimizer.lr=5E-4", 0.0005), ("optimizer.lr=1.0e-3", 0.001),
+    ("optimizer.lr=2", 2.0), ("schedule.max_steps=100", 100), ("schedule.max_steps=null", None),
+])
+def test_set_takes_what_the_user_means(pair, expect):
+    key = pair.split("=")[0].split(".")
+    cfg = load_run_config(CPU_DEMO, parse_set_overrides([pair]))
+    assert getattr(getattr(cfg, key[0]), key[1]) == expect
+
+
+def test_a_yaml_1e_minus_3_in_the_file_is_a_number(tmp_path):
+    assert load_run_config(run_yaml(tmp_path, "optimizer:\n  lr: 1e-3\n")).optimizer.lr == 0.001
+
+
+@pytest.mark.parametrize("pair,expect", [
+    ("optimizer.lr", r"--set expects KEY=VALUE, got 'optimizer\.lr'"),
+    ("=1", r"--set expects KEY=VALUE, got '=1'"),
+    ("a..b=1", r"--set 'a\.\.b=1': 'a\.\.b' is not a dotted key"),
+    ("head.margin=[1, 2", r"--set 'head\.margin=\[1, 2': the value is not valid YAML"),
+])
+def test_set_pairs_that_are_not_key_value(pair, expect):
+    with pytest.raises(ConfigError, match=expect):
+        parse_set_overrides([pair])
+
+
+def test_train_reports_a_key_under_a_value_not_a_traceback(tmp_path, capsys):
+    from ds_face.train import main
+    args = ["--config", str(CPU_DEMO), "--deepspeed_config", str(ROOT / "ds_configs/cpu_zero2_fp32.json"),
+            "--set", f"output.dir={tmp_path}", "--set", "model.backbone.foo=1"]
+    assert main(args) == 2
+    assert "--set model.backbone.foo: 'model.backbone' is 'r_tiny', not a mapping" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fields,expect", [
+    ({"fp16": 5}, r"'fp16' must be a JSON object \{\.\.\.\}, got 5"),
+    ({"zero_optimization": [2]}, r"'zero_optimization' must be a JSON object \{\.\.\.\}, got \[2\]"),
+    ({"gradient_clipping": "abc"}, r"'gradient_clipping' must be a finite number >= 0 \(0: off\), got 'abc'"),
+    ({"gradient_clipping": float("nan")}, r"'gradient_clipping' must be a finite number >= 0 \(0: off\), got nan"),
+    ({"gradient_clipping": -1}, r"'gradient_clipping' must be a finite number >= 0"),
+    ({"fp_16": {"enabled": True}}, r"unknown key 'fp_16' \(did you mean 'fp16'\?\)"),
+    ({"zero_optimisation": {"stage": 2}}, r"unknown key 'zero_optimisation' \(did you mean 'zero_optimization'\?\)"),
+    ({"gradient_acumulation_steps": 2}, r"unknown key 'gradient_acumulation_steps' \(did you mean "
+                                        r"'gradient_accumulation_steps'\?\)"),
+    ({"fp16": {"enabled": "yes"}}, r"'fp16\.enabled' must be true or false, got 'yes'"),
+    ({"fp16": {"enabled": True, "initial_scale_power": 1000}}, r"'fp16\.initial_scale_power' must be an integer "
+                                                               r"in \[0, 64\], got 1000"),
+    ({"fp16": {"enabled": True, "loss_scale": float("inf")}}, r"'fp16\.loss_scale' must be a finite number"),
+    ({"zero_optimization": {"stage": True}}, r"'zero_optimization\.stage' must be 0, 1, 2 or 3, got True"),
+    ({"wall_clock_breakdown": "false"}, r"'wall_clock_breakdown' must be true or false, got 'false'"),
+    ({"steps_per_print": 0}, r"'steps_per_print' must be a positive integer, got 0"),
+])
+def test_ds_json_types_and_unknown_keys(tmp_path, fields, expect):
+    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, **fields}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))  # json writes NaN/Infinity, as a hand-edited file may hold them
+    with pytest.raises(ConfigError, match=expect) as err:
+        load_ds_config(path, 2)
+    assert str(err.value).startswith(f"{path}: invalid DeepSpeed config:")
+
+
+def test_ds_json_without_world_size_skips_only_the_batch_product(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "train_batch_size": 12}))
+    load_ds_config(path, None)
+    with pytest.raises(ConfigError, match="'train_batch_size' is 12"):
+        load_ds_config(path, 2)
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    for where in (tmp_path / "f", tmp_path / "f" / "run"):
+        with pytest.raises(ConfigError, match=rf"'output\.dir' {where}:? .*is a file"):
+            load_run_config(CPU_DEMO, {"output.dir": str(where)})
+
+
+def test_output_dir_that_cannot_be_written(tmp_path):
+    import os
+    if os.geteuid() == 0:  # permission bits do not stop root: use a read-only file system instead
+        where = Path("/proc/ds_face_run")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        where = locked / "run"
+    with pytest.raises(ConfigError, match=rf"'output\.dir' {where}: cannot write in {where.parent} "):
+        load_run_config(CPU_DEMO, {"output.dir": str(where)})
+    load_run_config(CPU_DEMO, {"output.dir": str(tmp_path / "new" / "deep")})  # creatable: fine
+    assert not (tmp_path / "new").exists()  # the check leaves nothing behind

@@ -247,6 +247,68 @@ def test_undecodable_image_names_its_index_and_cli_exits_2(tmp_path, tiny_model,
     assert "nope.pt: no such file" in capsys.readouterr().err
 
 
+def huge_jpeg(width: int, height: int) -> bytes:
+    """A real JPEG whose header says width x height: a small one encoded, then its SOF0 frame size set
+    (a decoder believes the header and allocates for it, as with a real bomb)."""
+    import simplejpeg
+    data = bytearray(simplejpeg.encode_jpeg(np.zeros((16, 16, 3), np.uint8), colorspace="RGB"))
+    sof = data.index(b"\xff\xc0")  # SOF0: marker, length(2), precision(1), height(2), width(2)
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def huge_png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("1", (width, height)).save(out, format="PNG")  # 1-bit, compresses to a few KB
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "png"])
+def test_an_oversized_image_is_refused_from_its_header_without_decoding(tmp_path, tiny_model, capsys, kind):
+    import simplejpeg
+    rng = np.random.default_rng(0)
+    bins = [png(face(i, rng)) for i in range(20)]
+    bins[7] = huge_jpeg(10000, 10000) if kind == "jpeg" else huge_png(10000, 10000)
+    assert ev.image_header_size(bins[7]) == (10000, 10000)
+    if kind == "jpeg":
+        assert simplejpeg.decode_jpeg_header(bins[7])[:2] == (10000, 10000)
+    path = tmp_path / "bomb.bin"
+    path.write_bytes(pickle.dumps((bins, [True] * 10)))
+    expect = f"{path}: image 7 is 10000x10000, more than the 200704 pixels allowed"
+    with pytest.raises(ev.BinError, match=expect):
+        ev.VerificationSet.load(path)
+    args = ["--model", str(tiny_model[0]), "--backbone", "r_tiny", "--embedding", "32", "--device", "cpu"]
+    assert ev.main(args + ["--bin", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert expect in err and "refused without decoding it" in err
+
+
+def test_an_image_pil_itself_refuses_to_open_is_named(tmp_path):
+    rng = np.random.default_rng(0)
+    bins = [png(face(i, rng)) for i in range(20)]
+    bins[5] = huge_png(20000, 20000)  # over twice PIL's bomb limit: PIL raises on open
+    path = tmp_path / "bomb.bin"
+    path.write_bytes(pickle.dumps((bins, [True] * 10)))
+    with pytest.raises(ev.BinError, match=rf"{path}: image 5: Image size \(400000000 pixels\) exceeds limit .*"
+                                          r"refused without decoding it"):
+        ev.VerificationSet.load(path)
+
+
+def test_a_larger_image_within_the_bound_is_resized(tmp_path):
+    import simplejpeg
+    rng = np.random.default_rng(0)
+    bins = [png(face(i, rng)) for i in range(20)]
+    bins[3] = simplejpeg.encode_jpeg(rng.integers(0, 255, (448, 448, 3), dtype=np.uint8), colorspace="RGB")
+    bins[4] = png(np.zeros((250, 250, 3), np.uint8))  # the LFW originals' size
+    path = tmp_path / "big.bin"
+    path.write_bytes(pickle.dumps((bins, [True] * 10)))
+    assert ev.VerificationSet.load(path).images.shape == (20, 112, 112, 3)
+    bins[3] = simplejpeg.encode_jpeg(np.zeros((449, 448, 3), np.uint8), colorspace="RGB")
+    path.write_bytes(pickle.dumps((bins, [True] * 10)))
+    with pytest.raises(ev.BinError, match="image 3 is 448x449, more than the 200704 pixels allowed"):
+        ev.VerificationSet.load(path)
+
+
 # -- config ---------------------------------------------------------------------------------------------
 
 def test_eval_config_checks(tmp_path, bin40):

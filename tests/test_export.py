@@ -223,9 +223,9 @@ BAD = {
     "missing model states": (lambda d: (d / TAG / export.MODEL_STATES).unlink() or d,
                              r"step_1/mp_rank_00_model_states\.pt is missing"),
     "corrupt model states": (lambda d: _garble(d / TAG / export.MODEL_STATES) or d,
-                             r"step_1/mp_rank_00_model_states\.pt is not a readable torch file"),
+                             r"step_1/mp_rank_00_model_states\.pt: not a readable torch file"),
     "corrupt optimizer shard": (lambda d: _garble(next((d / TAG).glob("*optim_states.pt"))) or d,
-                                r"step_1/zero_pp_rank_0_mp_rank_00_optim_states\.pt is not a readable torch file"),
+                                r"step_1/zero_pp_rank_0_mp_rank_00_optim_states\.pt: not a readable torch file"),
     "missing meta": (lambda d: (d / TAG / "ds_face_meta.json").unlink() or d, r"step_1/ds_face_meta\.json: not found; .* is not a complete ds_face checkpoint"),
 }
 
@@ -305,7 +305,7 @@ def test_init_backbone_accepts_ddp_and_wrapped_files(tmp_path):
     ("other backbone", r"does not fit backbone 'r_tiny', embedding 32: 72 unexpected keys: layer1\.1\.bn1\.weight.*"
                        r"96 shape mismatches: conv1\.weight: file \[64, 3, 3, 3\] vs model \[8, 3, 3, 3\].*"
                        r"The file has layers \[2, 2, 2, 2\], .* \(looks like r18\)"),
-    ("not torch", r"cannot read it as a weights-only torch file"),
+    ("not torch", r"not a readable torch file"),
     ("deepspeed file", r"is a DeepSpeed checkpoint file, not a model\.pt; export it first"),
     ("no file", r"no such file"),
 ])

@@ -63,7 +63,10 @@ def launch_sh(tmp_path, *args):
     """launch.sh with a deepspeed stub on PATH that records its arguments and DS_ENV_FILE's content."""
     stub = tmp_path / "bin"
     stub.mkdir(exist_ok=True)
-    (stub / "python").symlink_to(sys.executable) if not (stub / "python").exists() else None
+    # launch.sh runs the python beside deepspeed (ds_face.hostfile, ds_face.preflight): the venv's, by a
+    # wrapper (a symlink would lose the venv: python finds pyvenv.cfg beside the path it was started by)
+    (stub / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (stub / "python").chmod(0o755)
     (stub / "deepspeed").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD"\n'
                                     '[ -n "$DS_ENV_FILE" ] && cat "$DS_ENV_FILE" > "$RECORD.env"\nexit 0\n')
     (stub / "deepspeed").chmod(0o755)

@@ -30,3 +30,10 @@ def test_two_hosts_over_pdsh_train_and_checkpoint():
 @pytest.mark.parametrize("rank", [0, 1])
 def test_killing_one_node_rank_stops_both_nodes(rank):
     assert f"run_two_hosts: OK: rank {rank} killed" in two_hosts("--kill-rank", str(rank))
+
+
+def test_hostile_values_are_refused_and_quoted_values_arrive_verbatim():
+    out = two_hosts("--hostile")
+    assert "control: DeepSpeed's runner alone ran $(touch ...) from an exported value" in out
+    assert "refused 9 hostile launches, no marker file" in out
+    assert "run_two_hosts: OK: hostile values refused (9)" in out

@@ -4,6 +4,10 @@
 #   tests/multinode/run_two_hosts.sh              (make test-multinode): train 6 steps, checkpoint
 #   tests/multinode/run_two_hosts.sh --kill-rank R  kill -9 global rank R (node R's rank) after step 2:
 #                                                   the launch must exit non-zero within 90 s, naming it
+#   tests/multinode/run_two_hosts.sh --hostile      values with $(...), backticks, ';' for the nodes' shell:
+#                                                   DeepSpeed's runner alone runs them (control), launch.sh
+#                                                   refuses them naming each (no marker file appears), and
+#                                                   values with spaces, quotes and ;|() arrive verbatim
 #
 # Starts a private sshd bound to loopback only (127.0.0.1 and 127.0.0.2, a free high port), key
 # authentication only, with a host key, a user key, known_hosts and an ssh_config all generated in a
@@ -15,11 +19,12 @@
 # Needs: sshd and pdsh (Debian: apt-get install -y openssh-server pdsh), the venv's deepspeed on PATH.
 set -euo pipefail
 
-kill_rank=
+kill_rank= hostile=
 case ${1:-} in
     --kill-rank) kill_rank=${2:?--kill-rank needs 0 or 1} ;;
+    --hostile) hostile=1 ;;
     "") ;;
-    *) echo "usage: $0 [--kill-rank 0|1]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--kill-rank 0|1 | --hostile]" >&2; exit 2 ;;
 esac
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -99,6 +104,67 @@ done
 ssh 127.0.0.2 true || { echo "run_two_hosts: error: no ssh to 127.0.0.2:$port" >&2; cat "$tmp/sshd.log" >&2; exit 1; }
 
 printf '# two "nodes" on this machine\n127.0.0.1 slots=1\n127.0.0.2 slots=1\n' > "$tmp/hostfile"
+
+if [ -n "$hostile" ]; then
+    fail() { echo "run_two_hosts: FAIL: $*" >&2; exit 1; }
+    # Control: DeepSpeed's pdsh runner by itself runs a $(...) from an exported value on every node.
+    printf 'DS_FACE_TIMEOUT_MIN=3$(touch %s/control_marker)\n' "$tmp" > "$tmp/evil_env"
+    DS_ENV_FILE=$tmp/evil_env timeout 120 deepspeed --hostfile "$tmp/hostfile" --launcher pdsh \
+        --master_addr 127.0.0.1 --master_port "$master_port" --no_python --no_local_rank /bin/true \
+        > "$tmp/control.log" 2>&1 || true
+    ls "$tmp"/control_*marker >/dev/null 2>&1 || { cat "$tmp/control.log" >&2; fail "control: the runner did not run \$(...)"; }
+    echo "run_two_hosts: control: DeepSpeed's runner alone ran \$(touch ...) from an exported value"
+
+    # launch.sh: each hostile value is refused, naming it, and nothing runs anywhere.
+    refused=0
+    try_hostile() {  # try_hostile NAME [ENV=VALUE] -- launch.sh arguments...
+        local name=$1; shift
+        local envs=()
+        while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
+        set +e
+        env "${envs[@]+"${envs[@]}"}" timeout 60 "$root/launch.sh" "$root/configs/cpu_demo.yaml" \
+            "$root/ds_configs/cpu_zero2_fp32.json" --hostfile "$tmp/hostfile" --master_addr 127.0.0.1 \
+            --master_port "$master_port" --launcher pdsh --set "output.dir=$tmp/refused" "$@" > "$tmp/h.log" 2>&1
+        local rc=$?
+        set -e
+        [ "$rc" -eq 2 ] || { cat "$tmp/h.log" >&2; fail "$name: launch.sh exited $rc, expected 2"; }
+        grep -q "launch.sh: error: values that would not reach the other nodes verbatim" "$tmp/h.log" \
+            || { cat "$tmp/h.log" >&2; fail "$name: no refusal message"; }
+        ! ls "$tmp"/pwned* >/dev/null 2>&1 || fail "$name: a marker file appeared: $(ls "$tmp"/pwned*)"
+        [ ! -e "$tmp/refused" ] || fail "$name: the run started ($tmp/refused exists)"
+        echo "run_two_hosts: refused $name: $(grep -A3 'launch.sh: error' "$tmp/h.log" | tail -n +2 | head -1 | sed 's/^ *//')"
+        refused=$((refused + 1))
+    }
+    try_hostile "env \$(...)" "DS_FACE_TIMEOUT_MIN=10\$(touch $tmp/pwned1)" --
+    try_hostile "env backticks" "DS_FACE_TIMEOUT_MIN=10\`touch $tmp/pwned2\`" --
+    try_hostile "env double quote" "DS_FACE_NOTE=a\"; touch $tmp/pwned3; echo \"" --
+    try_hostile "NCCL_* env" "NCCL_DEBUG=\$(touch $tmp/pwned4)" --
+    try_hostile "--set \$(...)" -- --set "output.log_every=\$(touch $tmp/pwned5)"
+    try_hostile "--set backticks" -- --set "output.log_every=\`touch $tmp/pwned6\`"
+    try_hostile "--set ;" -- --set "output.dir=x;touch>$tmp/pwned7"
+    try_hostile "--set glob" -- --set "head.margin=[1.0,0.5,0.0]"
+    printf 'DS_FACE_X=$(touch %s/pwned8)\n' "$tmp" > "$tmp/user_env"
+    try_hostile "a DS_ENV_FILE line" "DS_ENV_FILE=$tmp/user_env" --
+    echo "run_two_hosts: refused $refused hostile launches, no marker file"
+
+    # Values that the shell would misread if DeepSpeed's quoting were not enough arrive verbatim:
+    # output.dir with spaces, ; | ( ) and a single quote; a YAML list with spaces; an env value with spaces.
+    out="$tmp/run dir (a;b|c'd)"
+    set +e
+    DS_FACE_TIMEOUT_MIN=3 DS_FACE_NOTE="two words; and 'quotes'" timeout -k 10 "${TWO_HOSTS_TIMEOUT_S:-300}" \
+        "$root/launch.sh" "$root/configs/cpu_demo.yaml" "$root/ds_configs/cpu_zero2_fp32.json" \
+        --hostfile "$tmp/hostfile" --master_addr 127.0.0.1 --master_port "$master_port" --launcher pdsh \
+        --set schedule.max_steps=2 --set output.log_every=1 --set "head.margin=[1.0, 0.4, 0.0]" \
+        --set "output.dir=$out" > "$tmp/verbatim.log" 2>&1
+    rc=$?
+    set -e
+    [ "$rc" -eq 0 ] || { tail -n 40 "$tmp/verbatim.log" >&2; fail "verbatim launch exited $rc"; }
+    grep -q 'Global Step: 2/2' "$out/training.log" || fail "no training.log in '$out'"
+    grep -q "export DS_FACE_NOTE=\"two words; and 'quotes'\";" "$tmp/verbatim.log" || fail "DS_FACE_NOTE not sent quoted"
+    ! ls "$tmp"/pwned* >/dev/null 2>&1 || fail "a marker file appeared"
+    echo "run_two_hosts: OK: hostile values refused ($refused), control ran, values with spaces/quotes arrived verbatim"
+    exit 0
+fi
 out=$tmp/run
 log=$tmp/launch.log
 start=$(date +%s)

@@ -1,0 +1,126 @@
+"""launch.sh's pre-flight (ds_face.preflight): bad settings, a busy port and hostile remote values stop a launch
+before DeepSpeed starts any rank, with one message. Real launch.sh, real sockets."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ds_face.preflight import check_remote_values, choose_port, PreflightError, remote_argument_problem, \
+    remote_env_problem
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = str(Path(sys.executable).parent)
+
+
+def launch(*args, env=None, timeout=120):
+    environ = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], **(env or {})}
+    return subprocess.run([str(ROOT / "launch.sh"), "configs/cpu_demo.yaml", "ds_configs/cpu_zero2_fp32.json",
+                           *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=environ)
+
+
+def listening():
+    s = socket.socket()
+    s.bind(("", 0))
+    s.listen()
+    return s, s.getsockname()[1]
+
+
+def test_a_busy_master_port_stops_the_launch_naming_it(tmp_path):
+    sock, port = listening()
+    with sock:
+        proc = launch("--master_port", port, "--set", f"output.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"launch.sh: error: --master_port {port} is already in use on this machine "
+                                   f"(another training run?); choose another, or leave --master_port out to have "
+                                   f"a free one picked")
+    assert not (tmp_path / "run").exists()  # no rank started
+
+
+def test_a_busy_default_port_is_replaced_and_said(capsys):
+    sock, port = listening()
+    with sock:
+        chosen = choose_port(port, given=False)
+        assert chosen != port and 0 < chosen < 65536
+        assert f"port {port} (DeepSpeed's default master port) is in use; using --master_port {chosen}" in \
+            capsys.readouterr().err
+        with pytest.raises(PreflightError, match=f"--master_port {port} is already in use"):
+            choose_port(port, given=True)
+    assert choose_port(port, given=True) == port  # free again
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--set", "optimizer.lr=.nan"], "'optimizer.lr' must be a finite number, got nan"),
+    (["--set", "model.backbone.foo=1"], "--set model.backbone.foo: 'model.backbone' is 'r_tiny', not a mapping"),
+    (["--set", "optimizer.momentum=-5"], "'optimizer.momentum' must be in [0, 1), got -5.0"),
+])
+def test_bad_settings_stop_launch_sh_before_any_rank(tmp_path, args, expect):
+    proc = launch(*args, "--set", f"output.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("launch.sh: error: configs/cpu_demo.yaml: invalid run config:")
+    assert expect in proc.stderr
+    assert "deepspeed" not in proc.stdout.lower()  # the runner never started
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_dir_that_is_a_file_stops_launch_sh(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    proc = launch("--set", f"output.dir={tmp_path / 'taken'}")
+    assert proc.returncode == 2
+    assert f"'output.dir' {tmp_path / 'taken'} is a file, not a directory" in proc.stderr
+
+
+def test_a_bad_deepspeed_json_stops_launch_sh(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"train_micro_batch_size_per_gpu": 4, "fp_16": {"enabled": true}, "gradient_clipping": "abc"}')
+    environ = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"]}
+    proc = subprocess.run([str(ROOT / "launch.sh"), "configs/cpu_demo.yaml", str(ds), "--set",
+                           f"output.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=environ)
+    assert proc.returncode == 2
+    assert f"launch.sh: error: {ds}: invalid DeepSpeed config:" in proc.stderr
+    assert "unknown key 'fp_16' (did you mean 'fp16'?)" in proc.stderr
+    assert "'gradient_clipping' must be a finite number >= 0 (0: off), got 'abc'" in proc.stderr
+
+
+# -- the remote-shell rules, value by value ------------------------------------------------------------------
+
+@pytest.mark.parametrize("arg", ["output.dir=/data/run-1", "schedule.max_steps=100", "--set", "--resume",
+                                 "head.margin=[1.0, 0.5, 0.0]", "output.dir=/tmp/run dir (a;b|c'd)",
+                                 'note=say "hi" there'])
+def test_arguments_that_arrive_verbatim(arg):
+    assert remote_argument_problem(arg) is None
+
+
+@pytest.mark.parametrize("arg,expect", [
+    ("output.dir=$(id)", "unquoted, where $ ( ) would be interpreted"),
+    ("output.dir=$(touch /tmp/x)", "double quotes, where $ would still be interpreted"),
+    ("a=`id`", "unquoted, where `"),
+    ("a=x;id", "unquoted, where ;"),
+    ("head.margin=[1.0,0.5,0.0]", "unquoted, where [ ]"),
+    ("a=b c\\d", "double quotes, where \\"),
+    ("a=b\nc", "line break"),
+])
+def test_arguments_that_would_be_interpreted(arg, expect):
+    assert expect in remote_argument_problem(arg)
+
+
+@pytest.mark.parametrize("value,ok", [("3", True), ("/data/hf cache", True), ("a;b|c'd", True),
+                                      ("10$(touch x)", False), ("`id`", False), ('a"b', False), ("a\\b", False),
+                                      (" 3", False)])
+def test_env_values(value, ok):
+    assert (remote_env_problem(value) is None) == ok
+
+
+def test_every_problem_is_named_at_once():
+    with pytest.raises(PreflightError) as err:
+        check_remote_values(["--set", "a=$(x)"], [("~/.deepspeed_env", "DS_FACE_X=`id`")],
+                            {"NCCL_DEBUG": "$(id)", "PYTHONHASHSEED": "0", "OTHER": "$(not exported)"})
+    text = str(err.value)
+    assert "trainer argument 'a=$(x)'" in text and "DS_FACE_X='`id`' (~/.deepspeed_env)" in text
+    assert "NCCL_DEBUG='$(id)' (environment, exported by DeepSpeed's runner)" in text
+    assert "PYTHONHASHSEED" not in text and "OTHER" not in text
