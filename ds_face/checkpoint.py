@@ -26,6 +26,7 @@ A save first clears the leftovers of an earlier interrupted save of the same ste
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -75,28 +76,38 @@ class Checkpointer:
         (step, layout, config...). Returns the tag."""
         tag = f"{TAG_PREFIX}{step}"
         tag_dir = self.save_dir / tag
+        self._refuse_non_finite(tag_dir)
         if self.rank == 0:
             self._clear_leftovers(tag_dir)
         torch.distributed.barrier()  # nobody writes into the directory before it is clean
-        self.engine.save_checkpoint(str(self.save_dir), tag=tag, save_latest=False)
         from ds_face.zero_state import full_state
         backbone = full_state(self.engine, keep=self.rank == 0)  # collective: gathers every rank's partition
         error = None
         try:
-            state = {"rank": self.rank, "world_size": self.world_size, **self.sharded["head"].shard_state(),
-                     "sharded": {name: part.shard_state() for name, part in self.sharded.items() if name != "head"},
-                     "replicated": {name: part.state_dict() for name, part in self.replicated.items()},
-                     "per_rank": {name: part.state_dict() for name, part in self.per_rank.items()}}
-            write_atomic(tag_dir / head_file(self.rank, self.world_size), lambda p: torch.save(state, p))
-            if self.rank == 0:
-                if backbone is not None:
-                    backbone["engine_counters"] = {name: int(getattr(self.engine, name)) for name in ENGINE_COUNTERS}
-                    write_atomic(tag_dir / BACKBONE_FULL, lambda p: torch.save(backbone, p))
-                write_json_atomic(tag_dir / META, {"tag": tag, "global_step": step, "world_size": self.world_size,
-                                                   **meta})
-        except OSError as err:
-            error = err
+            self.engine.save_checkpoint(str(self.save_dir), tag=tag, save_latest=False)
+        except (OSError, RuntimeError) as err:  # its own writes failed (a full disk: RuntimeError from torch.save)
+            error = _write_failure(err, tag_dir, "DeepSpeed's files")
+            torch.distributed.barrier()  # the other ranks wait in the barrier that ends DeepSpeed's save
+        path = tag_dir / head_file(self.rank, self.world_size)
+        try:
+            if error is None:
+                state = {"rank": self.rank, "world_size": self.world_size, **self.sharded["head"].shard_state(),
+                         "sharded": {n: part.shard_state() for n, part in self.sharded.items() if n != "head"},
+                         "replicated": {n: part.state_dict() for n, part in self.replicated.items()},
+                         "per_rank": {n: part.state_dict() for n, part in self.per_rank.items()}}
+                write_atomic(path, lambda p: torch.save(state, p))
+                if self.rank == 0:
+                    if backbone is not None:
+                        backbone["engine_counters"] = {n: int(getattr(self.engine, n)) for n in ENGINE_COUNTERS}
+                        path = tag_dir / BACKBONE_FULL
+                        write_atomic(path, lambda p: torch.save(backbone, p))
+                    path = tag_dir / META
+                    write_json_atomic(path, {"tag": tag, "global_step": step, "world_size": self.world_size, **meta})
+        except (OSError, RuntimeError) as err:
+            error = _write_failure(err, path)
         if any_rank(error is not None, self.device):  # every rank learns that the save failed
+            if self.rank == 0:  # its files are of no use and may fill the disk: `latest` names an older one
+                shutil.rmtree(tag_dir, ignore_errors=True)
             raise CheckpointError(f"{tag_dir}: checkpoint not saved"
                                   + (f" (rank {self.rank}: {error})" if error else " (another rank failed to write)")
                                   + f"; {self.save_dir / LATEST} still names the previous one")
@@ -106,6 +117,16 @@ class Checkpointer:
             self._prune(keep=tag)
         torch.distributed.barrier()
         return tag
+
+    def _refuse_non_finite(self, tag_dir: Path) -> None:
+        """Collective. A checkpoint with NaN/inf weights would put `latest` on a run that cannot go on."""
+        head = self.sharded["head"].weight
+        bad = not bool(torch.isfinite(head).all()) or any(
+            not bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in self.engine.module.parameters())
+        if any_rank(bad, self.device):
+            raise CheckpointError(f"{tag_dir}: not saved: non-finite (NaN/inf) weights in the backbone or head "
+                                  f"({'on this rank' if bad else 'on another rank'}); {self.save_dir / LATEST} "
+                                  f"still names the previous checkpoint")
 
     def _clear_leftovers(self, tag_dir: Path) -> None:
         """A directory for this step from a save that never completed (a crash, maybe on another world size):
@@ -136,6 +157,7 @@ class Checkpointer:
             old_world = meta["world_size"]
             slices = head_slices(tag_dir, old_world, meta["num_classes"], meta["embedding_size"])
             backbone = self._read_backbone_full(tag_dir, old_world)
+            _check_deepspeed_files(tag_dir)  # DeepSpeed unpickles its files with weights_only=False
         except CheckpointError as err:
             error = err
         if any_rank(error is not None, self.device):
@@ -193,6 +215,16 @@ class Checkpointer:
             setattr(engine, name, int(counters.get(name, 0)))
 
 
+def _write_failure(err: Exception, path: Path, what: str = "") -> str:
+    """What went wrong writing ``path``, in words: torch.save reports a full disk as 'unexpected pos'."""
+    where = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(where).free
+    label = f"{path}{f' ({what})' if what else ''}"
+    if getattr(err, "errno", None) == errno.ENOSPC or free < 1 << 20:
+        return f"{label}: no space left on device ({free} bytes free)"
+    return f"{label}: {type(err).__name__}: {err}"
+
+
 # -- reading: resume and export both use these ---------------------------------------------------------------
 
 def latest_tag(save_dir: str | Path) -> str:
@@ -220,6 +252,14 @@ def read_meta(tag_dir: Path) -> dict:
     missing = [key for key in META_KEYS if not isinstance(meta, dict) or key not in meta]
     if missing:
         raise CheckpointError(f"{path}: corrupt (missing {', '.join(missing)})")
+    from ds_face.safe_load import check_meta_counts
+    try:  # every count bounded by what the directory holds, before any loop uses one
+        check_meta_counts(meta, tag_dir, META)
+        for key, low in (("samples_seen", 0), ("micro_batch", 1), ("accumulation", 1)):
+            if isinstance(meta[key], bool) or not isinstance(meta[key], int) or meta[key] < low:
+                raise ValueError(f"{path}: '{key}' must be an integer >= {low}, got {meta[key]!r}")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     from ds_face.backbones import BACKBONES
     if meta["backbone"] not in BACKBONES:
         raise CheckpointError(f"{path}: unknown backbone {meta['backbone']!r} (known: {', '.join(BACKBONES)})")
@@ -227,12 +267,13 @@ def read_meta(tag_dir: Path) -> dict:
 
 
 def _load_rank_file(path: Path) -> dict:
+    from ds_face.safe_load import UnsafeFileError, load_weights_only
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; the checkpoint is incomplete")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
-        raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {err})") from None
+        return load_weights_only(path, mmap=True)
+    except UnsafeFileError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def head_slices(tag_dir: Path, world_size: int, num_classes: int, embedding_size: int) -> list[dict]:
@@ -289,6 +330,16 @@ def head_slices(tag_dir: Path, world_size: int, num_classes: int, embedding_size
                               f"{num_classes}: they end at class {cursor} ({previous.name}) "
                               f"(refusing to re-initialise any)")
     return slices
+
+
+def _check_deepspeed_files(tag_dir: Path) -> None:
+    """Every *.pt of the tag directory through the weights-only loader (DeepSpeed's few types allowed) before
+    DeepSpeed's own torch.load(weights_only=False) sees any: a file that would run code is refused, named."""
+    from ds_face.safe_load import UnsafeFileError, check_checkpoint_dir
+    try:
+        check_checkpoint_dir(tag_dir)
+    except UnsafeFileError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def check_fits(meta: dict, cfg, meta_path: Path) -> None:

@@ -66,6 +66,7 @@ class ScheduleConfig:
     warmup_epochs: float = 0.0  # linear warm-up, then polynomial decay to 0
     power: float = 2.0
     max_steps: Optional[int] = None  # stop early after this many optimizer steps (schedule unchanged)
+    max_nonfinite_steps: int = 3  # stop after this many consecutive steps with a NaN/inf loss (fp16 skips excepted)
 
 
 @dataclass
@@ -445,6 +446,8 @@ def _check_run(cfg: RunConfig) -> list[str]:
         errors.append(f"'schedule.warmup_epochs' must be in [0, epochs), got {cfg.schedule.warmup_epochs}")
     if cfg.schedule.max_steps is not None and cfg.schedule.max_steps < 1:
         errors.append(f"'schedule.max_steps' must be >= 1 or null, got {cfg.schedule.max_steps}")
+    if cfg.schedule.max_nonfinite_steps < 1:
+        errors.append(f"'schedule.max_nonfinite_steps' must be >= 1, got {cfg.schedule.max_nonfinite_steps}")
     if cfg.data.streams < 1:
         errors.append(f"'data.streams' must be >= 1, got {cfg.data.streams}")
     if cfg.data.source not in DATA_SOURCES:

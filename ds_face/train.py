@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import random
 import sys
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from ds_face.checkpoint import LATEST, SAVE_DIR, CheckpointError, plan_resume
-from ds_face.config import BatchLayout, ConfigError, RunConfig, check_together, load_ds_config, load_run_config
+from ds_face.config import (
+    BatchLayout, ConfigError, RunConfig, check_together, load_ds_config, load_run_config, parse_set_overrides,
+)
 from ds_face.data.order import run_end
 from ds_face.progress import Progress, log, setup_logging
 
@@ -44,16 +46,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
-
-
 # -- the step ---------------------------------------------------------------------------------------
 
 def model_dtype(engine) -> torch.dtype:
@@ -65,6 +57,10 @@ def model_dtype(engine) -> torch.dtype:
 def loss_scale(engine) -> float:
     """The loss scale the next backward uses (1.0 unless fp16 loss scaling is on)."""
     return float(getattr(engine.optimizer, "loss_scale", 1.0))
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The loss was NaN/inf for schedule.max_nonfinite_steps steps in a row (fp16 overflow skips excepted)."""
 
 
 @dataclass
@@ -223,6 +219,8 @@ class Trainer:
         every = cfg.checkpoint.every_steps
         micro = 0
         lr = None
+        nonfinite = 0  # consecutive steps whose loss was NaN/inf
+
         for batch in self.loader.micro_batches(position.samples, end) if position.step < last_step else ():
             if micro == 0:  # a new optimizer step: its LR is the curve at the samples seen once it is done
                 lr = schedule.apply(self.engine.optimizer, position.samples + G)
@@ -238,7 +236,14 @@ class Trainer:
             epoch_before = self.epoch
             position.step += 1
             position.samples += G
-            last_loss = torch.stack(step_losses).mean().item()
+            last_loss = torch.stack(step_losses).mean().item()  # the global batch's: the same on every rank
+            overflow_skip = self.engine.fp16_enabled() and not self.engine.was_step_applied()  # fp16's normal way
+            nonfinite = 0 if math.isfinite(last_loss) or overflow_skip else nonfinite + 1
+            if nonfinite >= cfg.schedule.max_nonfinite_steps:
+                raise NonFiniteLoss(f"the loss was {last_loss} for {nonfinite} optimizer step(s) in a row, up to step "
+                                    f"{position.step}; stopping (schedule.max_nonfinite_steps). The newest "
+                                    f"checkpoint, {self.checkpointer.save_dir / LATEST}, predates it: lower "
+                                    f"optimizer.lr, add warm-up or gradient clipping, and --resume")
             self.losses.append(last_loss)
             self.lrs.append((position.samples, lr))
             step_losses.clear()
@@ -301,7 +306,7 @@ def main(argv=None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     try:  # both files are checked before any process group starts
-        cfg = load_run_config(args.config, parse_overrides(args.set))
+        cfg = load_run_config(args.config, parse_set_overrides(args.set))
         ds_config, layout = load_ds_config(args.deepspeed_config, world_size)
         check_together(cfg, layout, args.config)
         if args.init_backbone:  # keys and shapes against the config, on the meta device (no weights built)
@@ -344,6 +349,11 @@ def main(argv=None) -> int:
     trainer.describe()
     try:
         trainer.fit()
+    except (NonFiniteLoss, CheckpointError) as err:  # raised on every rank alike
+        print(f"ds_face.train: rank {rank}: error: {err}", file=sys.stderr, flush=True)
+        from ds_face.dist import shutdown
+        shutdown()
+        return 1
     except RuntimeError as err:  # a failed collective: say which rank died, after the traceback
         dead = dead_siblings()
         if not dead and not any(s in str(err) for s in ("gloo", "NCCL", "Connection reset", "Connection closed")):

@@ -27,10 +27,10 @@ CLASSES, EMBEDDING, MICRO = 50, 32, 8  # 50 classes: 25/25 on 2 ranks, 17/17/16 
 
 
 def make_trainer(world_size, out_dir, stage=2, max_steps=None, optimizer="sgd", precision="fp32", samples=96,
-                 accumulation=1, sample_rate=0.5, data=None, epochs=2, every=0):
+                 accumulation=1, sample_rate=0.5, data=None, epochs=2, every=0, clip=5.0):
     from ds_face.train import Trainer
     ds = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": accumulation,
-          "gradient_clipping": 5.0, "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+          "gradient_clipping": clip, "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
           "steps_per_print": 10**9}
     if precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "hysteresis": 1}
