@@ -49,8 +49,9 @@ PLAN = "plan.json"
 DONE_DIR = ".done"
 SHARD_FILE = re.compile(r"data-\d{5}-of-\d{5}\.arrow")
 
-# Automatic shard counts: 960 = lcm(1..6, 8, 12, 16, 32, 64 ...) so that whole shards deal out evenly over the
-# usual ranks x loader workers; more shards (multiples of 960) only to keep shards below ~512 MB.
+# Automatic shard counts: 960 (many divisors: `datasets` can deal whole shards evenly to ranks, should a reader
+# use it that way; ds_face's own loader reads any row and needs no divisibility); more shards (multiples of 960)
+# only to keep shards below ~512 MB.
 SHARD_UNIT = 960
 TARGET_SHARD_BYTES = 512 << 20
 MIN_ROWS_PER_SHARD = 64
@@ -130,17 +131,13 @@ def choose_num_shards(num_samples: int, nbytes: int) -> int:
 
 
 def describe_shard_count(num_shards: int, num_samples: int, nbytes: int) -> str:
-    divisors = [d for d in range(1, num_shards + 1) if num_shards % d == 0]
-    shown = ", ".join(map(str, [d for d in divisors if d <= 128])) + (", ..." if divisors[-1] > 128 else "")
-    rows = num_samples / num_shards
-    return (f"{num_shards} shards of ~{rows:.0f} rows (~{nbytes / num_shards / 1e6:.1f} MB); whole shards split "
-            f"evenly over ranks x loader workers = {shown}")
+    return f"{num_shards} shards of ~{num_samples / num_shards:.0f} rows (~{nbytes / num_shards / 1e6:.1f} MB)"
 
 
 def shard_order(num_samples: int, order: str, seed: int | None) -> np.ndarray:
     """Source positions in shard order: shard i holds a contiguous run of this array. Shuffled: InsightFace .rec
-    files are sorted by identity, which no streaming shuffle buffer can undo, so every shard must be a uniform
-    sample of the whole dataset."""
+    files are sorted by identity; every shard a uniform sample of the whole dataset mixes identities in any
+    reader (ds_face's loader also mixes data.streams shards into every micro-batch)."""
     if order == "shuffled":
         return np.random.default_rng(seed).permutation(num_samples)
     return np.arange(num_samples)

@@ -137,12 +137,10 @@ class Checkpointer:
             shutil.rmtree(tag_dir)
 
     def _prune(self, keep: str) -> None:
-        tags = sorted((p for p in self.save_dir.glob(f"{TAG_PREFIX}*")
-                       if p.is_dir() and p.name[len(TAG_PREFIX):].isdigit()),
-                      key=lambda p: int(p.name[len(TAG_PREFIX):]))
+        tags = checkpoint_tags(self.save_dir)
         for old in tags[:-self.keep_last] if self.keep_last > 0 else []:
-            if old.name != keep:
-                shutil.rmtree(old, ignore_errors=True)
+            if old != keep:
+                shutil.rmtree(self.save_dir / old, ignore_errors=True)
 
     # -- loading -------------------------------------------------------------------------------------------
     def load(self, cfg) -> dict:
@@ -228,15 +226,27 @@ def _write_failure(err: Exception, path: Path, what: str = "") -> str:
 # -- reading: resume and export both use these ---------------------------------------------------------------
 
 def latest_tag(save_dir: str | Path) -> str:
-    path = Path(save_dir) / LATEST
-    if not Path(save_dir).is_dir():
+    """The tag `latest` names, checked to be a directory here: the one reader of `latest` (resume, export)."""
+    save_dir = Path(save_dir)
+    path = save_dir / LATEST
+    if not save_dir.is_dir():
         raise CheckpointError(f"{save_dir}: no checkpoint directory to resume from")
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; no complete checkpoint in {save_dir}")
-    tag = path.read_text().strip()
-    if not tag or "/" in tag or not (Path(save_dir) / tag).is_dir():
-        raise CheckpointError(f"{path}: names {tag!r}, which is not a checkpoint directory in {save_dir}")
+    tag = path.read_text(errors="replace").strip()
+    if not tag:
+        raise CheckpointError(f"{path} is empty")
+    if "/" in tag or tag in (".", "..") or not (save_dir / tag).is_dir():
+        tags = ", ".join(checkpoint_tags(save_dir)) or "none"
+        raise CheckpointError(f"{path} names tag {tag!r}, but {save_dir / tag} does not exist (tags in "
+                              f"{save_dir}: {tags})")
     return tag
+
+
+def checkpoint_tags(save_dir: Path) -> list[str]:
+    """The step_N directories of a save_dir, oldest first."""
+    tags = [p for p in save_dir.glob(f"{TAG_PREFIX}*") if p.is_dir() and p.name[len(TAG_PREFIX):].isdigit()]
+    return [p.name for p in sorted(tags, key=lambda p: int(p.name[len(TAG_PREFIX):]))]
 
 
 def read_meta(tag_dir: Path) -> dict:

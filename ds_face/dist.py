@@ -17,10 +17,10 @@ def init(**kwargs) -> None:
     """``deepspeed.init_distributed(**kwargs)``, then drop the name of this rank's DeepSpeed CPU all-reduce buffer.
 
     On CPU with every rank on one host, DeepSpeed 0.19.8 creates a 66 MB shared-memory file per rank,
-    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>, and never unlinks it: each run left
-    66 MB of RAM-backed /dev/shm per rank behind (21 GB here after a day of tests, until ranks were
-    killed for lack of memory). Once every rank is past init (the barrier) each has mapped its peers'
-    buffers, so the names can go: the mappings stay valid and the memory is freed when the last exits.
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>, and never unlinks it, so every run
+    leaves RAM-backed files behind until the machine runs out of memory. Once every rank is past init (the
+    barrier) each has mapped its peers' buffers, so the names can go: the mappings stay valid and the
+    memory is freed when the last exits.
     """
     import deepspeed
     deepspeed.init_distributed(**kwargs)

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from ds_face.checkpoint import META
+from ds_face.checkpoint import LATEST, META
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
@@ -101,15 +101,13 @@ def resolve_tag_dir(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Path
         return path / tag
     if _looks_like_tag_dir(path):
         return path
-    latest = path / "latest"
+    latest = path / LATEST
     if latest.is_file():
-        name = latest.read_text().strip()
-        if not name:
-            raise ExportError(f"{latest} is empty")
-        if not (path / name).is_dir():
-            raise ExportError(f"{latest} names tag {name!r}, but {path / name} does not exist "
-                              f"(tags in {path}: {', '.join(_tags_in(path)) or 'none'})")
-        return path / name
+        from ds_face.checkpoint import CheckpointError, latest_tag
+        try:  # the one reader of `latest`, resume's
+            return path / latest_tag(path)
+        except CheckpointError as err:
+            raise ExportError(str(err)) from None
     tags = _tags_in(path)
     if tags:
         raise ExportError(f"{latest} is missing; pass --tag (tags in {path}: {', '.join(tags)})")

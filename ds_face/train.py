@@ -26,6 +26,7 @@ from ds_face.checkpoint import LATEST, SAVE_DIR, CheckpointError, plan_resume
 from ds_face.config import (
     BatchLayout, ConfigError, RunConfig, check_together, load_ds_config, load_run_config, parse_set_overrides,
 )
+from ds_face.data.arrow import normalize
 from ds_face.data.order import run_end
 from ds_face.progress import Progress, log, setup_logging
 
@@ -71,7 +72,10 @@ class MicroStep:
 
 
 def micro_step(engine, head, head_optimizer, batch: dict, lr: float) -> MicroStep:
-    images = batch["image"].to(engine.device, dtype=model_dtype(engine), non_blocking=True)
+    images = batch["image"].to(engine.device, non_blocking=True)
+    if images.dtype == torch.uint8:  # loaders ship uint8 [B, H, W, 3]: normalise where the model runs
+        images = normalize(images)
+    images = images.to(model_dtype(engine))
     labels = batch["label"].to(engine.device, non_blocking=True)
     loss = head(engine(images), labels)
     engine.backward(loss)
@@ -221,7 +225,8 @@ class Trainer:
         lr = None
         nonfinite = 0  # consecutive steps whose loss was NaN/inf
 
-        for batch in self.loader.micro_batches(position.samples, end) if position.step < last_step else ():
+        stop = position.samples + max(0, last_step - position.step) * G  # max_steps: nothing read past it
+        for batch in self.loader.micro_batches(position.samples, stop):
             if micro == 0:  # a new optimizer step: its LR is the curve at the samples seen once it is done
                 lr = schedule.apply(self.engine.optimizer, position.samples + G)
             self.head.reseed(position.samples * self.layout.accumulation + micro)
@@ -266,41 +271,6 @@ class Trainer:
         return last_loss
 
 
-def watch_sibling_ranks(rank: int):
-    """Name the rank that died when this one is stopped because of it; returns ``dead() -> str``.
-
-    A rank killed outright (OOM killer, kill -9) cannot say so itself. Its siblings on the node see it
-    either as a failed collective (gloo: connection reset) or as the launcher's SIGTERM (deepspeed's
-    launch.py and torchrun stop the others when one exits non-zero; launch.py's message names the last
-    rank it spawned, not the dead one). Both paths print ``ds_face.train: rank R: rank K (pid P) died``.
-    """
-    if int(os.environ.get("WORLD_SIZE", 1)) < 2 or "LOCAL_RANK" not in os.environ:
-        return lambda: ""  # not started by a launcher
-    import signal
-
-    import psutil
-    try:  # the launcher's other children, all spawned once init_distributed returned: {pid: RANK}
-        siblings = {p.pid: p.environ().get("RANK", "?") for p in psutil.Process(os.getppid()).children()
-                    if p.pid != os.getpid()}
-    except (psutil.Error, OSError):
-        siblings = {}
-
-    def dead() -> str:
-        def gone(pid):
-            try:
-                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-            except psutil.Error:
-                return True
-        return ", ".join(f"rank {r} (pid {pid}) died" for pid, r in sorted(siblings.items()) if gone(pid))
-
-    def on_sigterm(signum, frame):
-        why = dead() or "no other rank on this node died (a rank on another node, or a user's stop)"
-        print(f"ds_face.train: rank {rank}: stopped by SIGTERM: {why}", file=sys.stderr, flush=True)
-        os._exit(128 + signum)
-    signal.signal(signal.SIGTERM, on_sigterm)
-    return dead
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -338,6 +308,7 @@ def main(argv=None) -> int:
 
     from ds_face.dist import init
     init(timeout=datetime.timedelta(minutes=int(os.environ.get("DS_FACE_TIMEOUT_MIN", 30))))
+    from ds_face.supervise import watch_sibling_ranks
     dead_siblings = watch_sibling_ranks(rank)
     trainer = Trainer(cfg, ds_config, layout, init_backbone=args.init_backbone)
     if args.resume:

@@ -142,6 +142,8 @@ def gathered_state(engine) -> dict:
         raise TypeError(f"{type(optimizer).__name__}: gathering is not supported for this optimizer")
     params = {}
     for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
         state = optimizer.state.get(param, {})
         params[name] = {"fp32": param.detach().float().cpu().clone(),
                         **{k: v.detach().cpu().clone() for k, v in state.items()

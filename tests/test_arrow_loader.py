@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ds_face.data.arrow import ArrowFaces, DataError, decode_rgb, flip_coin, normalize
+from ds_face.data.arrow import ArrowFaces, DataError, decode_rgb, flip_coin, flip_coins, normalize
 from ds_face.data.loader import Loader
 from ds_face.data.order import EpochOrder, Layout
 from ds_face.data.shards import SCHEMA, Manifest, ShardInfo, rows_per_shard, sha256_of, shard_name
@@ -50,10 +50,10 @@ def write_shards(directory, num_samples: int, num_shards: int, num_classes: int 
 
 
 def decode_batch(batch) -> tuple[list[int], list[bool]]:
-    """(sample indices, flipped?) of a loader batch."""
-    pixels = ((batch["image"] + 1) * 127.5).round().to(torch.int64)
-    index = (pixels[:, 0, 0, 0] * 256 + pixels[:, 1, 0, 0]).tolist()
-    flipped = (pixels[:, 2, 0, 0] == 111).tolist()
+    """(sample indices, flipped?) of a loader batch (uint8 [B, H, W, 3])."""
+    pixels = batch["image"].to(torch.int64)
+    index = (pixels[:, 0, 0, 0] * 256 + pixels[:, 0, 0, 1]).tolist()
+    flipped = (pixels[:, 0, 0, 2] == 111).tolist()
     return index, flipped
 
 
@@ -88,6 +88,11 @@ def test_epoch_order_is_a_seeded_permutation_that_mixes_the_streams():
     assert len(set(shard_of[:6].tolist())) == 3  # consecutive samples come from the 3 streams' shards in turn
 
 
+def test_flip_coins_is_flip_coin_for_many():
+    epochs, rows = np.repeat(np.arange(3), 400), np.tile(np.arange(400), 3) * 7919
+    assert flip_coins(5, epochs, rows).tolist() == [flip_coin(5, e, r) for e, r in zip(epochs.tolist(), rows.tolist())]
+
+
 def test_normalize_matches_arcface_torch():
     images = torch.randint(0, 256, (2, 112, 112, 3), dtype=torch.uint8)
     expected = (images.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5  # ToTensor, Normalize(0.5, 0.5)
@@ -112,7 +117,7 @@ def test_one_rank_sees_every_sample_once_with_flips(dataset_1000, workers):
     seen, flips = [], []
     n = 0
     for batch in loader.micro_batches(0, 1000):
-        assert batch["image"].shape == (25, 3, 112, 112) and batch["image"].dtype == torch.float32
+        assert batch["image"].shape == (25, 112, 112, 3) and batch["image"].dtype == torch.uint8
         index, flipped = decode_batch(batch)
         assert batch["label"].tolist() == [i % 10 for i in index]
         assert batch["sample"].tolist() == index  # test shards: sample i is dataset row i

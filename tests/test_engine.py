@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ds_face.config import BatchLayout, DataConfig, HeadConfig, ModelConfig, OutputConfig, RunConfig
+from ds_face.data.arrow import normalize
 from ds_face.train import Trainer, loss_scale, micro_step
 from tests.multirank import run_ranks
 
@@ -140,7 +141,7 @@ def _fp16_overflow_worker(rank, world_size):
     # Overflow only in the head's gradients on rank 1: DeepSpeed can't see it, the head must
     # still skip, on both ranks.
     before = _snapshot(trainer)
-    loss = head(engine(next(batches)["image"].half()), torch.arange(4) % CLASSES)
+    loss = head(engine(normalize(next(batches)["image"]).half()), torch.arange(4) % CLASSES)
     engine.backward(loss)
     if rank == 1:
         head.pending_rows()[0].weight.grad[0, 0] = float("nan")

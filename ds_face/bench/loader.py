@@ -1,17 +1,17 @@
-"""Training-loader throughput: ds_face's Arrow loader vs a naive one-record-at-a-time PIL loop, same images.
+"""Training-loader throughput, side by side in one run: ds_face's Arrow loader against decoding alone, against
+itself with more workers, and against a naive one-record-at-a-time PIL loop, on the same images.
 
-    python -m ds_face.bench.loader --rec-dir DIR --arrow-dir DIR [--samples 40000] [--batch 128]
+    python -m ds_face.bench.loader --rec-dir DIR --arrow-dir DIR [--samples 40000] [--batch 128] [--workers 2]
 
-Both produce what the backbone eats: float32 [B, 3, 112, 112] in [-1, 1], randomly flipped, with labels.
-
-* naive: what a first attempt does (and arcface_torch's MXFaceDataset does per sample): read one record
-  from the .rec by its .idx offset, unpack, PIL decode, random flip, ToTensor-style float conversion and
-  normalisation per image, then stack a batch.
-* ds_face: `ArrowFaces` with 0 loader workers, i.e. on this one process, so that the figure is per core:
-  `datasets` streaming with a shuffle buffer, simplejpeg decode into a uint8 batch, flip by index,
-  normalisation of the whole batch at once.
-* ds_face, N workers: the same with DataLoader workers (how training runs; bounded by the cores here).
-* decode only, PIL vs simplejpeg: the JPEG decode alone on the same records, which chose the decoder.
+* decode only (simplejpeg / PIL): the JPEG decode alone of the same records into one preallocated array, in
+  this process: the ceiling a loader on one core can reach.
+* ds_face Loader, 0 workers: in this process, so that the figure is per core: the run's order, rows read
+  from memory-mapped shards, decoded into the uint8 batch, flipped. What the training step receives
+  (it normalises on the device).
+* ds_face Loader, 1 and N workers: DataLoader workers build micro-batches in parallel (how training runs);
+  N / 1 is the scaling, bounded by the cores here.
+* naive PIL loop: what arcface_torch's MXFaceDataset does per sample: read a record by its .idx offset,
+  unpack, PIL decode, random flip, ToTensor + Normalize per image, then stack a batch (float32 out).
 
 Run `python -m data_prep.bench_convert` first: it generates the >= 1 GB .rec and its Arrow conversion, and
 prints where. Each variant reads the same number of samples; files are read once before timing (warm cache).
@@ -19,6 +19,7 @@ prints where. Each variant reads the same number of samples; files are read once
 from __future__ import annotations
 
 import argparse
+import os
 import io
 import random
 import time
@@ -76,16 +77,22 @@ def decode_only(rec_dir: Path, samples: int, decoder: str):
         (lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
 
     def batches():
+        out = np.empty((128, 112, 112, 3), np.uint8)
         for start in range(0, len(jpegs), 128):
-            chunk = [decode(data) for data in jpegs[start:start + 128]]
-            yield {"image": torch.empty(len(chunk), 3, 112, 112), "label": torch.zeros(len(chunk))}
+            chunk = jpegs[start:start + 128]
+            for i, data in enumerate(chunk):
+                if decoder == "simplejpeg":
+                    decode(data, out=out[i])
+                else:
+                    out[i] = decode(data)
+            yield {"image": torch.from_numpy(out[:len(chunk)]), "label": torch.zeros(len(chunk))}
     return batches()
 
 
 def timed(batches) -> tuple[float, int]:
     start, n = time.perf_counter(), 0
     for out in batches:
-        assert out["image"].dtype == torch.float32 and out["image"].shape[1:] == (3, 112, 112)
+        assert out["image"].shape[1:] in ((3, 112, 112), (112, 112, 3))
         n += len(out["label"])
     return time.perf_counter() - start, n
 
@@ -107,19 +114,24 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     warm([args.rec_dir / "train.rec", *sorted(args.arrow_dir.glob("*.arrow"))])
+    n = args.workers
     variants = {"decode only: PIL": lambda: decode_only(args.rec_dir, args.samples, "PIL"),
-                "decode only: simplejpeg (ds_face)": lambda: decode_only(args.rec_dir, args.samples, "simplejpeg"),
+                "decode only: simplejpeg": lambda: decode_only(args.rec_dir, args.samples, "simplejpeg"),
                 "naive PIL loop, 1 process": lambda: naive_pil_batches(args.rec_dir, args.samples, args.batch),
-                "ds_face ArrowFaces, 0 workers (1 process)":
+                "ds_face Loader, 0 workers (1 process)":
                     lambda: arrow_batches(args.arrow_dir, args.samples, args.batch, 0),
-                f"ds_face ArrowFaces, {args.workers} workers":
-                    lambda: arrow_batches(args.arrow_dir, args.samples, args.batch, args.workers)}
+                "ds_face Loader, 1 worker": lambda: arrow_batches(args.arrow_dir, args.samples, args.batch, 1),
+                f"ds_face Loader, {n} workers": lambda: arrow_batches(args.arrow_dir, args.samples, args.batch, n)}
     results = {name: timed(make()) for name, make in variants.items()}
-    naive_rate = results["naive PIL loop, 1 process"][1] / results["naive PIL loop, 1 process"][0]
-    rows = [[name, n, f"{seconds:.1f}", f"{n / seconds:.0f}", f"{n / seconds / naive_rate:.2f}"]
-            for name, (seconds, n) in results.items()]
-    print(f"{args.samples} samples of {args.rec_dir / 'train.rec'}, batch {args.batch}, warm page cache\n")
-    print(markdown_table(["variant", "samples", "seconds", "samples/s", "vs naive"], rows))
+    rate = {name: count / seconds for name, (seconds, count) in results.items()}
+    decode, naive = rate["decode only: simplejpeg"], rate["naive PIL loop, 1 process"]
+    rows = [[name, n_samples, f"{seconds:.1f}", f"{rate[name]:.0f}", f"{rate[name] / decode:.2f}",
+             f"{rate[name] / naive:.2f}"] for name, (seconds, n_samples) in results.items()]
+    print(f"{args.samples} samples of {args.rec_dir / 'train.rec'}, batch {args.batch}, warm page cache, "
+          f"{os.cpu_count()} CPUs\n")
+    print(markdown_table(["variant", "samples", "seconds", "samples/s", "vs decode only", "vs naive"], rows))
+    print(f"\nper core: Loader (0 workers) / decode only = {rate['ds_face Loader, 0 workers (1 process)'] / decode:.2f}; "
+          f"{n} workers / 1 worker = {rate[f'ds_face Loader, {n} workers'] / rate['ds_face Loader, 1 worker']:.2f}")
     return 0
 
 

@@ -3,7 +3,8 @@
 `datasets.Dataset.from_file` memory-maps each shard (no copy, no cache files); a micro-batch's rows, chosen by
 `ds_face.data.order` from the run's position alone, are read by random access, decoded straight into the
 batch (simplejpeg; PIL for other formats), flipped by a coin fixed by (seed, epoch, row), and shipped as
-uint8. The main process normalises to [-1, 1] (`normalize`), as arcface_torch does.
+uint8 (4x less to copy than float32, host to device included); the training step normalises to [-1, 1] on
+the device (`normalize`), as arcface_torch does.
 
 Why not `datasets`' streaming `IterableDataset`: it deals whole shards to ranks (`split_dataset_by_node`) and
 shuffles through a buffer, so which sample a rank sees depends on the world size; a run resized after a lost
@@ -33,10 +34,9 @@ class DataError(ValueError):
 
 
 def decode_rgb(data: bytes, size: tuple[int, int] | None = None, out: np.ndarray | None = None) -> np.ndarray:
-    """HxWx3 uint8 RGB, written into `out` when given; `size` (height, width) is checked first.
-
-    simplejpeg (libjpeg-turbo) decodes a 112x112 JPEG in about 60 us vs PIL's 120 us here
-    (`python -m ds_face.bench.loader`, BENCHMARKS.md); PIL takes anything else (PNG from image folders)."""
+    """HxWx3 uint8 RGB, written into `out` when given; `size` (height, width) is checked from the header first,
+    so an oversized image is refused before it is decoded. simplejpeg (libjpeg-turbo) for JPEG: about twice
+    PIL's speed (BENCHMARKS.md); PIL takes anything else (PNG from image folders)."""
     if data[:3] == _JPEG_SOI:
         height, width = simplejpeg.decode_jpeg_header(data)[:2]
         _check_size(height, width, size)
@@ -63,6 +63,17 @@ def flip_coin(seed: int, epoch: int, index: int) -> bool:
     return bool((x ^ (x >> 31)) & 1)
 
 
+def flip_coins(seed: int, epochs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``flip_coin`` for many samples at once (numpy uint64 arithmetic wraps exactly like the & 2**64 - 1)."""
+    u = np.uint64
+    with np.errstate(over="ignore"):
+        x = (u(seed * 0x9E3779B97F4A7C15 & (2**64 - 1)) + epochs.astype(u) * u(0xBF58476D1CE4E5B9)
+             + rows.astype(u) * u(0x94D049BB133111EB))
+        x = (x ^ (x >> u(30))) * u(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> u(27))) * u(0x94D049BB133111EB)
+    return ((x ^ (x >> u(31))) & u(1)).astype(bool)
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [-1, 1]: arcface_torch's ToTensor + Normalize(0.5, 0.5)."""
     out = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
@@ -71,7 +82,7 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 class ArrowFaces:
     """A dataset directory written by `data_prep`, read row by row: ``make(epochs, rows)`` builds one
-    micro-batch ``{"image": uint8 [B, H, W, 3], "label", "sample", "corrupt"}``; ``finish`` normalises it.
+    micro-batch ``{"image": uint8 [B, H, W, 3], "label", "sample", "corrupt"}``.
     Opened lazily in each process that reads (DataLoader workers included)."""
 
     def __init__(self, directory: str | os.PathLike, *, seed: int = 2048, flip: bool = True,
@@ -92,48 +103,48 @@ class ArrowFaces:
         missing = next((p for p in self.paths if not os.path.isfile(p)), None)
         if missing:
             raise DataError(f"{missing}: listed in {self.directory}/manifest.json but not found")
-        self._tables: dict[int, tuple] = {}  # shard -> (chunk starts, image chunks, label chunks), opened on use
+        self._tables: dict[int, _ShardRows] = {}  # opened on first use, in the process that reads (worker)
 
     def identity(self) -> dict:
         """What the order of samples depends on, besides the seed: resuming on other data is not the same run."""
         return {"source": "arrow", "num_samples": self.manifest.num_samples, "shard_rows_sha": _digest(self.shard_rows)}
 
-    def _shard(self, shard: int):
+    def _shard(self, shard: int) -> "_ShardRows":
         if shard not in self._tables:
             from datasets import Dataset
             path = self.paths[shard]
             try:
                 table = Dataset.from_file(path).data.table  # memory-mapped: pages are read when touched
+                rows = _ShardRows(table)
             except Exception as err:  # noqa: BLE001 - pyarrow/datasets errors do not name the file
                 raise DataError(f"{path}: cannot be read as an Arrow shard ({type(err).__name__}: {err})") from None
-            if table.num_rows != self.shard_rows[shard]:
-                raise DataError(f"{path}: holds {table.num_rows} rows, the manifest says {self.shard_rows[shard]}; "
+            if rows.count != self.shard_rows[shard]:
+                raise DataError(f"{path}: holds {rows.count} rows, the manifest says {self.shard_rows[shard]}; "
                                 f"run python -m data_prep.verify {self.directory}")
-            images, labels = table.column("image").chunks, table.column("label").chunks
-            starts = np.concatenate([[0], np.cumsum([len(c) for c in images])[:-1]]).astype(np.int64)
-            self._tables[shard] = (starts, images, [c.to_numpy() for c in labels])
+            self._tables[shard] = rows
         return self._tables[shard]
 
-    def _row(self, row: int) -> tuple[memoryview, int]:
-        shard = int(np.searchsorted(self.shard_start, row, side="right") - 1)
-        starts, images, labels = self._shard(shard)
-        local = row - self.shard_start[shard]
-        chunk = int(np.searchsorted(starts, local, side="right") - 1)
-        i = int(local - starts[chunk])
-        return memoryview(images[chunk][i].as_buffer()), int(labels[chunk][i])
-
     def make(self, epochs: np.ndarray, rows: np.ndarray) -> dict:
+        """One micro-batch: the images of these dataset rows decoded into one uint8 array, flipped by their coins."""
         size = len(rows)
         images = np.empty((size, *self.image_size, 3), np.uint8)
         labels = np.empty(size, np.int64)
+        shards = np.searchsorted(self.shard_start, rows, side="right") - 1
+        data = [None] * size
+        for shard in np.unique(shards).tolist():  # per shard: vectorised lookups, then one slice per image
+            at = np.flatnonzero(shards == shard)
+            part = self._shard(shard)
+            local = rows[at] - self.shard_start[shard]
+            labels[at] = part.labels[local]
+            for i, view in zip(at.tolist(), part.images(local)):
+                data[i] = view
         good, corrupt = [], 0
-        for i, (epoch, row) in enumerate(zip(epochs.tolist(), rows.tolist())):
-            data, labels[i] = self._row(row)
+        for i, image in enumerate(data):
             try:
-                decode_rgb(data, self.image_size, out=images[i])
+                decode_rgb(image, self.image_size, out=images[i])
                 good.append(i)
             except Exception as err:  # noqa: BLE001 - any decoder error means this one sample is unusable
-                where = f"{self.directory}: dataset row {row} (label {labels[i]})"
+                where = f"{self.directory}: dataset row {rows[i]} (label {labels[i]})"
                 if self.on_corrupt == "fail":
                     raise DataError(f"{where}: cannot decode image: {err}") from None
                 log.warning(f"skipping {where}: cannot decode image ({err}); a good sample of the same "
@@ -146,16 +157,37 @@ class ArrowFaces:
         for i in np.flatnonzero(labels < 0):  # corrupt: copy a good sample of this micro-batch
             source = good[i % len(good)]
             images[i], labels[i] = images[source], labels[source]
-        flips = [self.flip and flip_coin(self.seed, e, r) for e, r in zip(epochs.tolist(), rows.tolist())]
         batch = torch.from_numpy(images)
-        flipped = torch.from_numpy(np.flatnonzero(flips))
-        batch[flipped] = batch[flipped].flip(2)  # horizontal: the width axis; torch does it 2x faster than numpy
+        if self.flip:
+            flipped = torch.from_numpy(np.flatnonzero(flip_coins(self.seed, epochs, rows)))
+            batch[flipped] = batch[flipped].flip(2)  # horizontal: the width axis; torch does it 2x faster than numpy
         return {"image": batch, "label": torch.from_numpy(labels), "sample": torch.from_numpy(rows),
                 "corrupt": corrupt}
 
-    @staticmethod
-    def finish(batch: dict) -> dict:
-        return {**batch, "image": normalize(batch["image"])}
+
+
+class _ShardRows:
+    """One memory-mapped shard's rows: where each image's bytes lie (chunk, start, end) and the labels, as
+    numpy arrays built once, so that reading a row is one slice of a memoryview over the mapped file."""
+
+    def __init__(self, table):
+        images = table.column("image").chunks
+        self.count = table.num_rows
+        self.views = [memoryview(c.buffers()[2]) if c.buffers()[2] is not None else memoryview(b"") for c in images]
+        chunk, start, end = [], [], []
+        for k, c in enumerate(images):
+            offsets = np.frombuffer(c.buffers()[1], dtype=np.int32)[c.offset:c.offset + len(c) + 1]
+            chunk.append(np.full(len(c), k, np.int64))
+            start.append(offsets[:-1].astype(np.int64))
+            end.append(offsets[1:].astype(np.int64))
+        self.chunk, self.start, self.end = (np.concatenate(x) if x else np.empty(0, np.int64)
+                                            for x in (chunk, start, end))
+        self.labels = table.column("label").to_numpy()
+
+    def images(self, local: np.ndarray) -> list[memoryview]:
+        views = self.views
+        return [views[c][s:e] for c, s, e in zip(self.chunk[local].tolist(), self.start[local].tolist(),
+                                                   self.end[local].tolist())]
 
 
 def _digest(values: list[int]) -> str:

@@ -9,9 +9,9 @@ A converted dataset is a directory:
                                      index: int64   the record's key in the source (.idx key, or file number)
     property, *.bin                carried over from beside the .rec (InsightFace property, validation sets)
 
-`datasets.load_dataset("arrow", data_files=..., streaming=True)` and `datasets.Dataset.from_file` open the
-shards directly. Shards hold equal numbers of rows (the first `num_samples % num_shards` hold one more), so
-that whole shards can be dealt out to ranks x loader workers and every stream gets the same count.
+`datasets.Dataset.from_file` (memory-mapped, what `ds_face.data.arrow` uses) and
+`datasets.load_dataset("arrow", data_files=..., streaming=True)` open the shards directly. Shards hold equal
+numbers of rows (the first `num_samples % num_shards` hold one more).
 """
 from __future__ import annotations
 

@@ -45,9 +45,6 @@ class SyntheticFaces:
         for i, (epoch, row) in enumerate(zip(epochs.tolist(), rows.tolist())):
             generator.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_000_007 + row)
             noise[i].normal_(generator=generator)
-        return {"image": (images + self.noise * noise).clamp_(-1.0, 1.0), "label": torch.from_numpy(labels),
-                "sample": torch.from_numpy(rows), "corrupt": 0}
-
-    @staticmethod
-    def finish(batch: dict) -> dict:
-        return batch
+        pixels = (images + self.noise * noise).clamp_(-1.0, 1.0).add_(1.0).mul_(127.5).round_()
+        return {"image": pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous(),  # uint8 NHWC, like Arrow rows
+                "label": torch.from_numpy(labels), "sample": torch.from_numpy(rows), "corrupt": 0}
