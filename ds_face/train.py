@@ -194,7 +194,7 @@ class Trainer:
         log.info(f"world size {l.world_size}, ZeRO stage {e.zero_optimization_stage()}, {precision}, "
                  f"micro-batch {l.micro_batch} x accumulation {l.accumulation} x {l.world_size} ranks = "
                  f"{l.per_step} samples per optimizer step")
-        log.info(f"{self.cfg.schedule.epochs} epochs of {self.epoch_size} samples; at sample "
+        log.info(f"{self.cfg.schedule.epochs} epoch(s) of {self.epoch_size} samples; at sample "
                  f"{self.position.samples} (step {self.position.step}), {(end - self.position.samples) // l.per_step} "
                  f"steps to go, {self.position.step + (end - self.position.samples) // l.per_step} in all"
                  + (f", stopping after step {self.cfg.schedule.max_steps}" if self.cfg.schedule.max_steps else ""))

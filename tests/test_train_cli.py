@@ -76,5 +76,5 @@ def test_recordio_to_arrow_to_two_rank_training(tmp_path):
                   "--set", "output.log_every=1", "--set", f"output.dir={out}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (out / "training.log").read_text()
-    assert "2 epochs of 320 samples; at sample 0 (step 0), 10 steps to go, 10 in all" in log  # 640 / (32 x 2)
+    assert "2 epoch(s) of 320 samples; at sample 0 (step 0), 10 steps to go, 10 in all" in log  # 640 / (32 x 2)
     assert "Global Step: 10/10" in log and "Epoch: 1" in log
