@@ -46,6 +46,8 @@ IMAGE_SIZE = (112, 112)
 MAX_PIXELS = 16 * IMAGE_SIZE[0] * IMAGE_SIZE[1]
 THRESHOLDS = np.arange(0, 4, 0.01)
 NUM_FOLDS = 10
+VAL_THRESHOLDS = np.arange(0, 4, 0.001)  # arcface_torch's calculate_val grid
+VAL_FAR = 1e-3
 
 # (module, name) globals a .bin may reference: numpy's array/scalar reconstruction, nothing that runs code.
 ALLOWED_GLOBALS = frozenset({
@@ -232,8 +234,54 @@ def verify(embeddings: np.ndarray, issame: np.ndarray, folds: int = NUM_FOLDS,
         chosen.append(float(thresholds[best]))
         accuracies.append(float(correct[best, test].sum()) / len(test))
     acc = np.asarray(accuracies)
+    val = val_at_far(dist, issame, folds)
     return {"accuracy": float(acc.mean()), "std": float(acc.std()), "threshold": float(np.mean(chosen)),
-            "pairs": int(len(issame)), "accuracies": accuracies, "thresholds": chosen}
+            "pairs": int(len(issame)), "accuracies": accuracies, "thresholds": chosen, **val}
+
+
+def far_threshold(far_train: np.ndarray, thresholds: np.ndarray, far_target: float) -> float:
+    """The threshold at which the (non-decreasing) training FAR curve reaches ``far_target``.
+
+    arcface_torch: ``interp1d(far_train, thresholds, kind='slinear')(far_target)``, which current scipy refuses
+    whenever ``far_train`` repeats a value (it nearly always does: FAR is 0 up to the first impostor).
+    Here: i = the last threshold whose FAR is <= the target; if that FAR equals the target (or i is the
+    last threshold), thresholds[i]; otherwise linear interpolation between (far[i], t[i]) and
+    (far[i+1], t[i+1]), the two grid points where the step curve crosses the target. Where ``far_train`` has
+    no repeated value this is exactly interp1d's answer. If the FAR never reaches the target: 0.0, as
+    arcface_torch."""
+    if far_train.max() < far_target:
+        return 0.0
+    i = int(np.searchsorted(far_train, far_target, "right")) - 1  # far_train[0] = 0 <= target, so i >= 0
+    if far_train[i] == far_target or i == len(far_train) - 1:
+        return float(thresholds[i])
+    f0, f1, t0, t1 = far_train[i], far_train[i + 1], thresholds[i], thresholds[i + 1]
+    return float(t0 + (far_target - f0) * (t1 - t0) / (f1 - f0))
+
+
+def val_at_far(dist: np.ndarray, issame: np.ndarray, folds: int = NUM_FOLDS, far_target: float = VAL_FAR,
+               thresholds: np.ndarray = VAL_THRESHOLDS) -> dict:
+    """arcface_torch's ``calculate_val`` (VAL = TAR at FAR ``far_target``, 10 folds), vectorised.
+
+    Per fold: the training FAR of each threshold (``dist < t`` accepts), the threshold for the target FAR
+    (``far_threshold``), and on the test fold VAL = accepted genuine / genuine, FAR = accepted impostors /
+    impostors (0 where a fold has none). Returns val (mean), val_std, far (mean), val_far_target."""
+    vals, fars = [], []
+
+    def rates(d, same, threshold):
+        accept = d < threshold
+        n_same, n_diff = int(same.sum()), int((~same).sum())
+        return (float((accept & same).sum()) / n_same if n_same else 0.0,
+                float((accept & ~same).sum()) / n_diff if n_diff else 0.0)
+
+    for train, test in kfold(len(issame), folds):
+        impostor = np.sort(dist[train][~issame[train]])
+        far_train = (np.searchsorted(impostor, thresholds, "left") / len(impostor) if len(impostor)
+                     else np.zeros(len(thresholds)))  # count of impostor distances < t
+        val, far = rates(dist[test], issame[test], far_threshold(far_train, thresholds, far_target))
+        vals.append(val)
+        fars.append(far)
+    return {"val": float(np.mean(vals)), "val_std": float(np.std(vals)), "far": float(np.mean(fars)),
+            "val_far_target": far_target}
 
 
 # -- embeddings ----------------------------------------------------------------------------------------
@@ -421,10 +469,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def format_table(results: dict[str, dict]) -> str:
-    lines = ["| set | pairs | accuracy | threshold | XNorm |", "| --- | ---: | --- | ---: | ---: |"]
+    lines = ["| set | pairs | accuracy | threshold | XNorm | VAL@FAR=1e-3 |",
+             "| --- | ---: | --- | ---: | ---: | --- |"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['pairs']} | {r['accuracy']:.5f} ± {r['std']:.5f} | {r['threshold']:.3f} "
-                     f"| {r['xnorm']:.3f} |")
+                     f"| {r['xnorm']:.3f} | {r['val']:.5f} ± {r['val_std']:.5f} @ {r['far']:.5f} |")
     return "\n".join(lines)
 
 
