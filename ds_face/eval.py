@@ -356,8 +356,9 @@ class TrainingEvaluator:
         self.cfg = trainer.cfg.eval
         self.trainer, self.rank = trainer, trainer.rank
         self.writer = getattr(progress, "writer", None)
-        self.enabled = bool(self.cfg.sets)
+        self.enabled = bool(self.cfg.sets) or bool(self.cfg.ijb.root)
         self.sets: list[VerificationSet] = []
+        self.ijb = None  # ds_face.ijb.IJBMeta: eval.ijb, parsed once, evaluated at the last step
         self.best: dict[str, float] = {}
         self.dir = trainer.output_dir / "eval"
         self.budget = 0.5 * 60 * int(os.environ.get("DS_FACE_TIMEOUT_MIN", 30))
@@ -372,8 +373,14 @@ class TrainingEvaluator:
                              for name, path in zip(set_names(self.cfg.sets), self.cfg.sets)]
                 self._restore_best(trainer.global_step)
                 from ds_face.progress import log
-                log.info("evaluation every " + (f"{self.cfg.every_steps} steps" if self.cfg.every_steps else
-                         "run end") + ": " + ", ".join(f"{s.name} ({s.pairs} pairs)" for s in self.sets))
+                if self.sets:
+                    log.info("evaluation every " + (f"{self.cfg.every_steps} steps" if self.cfg.every_steps else
+                             "run end") + ": " + ", ".join(f"{s.name} ({s.pairs} pairs)" for s in self.sets))
+                if self.cfg.ijb.root:  # parsed and checked now (every image present), not after hours of training
+                    from ds_face.ijb import read_meta
+                    self.ijb = read_meta(self.cfg.ijb.root, self.cfg.ijb.target)
+                    log.info(f"IJB evaluation at the end of the run: {self.ijb.target} ({self.ijb.images} images, "
+                             f"{len(self.ijb.labels)} pairs) from {self.ijb.root}")
             except Exception as err:
                 error = err
         self._agree(error)
@@ -405,7 +412,9 @@ class TrainingEvaluator:
                 continue
 
     def due(self, step: int, last: bool) -> bool:
-        return self.enabled and (last or bool(self.cfg.every_steps and step % self.cfg.every_steps == 0))
+        """.bin sets: every eval.every_steps and at the last step; IJB: at the last step only."""
+        return self.enabled and (last or bool(self.cfg.sets and self.cfg.every_steps
+                                              and step % self.cfg.every_steps == 0))
 
     def __call__(self, step: int, last: bool = False) -> dict | None:
         if not self.due(step, last):
@@ -413,18 +422,19 @@ class TrainingEvaluator:
         error, results = None, None
         if self.rank == 0:
             try:
-                results = self._run(step)
+                results = self._run(step, last)
             except Exception as err:
                 error = err
         self._agree(error)
         return results
 
-    def _run(self, step: int) -> dict:
+    def _run(self, step: int, last: bool = False) -> dict:
         from ds_face.progress import log
         model = self.trainer.engine.module
         deadline = time.monotonic() + self.budget
         results = {}
-        for vset in self.sets:
+        sets_due = last or bool(self.cfg.every_steps and step % self.cfg.every_steps == 0)
+        for vset in self.sets if sets_due else []:
             try:
                 r = evaluate(model, vset, self.cfg.batch_size, deadline=deadline)
             except EvalTimeout as err:
@@ -440,11 +450,40 @@ class TrainingEvaluator:
             if self.writer is not None:
                 for key in ("accuracy", "std", "threshold", "xnorm", "best_accuracy"):
                     self.writer.add_scalar(f"eval/{vset.name}/{key}", r[key], step)
+        ijb = self._run_ijb(model, step, deadline) if last and self.ijb is not None else None
         if self.writer is not None:
             self.writer.flush()
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.dir / f"step_{step}.json", {"step": step, "sets": results})
-        return results
+        write_json_atomic(self.dir / f"step_{step}.json",
+                          {"step": step, "sets": results, **({"ijb": ijb} if ijb else {})})
+        return {**results, **({ijb["target"]: ijb} if ijb else {})}
+
+    def _run_ijb(self, model, step: int, deadline: float) -> dict | None:
+        """eval.ijb at the last step, under the same deadline as the .bin sets; also eval/<target>_step_<N>.png."""
+        from ds_face import ijb
+        from ds_face.progress import log
+        meta = self.ijb
+        started = time.perf_counter()
+        try:
+            feats = ijb.image_features(meta, model, self.cfg.batch_size, self._device,
+                                       workers=min(8, os.cpu_count() or 1), deadline=deadline)
+        except EvalTimeout as err:
+            log.warning(f"[{meta.target}][{step}] IJB evaluation skipped ({err}): half of the process-group "
+                        f"timeout DS_FACE_TIMEOUT_MIN has passed and the other ranks are waiting")
+            return None
+        features_seconds = time.perf_counter() - started
+        report, curve = ijb.evaluate_features(meta, feats)
+        report["seconds"]["features"] = features_seconds
+        for key, point in report["tar_at_far"].items():
+            log.info(f"[{meta.target}][{step}]TAR@FAR={key}: {point['tar']:1.5f} (at FPR {point['fpr']:.2e})")
+            if self.writer is not None:
+                self.writer.add_scalar(f"eval/{meta.target}/tar@far={key}", point["tar"], step)
+        log.info(f"[{meta.target}][{step}]AUC: {report['auc']:1.5f}")
+        if self.writer is not None:
+            self.writer.add_scalar(f"eval/{meta.target}/auc", report["auc"], step)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ijb.plot_roc(self.dir / f"{meta.target}_step_{step}.png", curve, report, f"{meta.target} step {step}")
+        return report
 
 
 def load_model(path: str, backbone: str = "r50", embedding: int = 512, device=None):
@@ -459,9 +498,10 @@ def load_model(path: str, backbone: str = "r50", embedding: int = 512, device=No
     return model.to(device).eval()
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
     from ds_face.backbones import BACKBONES
-    parser.add_argument("--model", required=True, help="model.pt (ds_face.export output or arcface_torch model zoo)")
+    parser.add_argument("--model", required=model_required,
+                        help="model.pt (ds_face.export output or arcface_torch model zoo)")
     parser.add_argument("--backbone", default="r50", choices=list(BACKBONES), help="default r50")
     parser.add_argument("--embedding", type=int, default=512, help="embedding size (default 512)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
@@ -484,7 +524,12 @@ def set_names(paths: list[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ds_face.eval", description=__doc__.splitlines()[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ijb"]:  # python -m ds_face.eval ijb --root ... (IJB-B/C 1:1 verification, ds_face.ijb)
+        from ds_face.ijb import main as ijb_main
+        return ijb_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="ds_face.eval", description=__doc__.splitlines()[0],
+                                     epilog="IJB-B/C: python -m ds_face.eval ijb --help")
     add_model_args(parser)
     parser.add_argument("--bin", nargs="+", required=True, metavar="SET.bin", help="InsightFace verification sets")
     parser.add_argument("--json", metavar="PATH", help="also write the figures (and per-fold values) as JSON")
