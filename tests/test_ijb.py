@@ -466,3 +466,31 @@ def test_eval_ijb_config_keys(ijb_set, tmp_path):
         load_run_config(cfg_path, {"eval.ijb.tagret": "IJBC"})
     with pytest.raises(ConfigError, match="'eval.ijb' is not supported under ZeRO stage 3"):
         check_together(cfg, BatchLayout(32, 1, 2, zero_stage=3), "run.yaml")
+
+
+# -- during training: a real 2-rank deepspeed launch ---------------------------------------------------------------
+
+def test_two_rank_training_evaluates_ijb_at_the_last_step(ijb_set, tmp_path):
+    from tests.test_train_cli import launch
+    root, info = ijb_set
+    out = tmp_path / "run"
+    proc = launch("--config", "configs/cpu_demo.yaml", "--deepspeed_config", "ds_configs/cpu_zero2_fp32.json",
+                  "--set", "schedule.max_steps=2", "--set", "output.log_every=1", "--set", f"output.dir={out}",
+                  "--set", "head.num_classes=200", "--set", "data.num_samples=128", "--set", "eval.batch_size=64",
+                  "--set", f"eval.ijb.root={root}", "--set", "eval.ijb.target=IJBC")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (out / "training.log").read_text()
+    assert f"IJB evaluation at the end of the run: IJBC ({info['images']} images, {info['pairs']} pairs)" in log
+    assert "[IJBC][1]" not in log, "IJB runs at the last step only"
+    report = json.loads((out / "eval" / "step_2.json").read_text())
+    ijb_report = report["ijb"]
+    assert report["sets"] == {} and ijb_report["pairs"] == info["pairs"] and ijb_report["embedding"] == 128
+    for key, point in ijb_report["tar_at_far"].items():
+        assert f"[IJBC][2]TAR@FAR={key}: {point['tar']:1.5f}" in log
+    assert f"[IJBC][2]AUC: {ijb_report['auc']:1.5f}" in log
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["IJBC_step_2.png", "step_2.json"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    scalars = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert [e.step for e in scalars.Scalars("eval/IJBC/tar@far=1e-04")] == [2]
+    assert scalars.Scalars("eval/IJBC/auc")[0].value == pytest.approx(ijb_report["auc"])
