@@ -135,7 +135,8 @@ def _number(value: str, path: Path, n: int, what: str, kind=float):
     try:
         x = kind(value)
     except ValueError:
-        raise IJBError(f"{path} line {n}: {what} is {value!r}, not {'an integer' if kind is int else 'a number'}") from None
+        expected = "an integer" if kind is int else "a number"
+        raise IJBError(f"{path} line {n}: {what} is {value!r}, not {expected}") from None
     if kind is float and not np.isfinite(x):
         raise IJBError(f"{path} line {n}: {what} is {value!r}, not a finite number")
     return x
@@ -356,7 +357,7 @@ def load_aligned(path: Path, landmarks: np.ndarray, where: str, max_pixels: int 
 
 
 def _align_chunk(task) -> tuple[int, np.ndarray]:
-    """Worker task: (start, [(name, landmarks)], crop dir, landmark file, max_pixels) -> (start, uint8 [k,112,112,3])."""
+    """Worker task: (start, [(name, landmarks)], crop dir, landmark file, max_pixels) -> (start, uint8 images)."""
     start, items, crop, lmk_file, max_pixels = task
     out = np.empty((len(items), ALIGNED_SIZE, ALIGNED_SIZE, 3), np.uint8)
     for k, (name, marks) in enumerate(items):
@@ -478,27 +479,28 @@ def template_features(feats: np.ndarray, scores: np.ndarray, templates: np.ndarr
     """(sorted unique template ids [T], L2-normalised template features [T, D] float32).
 
     Image feature x detector score; mean over the images of each (template, media); sum over a template's
-    media; L2-normalise (a zero vector stays zero). float64 accumulation, in blocks of ``block`` images."""
+    media; L2-normalise (a zero vector stays zero). The mean-then-sum is one weighted sum per template
+    (weight = detector score / images in the image's media), in float64, over about ``block`` sorted images
+    at a time (blocks end on template boundaries; numpy's ``sum(0)`` per template slice: ~20x faster here
+    than ``add.reduceat`` along axis 0)."""
     order = np.lexsort((medias, templates))
     t_sorted, m_sorted = templates[order], medias[order]
     new_media = np.r_[True, (t_sorted[1:] != t_sorted[:-1]) | (m_sorted[1:] != m_sorted[:-1])]
-    unique_t, t_index = np.unique(templates, return_inverse=True)
-    t_index_sorted = t_index[order]
-    out = np.zeros((len(unique_t), feats.shape[1]), np.float64)
-    media_starts = np.flatnonzero(new_media)
-    a, n = 0, len(order)
-    while a < n:  # blocks of about ``block`` images that end on a media boundary: no media is split
-        k = np.searchsorted(media_starts, a + block)
-        b = int(media_starts[k]) if k < len(media_starts) else n
-        rows = order[a:b]
-        x = feats[rows].astype(np.float64) * scores[rows, None].astype(np.float64)
-        starts = media_starts[(media_starts >= a) & (media_starts < b)] - a
-        counts = np.diff(np.r_[starts, b - a])
-        media_mean = np.add.reduceat(x, starts, axis=0) / counts[:, None]
-        owner = t_index_sorted[a + starts]  # each media's template, non-decreasing
-        first = np.r_[0, np.flatnonzero(owner[1:] != owner[:-1]) + 1]
-        out[owner[first]] += np.add.reduceat(media_mean, first, axis=0)  # distinct rows: a plain += is right
-        a = b
+    media_id = np.cumsum(new_media) - 1
+    weight = scores[order].astype(np.float64) / np.bincount(media_id)[media_id]
+    t_starts = np.flatnonzero(np.r_[True, t_sorted[1:] != t_sorted[:-1]])
+    unique_t = t_sorted[t_starts]
+    t_ends = np.r_[t_starts[1:], len(order)]
+    out = np.empty((len(unique_t), feats.shape[1]), np.float64)
+    first, n = 0, len(unique_t)
+    while first < n:
+        a = int(t_starts[first])
+        last = max(first + 1, int(np.searchsorted(t_starts, a + block)))  # templates [first, last) in this block
+        b = int(t_ends[last - 1])
+        x = feats[order[a:b]] * weight[a:b, None]
+        for t in range(first, last):
+            out[t] = x[t_starts[t] - a:t_ends[t] - a].sum(0)
+        first = last
     norm = np.linalg.norm(out, axis=1, keepdims=True)
     return unique_t, (out / np.maximum(norm, 1e-12)).astype(np.float32)
 
@@ -516,11 +518,13 @@ def pair_scores(tfeats: np.ndarray, i1: np.ndarray, i2: np.ndarray, gram_bytes: 
     Pairs are ordered by their lower template index; rows [a, b) of the Gram matrix against templates >= a
     are computed by BLAS in blocks of at most ``gram_bytes`` and the pairs whose lower index is in [a, b)
     read from it. Memory: the block plus a few int arrays of the pair count."""
-    lo, hi = np.minimum(i1, i2), np.maximum(i1, i2)
+    t = len(tfeats)
+    # the smallest index type: numpy sorts 16-bit keys by radix (IJB-C's 23k templates: ~10x faster)
+    kind = np.uint16 if t <= np.iinfo(np.uint16).max else np.int32 if t <= np.iinfo(np.int32).max else np.int64
+    lo, hi = np.minimum(i1, i2).astype(kind), np.maximum(i1, i2).astype(kind)
     order = np.argsort(lo, kind="stable")
     lo_s, hi_s = lo[order], hi[order]
     out = np.empty(len(i1), np.float32)
-    t = len(tfeats)
     rows = max(1, min(t, gram_bytes // (4 * max(t, 1))))
     bounds = np.searchsorted(lo_s, np.arange(0, t + rows, rows))
     for k, a in enumerate(range(0, t, rows)):
@@ -528,7 +532,7 @@ def pair_scores(tfeats: np.ndarray, i1: np.ndarray, i2: np.ndarray, gram_bytes: 
         if p == q:
             continue
         gram = tfeats[a:a + rows] @ tfeats[a:].T  # [rows, t - a]
-        out[order[p:q]] = gram[lo_s[p:q] - a, hi_s[p:q] - a]
+        out[order[p:q]] = gram[lo_s[p:q].astype(np.int64) - a, hi_s[p:q].astype(np.int64) - a]
     return out
 
 
