@@ -201,8 +201,11 @@ def read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     line so that the error names the first bad line."""
     if not path.is_file():
         raise IJBError(f"{path}: no such file")
+    import warnings
     try:
-        rows = np.loadtxt(path, dtype=np.int64, ndmin=2, comments=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": refused below, by name
+            rows = np.loadtxt(path, dtype=np.int64, ndmin=2, comments=None)
     except (ValueError, UnicodeDecodeError):
         rows = None
     lines = None
@@ -342,7 +345,10 @@ def load_aligned(path: Path, landmarks: np.ndarray, where: str, max_pixels: int 
     try:
         height, width = header_size(data)
     except Exception as err:  # noqa: BLE001 - not an image, truncated header, PIL's own bomb refusal
-        raise IJBError(f"{where}: image {path} cannot be decoded ({type(err).__name__}: {err})") from None
+        from PIL import UnidentifiedImageError
+        why = ("not an image format PIL or libjpeg-turbo can read" if isinstance(err, UnidentifiedImageError)
+               else f"{type(err).__name__}: {err}")
+        raise IJBError(f"{where}: image {path} cannot be decoded ({why})") from None
     if height * width > max_pixels:
         raise IJBError(f"{where}: image {path} is {width}x{height}, more than the {max_pixels} pixels allowed "
                        f"(--max-pixels); refused without decoding it")
@@ -378,15 +384,25 @@ def aligned_chunks(meta: IJBMeta, workers: int, max_pixels: int = MAX_PIXELS, ch
             yield _align_chunk(task)
         return
     import multiprocessing
-    # spawn: the parent may hold CUDA and torch threads, which a fork must not inherit
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        pending: deque = deque()
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    # spawn: the parent may hold CUDA and torch threads, which a fork must not inherit. An executor, not a
+    # multiprocessing.Pool: a worker that dies (killed, out of memory) breaks it with an error instead of
+    # leaving its task unanswered for ever.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pending: deque = deque()
+    try:
         for task in tasks:
-            pending.append(pool.apply_async(_align_chunk, (task,)))
+            pending.append(pool.submit(_align_chunk, task))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    except BrokenProcessPool as err:
+        raise IJBError(f"a decode worker process died ({err}); was it killed, e.g. out of memory? "
+                       f"--workers 0 decodes in this process") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # at most the chunks already running finish
 
 
 def image_features(meta: IJBMeta, model, batch_size: int = 128, device=None, workers: int = 0,
