@@ -1,6 +1,7 @@
 """Face verification on InsightFace ``.bin`` pair sets (LFW, CFP-FP, AgeDB-30, ...), as arcface_torch does it.
 
     python -m ds_face.eval --model model.pt [--backbone r50] [--embedding 512] --bin lfw.bin cfp_fp.bin agedb_30.bin
+    python -m ds_face.eval ijb --root /data/IJB_release/IJBC --target IJBC --model model.pt ...  (ds_face.ijb)
 
 The protocol is arcface_torch's ``eval/verification.py``:
 
@@ -11,7 +12,10 @@ The protocol is arcface_torch's ``eval/verification.py``:
 * 10-fold cross-validation (sklearn ``KFold(10, shuffle=False)`` folds): on 9 folds the threshold in
   ``np.arange(0, 4, 0.01)`` with the best accuracy is chosen (the first one on a tie), ``dist < threshold``
   predicts "same"; the accuracy on the tenth fold is recorded. Reported: mean +- std of the 10 accuracies
-  ("Accuracy-Flip"), the mean chosen threshold, XNorm.
+  ("Accuracy-Flip"), the mean chosen threshold, XNorm;
+* VAL@FAR=1e-3 as arcface_torch's ``calculate_val`` on the same folds (``val_at_far``; the threshold for the
+  target FAR without scipy's interp1d, which refuses the repeated FAR values of nearly every grid:
+  ``far_threshold``).
 
 **Safety of .bin files.** A ``.bin`` is a pickle of ``(bins, issame_list)``: encoded JPEG/PNG images (``bytes``,
 pickled by Python 2 as ``str``, hence ``encoding="bytes"``) and one bool per pair. Unpickling can run arbitrary
