@@ -96,10 +96,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class IJBEvalConfig:
+    root: str = ""  # an IJB-B/C release directory (loose_crop/, meta/); empty: no IJB evaluation
+    target: str = "IJBC"  # IJBC or IJBB: reads meta/<target lower case>_*.txt
+
+
+@dataclass
 class EvalConfig:
     sets: list = field(default_factory=list)  # InsightFace verification .bin files (lfw.bin, cfp_fp.bin, ...)
     every_steps: int = 0  # evaluate every N optimizer steps (0: only at the end of the run); rank 0 only
     batch_size: int = 128  # images per forward pass during evaluation
+    ijb: IJBEvalConfig = field(default_factory=IJBEvalConfig)  # IJB-B/C 1:1 verification at the end of the run
 
 
 @dataclass
@@ -245,6 +252,10 @@ def check_together(cfg: RunConfig, layout: BatchLayout, run_path: str | Path) ->
         errors.append("'eval.sets' is not supported under ZeRO stage 3 (the backbone's parameters are "
                       "partitioned over the ranks, and evaluation runs on rank 0 alone); use stage 0-2, or "
                       "evaluate exported checkpoints with python -m ds_face.eval")
+    if cfg.eval.ijb.root and layout.zero_stage == 3:
+        errors.append("'eval.ijb' is not supported under ZeRO stage 3 (the backbone's parameters are "
+                      "partitioned over the ranks, and evaluation runs on rank 0 alone); use stage 0-2, or "
+                      "evaluate exported checkpoints with python -m ds_face.eval ijb")
     if errors:
         raise ConfigError(f"{run_path}: " + "\n  ".join(["invalid run config for this launch:"] + errors))
 
@@ -500,6 +511,13 @@ def _check_eval(e: EvalConfig) -> list[str]:
             errors.append(f"'eval.sets[{i}]' must be the path of a verification .bin file, got {path!r}")
         elif not Path(path).is_file():
             errors.append(f"'eval.sets[{i}]': file not found: {path}")
+    ijb = e.ijb
+    if ijb.root:
+        if not re.match(r"^[A-Za-z0-9_-]+$", ijb.target or ""):
+            errors.append(f"'eval.ijb.target' must be a set name such as IJBC or IJBB, got {ijb.target!r}")
+        else:
+            from ds_face.ijb import check_layout  # existence only; rank 0 parses the files when training starts
+            errors += [f"'eval.ijb.root': {problem}" for problem in check_layout(ijb.root, ijb.target)]
     return errors
 
 

@@ -1,6 +1,7 @@
 """Face verification on InsightFace ``.bin`` pair sets (LFW, CFP-FP, AgeDB-30, ...), as arcface_torch does it.
 
     python -m ds_face.eval --model model.pt [--backbone r50] [--embedding 512] --bin lfw.bin cfp_fp.bin agedb_30.bin
+    python -m ds_face.eval ijb --root /data/IJB_release/IJBC --target IJBC --model model.pt ...  (ds_face.ijb)
 
 The protocol is arcface_torch's ``eval/verification.py``:
 
@@ -11,7 +12,10 @@ The protocol is arcface_torch's ``eval/verification.py``:
 * 10-fold cross-validation (sklearn ``KFold(10, shuffle=False)`` folds): on 9 folds the threshold in
   ``np.arange(0, 4, 0.01)`` with the best accuracy is chosen (the first one on a tie), ``dist < threshold``
   predicts "same"; the accuracy on the tenth fold is recorded. Reported: mean +- std of the 10 accuracies
-  ("Accuracy-Flip"), the mean chosen threshold, XNorm.
+  ("Accuracy-Flip"), the mean chosen threshold, XNorm;
+* VAL@FAR=1e-3 as arcface_torch's ``calculate_val`` on the same folds (``val_at_far``; the threshold for the
+  target FAR without scipy's interp1d, which refuses the repeated FAR values of nearly every grid:
+  ``far_threshold``).
 
 **Safety of .bin files.** A ``.bin`` is a pickle of ``(bins, issame_list)``: encoded JPEG/PNG images (``bytes``,
 pickled by Python 2 as ``str``, hence ``encoding="bytes"``) and one bool per pair. Unpickling can run arbitrary
@@ -46,6 +50,8 @@ IMAGE_SIZE = (112, 112)
 MAX_PIXELS = 16 * IMAGE_SIZE[0] * IMAGE_SIZE[1]
 THRESHOLDS = np.arange(0, 4, 0.01)
 NUM_FOLDS = 10
+VAL_THRESHOLDS = np.arange(0, 4, 0.001)  # arcface_torch's calculate_val grid
+VAL_FAR = 1e-3
 
 # (module, name) globals a .bin may reference: numpy's array/scalar reconstruction, nothing that runs code.
 ALLOWED_GLOBALS = frozenset({
@@ -232,8 +238,54 @@ def verify(embeddings: np.ndarray, issame: np.ndarray, folds: int = NUM_FOLDS,
         chosen.append(float(thresholds[best]))
         accuracies.append(float(correct[best, test].sum()) / len(test))
     acc = np.asarray(accuracies)
+    val = val_at_far(dist, issame, folds)
     return {"accuracy": float(acc.mean()), "std": float(acc.std()), "threshold": float(np.mean(chosen)),
-            "pairs": int(len(issame)), "accuracies": accuracies, "thresholds": chosen}
+            "pairs": int(len(issame)), "accuracies": accuracies, "thresholds": chosen, **val}
+
+
+def far_threshold(far_train: np.ndarray, thresholds: np.ndarray, far_target: float) -> float:
+    """The threshold at which the (non-decreasing) training FAR curve reaches ``far_target``.
+
+    arcface_torch: ``interp1d(far_train, thresholds, kind='slinear')(far_target)``, which current scipy refuses
+    whenever ``far_train`` repeats a value (it nearly always does: FAR is 0 up to the first impostor).
+    Here: i = the last threshold whose FAR is <= the target; if that FAR equals the target (or i is the
+    last threshold), thresholds[i]; otherwise linear interpolation between (far[i], t[i]) and
+    (far[i+1], t[i+1]), the two grid points where the step curve crosses the target. Where ``far_train`` has
+    no repeated value this is exactly interp1d's answer. If the FAR never reaches the target: 0.0, as
+    arcface_torch."""
+    if far_train.max() < far_target:
+        return 0.0
+    i = int(np.searchsorted(far_train, far_target, "right")) - 1  # far_train[0] = 0 <= target, so i >= 0
+    if far_train[i] == far_target or i == len(far_train) - 1:
+        return float(thresholds[i])
+    f0, f1, t0, t1 = far_train[i], far_train[i + 1], thresholds[i], thresholds[i + 1]
+    return float(t0 + (far_target - f0) * (t1 - t0) / (f1 - f0))
+
+
+def val_at_far(dist: np.ndarray, issame: np.ndarray, folds: int = NUM_FOLDS, far_target: float = VAL_FAR,
+               thresholds: np.ndarray = VAL_THRESHOLDS) -> dict:
+    """arcface_torch's ``calculate_val`` (VAL = TAR at FAR ``far_target``, 10 folds), vectorised.
+
+    Per fold: the training FAR of each threshold (``dist < t`` accepts), the threshold for the target FAR
+    (``far_threshold``), and on the test fold VAL = accepted genuine / genuine, FAR = accepted impostors /
+    impostors (0 where a fold has none). Returns val (mean), val_std, far (mean), val_far_target."""
+    vals, fars = [], []
+
+    def rates(d, same, threshold):
+        accept = d < threshold
+        n_same, n_diff = int(same.sum()), int((~same).sum())
+        return (float((accept & same).sum()) / n_same if n_same else 0.0,
+                float((accept & ~same).sum()) / n_diff if n_diff else 0.0)
+
+    for train, test in kfold(len(issame), folds):
+        impostor = np.sort(dist[train][~issame[train]])
+        far_train = (np.searchsorted(impostor, thresholds, "left") / len(impostor) if len(impostor)
+                     else np.zeros(len(thresholds)))  # count of impostor distances < t
+        val, far = rates(dist[test], issame[test], far_threshold(far_train, thresholds, far_target))
+        vals.append(val)
+        fars.append(far)
+    return {"val": float(np.mean(vals)), "val_std": float(np.std(vals)), "far": float(np.mean(fars)),
+            "val_far_target": far_target}
 
 
 # -- embeddings ----------------------------------------------------------------------------------------
@@ -308,8 +360,9 @@ class TrainingEvaluator:
         self.cfg = trainer.cfg.eval
         self.trainer, self.rank = trainer, trainer.rank
         self.writer = getattr(progress, "writer", None)
-        self.enabled = bool(self.cfg.sets)
+        self.enabled = bool(self.cfg.sets) or bool(self.cfg.ijb.root)
         self.sets: list[VerificationSet] = []
+        self.ijb = None  # ds_face.ijb.IJBMeta: eval.ijb, parsed once, evaluated at the last step
         self.best: dict[str, float] = {}
         self.dir = trainer.output_dir / "eval"
         self.budget = 0.5 * 60 * int(os.environ.get("DS_FACE_TIMEOUT_MIN", 30))
@@ -324,8 +377,14 @@ class TrainingEvaluator:
                              for name, path in zip(set_names(self.cfg.sets), self.cfg.sets)]
                 self._restore_best(trainer.global_step)
                 from ds_face.progress import log
-                log.info("evaluation every " + (f"{self.cfg.every_steps} steps" if self.cfg.every_steps else
-                         "run end") + ": " + ", ".join(f"{s.name} ({s.pairs} pairs)" for s in self.sets))
+                if self.sets:
+                    log.info("evaluation every " + (f"{self.cfg.every_steps} steps" if self.cfg.every_steps else
+                             "run end") + ": " + ", ".join(f"{s.name} ({s.pairs} pairs)" for s in self.sets))
+                if self.cfg.ijb.root:  # parsed and checked now (every image present), not after hours of training
+                    from ds_face.ijb import read_meta
+                    self.ijb = read_meta(self.cfg.ijb.root, self.cfg.ijb.target)
+                    log.info(f"IJB evaluation at the end of the run: {self.ijb.target} ({self.ijb.images} images, "
+                             f"{len(self.ijb.labels)} pairs) from {self.ijb.root}")
             except Exception as err:
                 error = err
         self._agree(error)
@@ -357,7 +416,9 @@ class TrainingEvaluator:
                 continue
 
     def due(self, step: int, last: bool) -> bool:
-        return self.enabled and (last or bool(self.cfg.every_steps and step % self.cfg.every_steps == 0))
+        """.bin sets: every eval.every_steps and at the last step; IJB: at the last step only."""
+        return self.enabled and (last or bool(self.cfg.sets and self.cfg.every_steps
+                                              and step % self.cfg.every_steps == 0))
 
     def __call__(self, step: int, last: bool = False) -> dict | None:
         if not self.due(step, last):
@@ -365,18 +426,19 @@ class TrainingEvaluator:
         error, results = None, None
         if self.rank == 0:
             try:
-                results = self._run(step)
+                results = self._run(step, last)
             except Exception as err:
                 error = err
         self._agree(error)
         return results
 
-    def _run(self, step: int) -> dict:
+    def _run(self, step: int, last: bool = False) -> dict:
         from ds_face.progress import log
         model = self.trainer.engine.module
         deadline = time.monotonic() + self.budget
         results = {}
-        for vset in self.sets:
+        sets_due = last or bool(self.cfg.every_steps and step % self.cfg.every_steps == 0)
+        for vset in self.sets if sets_due else []:
             try:
                 r = evaluate(model, vset, self.cfg.batch_size, deadline=deadline)
             except EvalTimeout as err:
@@ -392,11 +454,40 @@ class TrainingEvaluator:
             if self.writer is not None:
                 for key in ("accuracy", "std", "threshold", "xnorm", "best_accuracy"):
                     self.writer.add_scalar(f"eval/{vset.name}/{key}", r[key], step)
+        ijb = self._run_ijb(model, step, deadline) if last and self.ijb is not None else None
         if self.writer is not None:
             self.writer.flush()
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.dir / f"step_{step}.json", {"step": step, "sets": results})
-        return results
+        write_json_atomic(self.dir / f"step_{step}.json",
+                          {"step": step, "sets": results, **({"ijb": ijb} if ijb else {})})
+        return {**results, **({ijb["target"]: ijb} if ijb else {})}
+
+    def _run_ijb(self, model, step: int, deadline: float) -> dict | None:
+        """eval.ijb at the last step, under the same deadline as the .bin sets; also eval/<target>_step_<N>.png."""
+        from ds_face import ijb
+        from ds_face.progress import log
+        meta = self.ijb
+        started = time.perf_counter()
+        try:
+            feats = ijb.image_features(meta, model, self.cfg.batch_size, self._device,
+                                       workers=min(8, os.cpu_count() or 1), deadline=deadline)
+        except EvalTimeout as err:
+            log.warning(f"[{meta.target}][{step}] IJB evaluation skipped ({err}): half of the process-group "
+                        f"timeout DS_FACE_TIMEOUT_MIN has passed and the other ranks are waiting")
+            return None
+        features_seconds = time.perf_counter() - started
+        report, curve = ijb.evaluate_features(meta, feats)
+        report["seconds"]["features"] = features_seconds
+        for key, point in report["tar_at_far"].items():
+            log.info(f"[{meta.target}][{step}]TAR@FAR={key}: {point['tar']:1.5f} (at FPR {point['fpr']:.2e})")
+            if self.writer is not None:
+                self.writer.add_scalar(f"eval/{meta.target}/tar@far={key}", point["tar"], step)
+        log.info(f"[{meta.target}][{step}]AUC: {report['auc']:1.5f}")
+        if self.writer is not None:
+            self.writer.add_scalar(f"eval/{meta.target}/auc", report["auc"], step)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ijb.plot_roc(self.dir / f"{meta.target}_step_{step}.png", curve, report, f"{meta.target} step {step}")
+        return report
 
 
 def load_model(path: str, backbone: str = "r50", embedding: int = 512, device=None):
@@ -411,9 +502,10 @@ def load_model(path: str, backbone: str = "r50", embedding: int = 512, device=No
     return model.to(device).eval()
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
     from ds_face.backbones import BACKBONES
-    parser.add_argument("--model", required=True, help="model.pt (ds_face.export output or arcface_torch model zoo)")
+    parser.add_argument("--model", required=model_required,
+                        help="model.pt (ds_face.export output or arcface_torch model zoo)")
     parser.add_argument("--backbone", default="r50", choices=list(BACKBONES), help="default r50")
     parser.add_argument("--embedding", type=int, default=512, help="embedding size (default 512)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
@@ -421,10 +513,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def format_table(results: dict[str, dict]) -> str:
-    lines = ["| set | pairs | accuracy | threshold | XNorm |", "| --- | ---: | --- | ---: | ---: |"]
+    lines = ["| set | pairs | accuracy | threshold | XNorm | VAL@FAR=1e-3 |",
+             "| --- | ---: | --- | ---: | ---: | --- |"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['pairs']} | {r['accuracy']:.5f} ± {r['std']:.5f} | {r['threshold']:.3f} "
-                     f"| {r['xnorm']:.3f} |")
+                     f"| {r['xnorm']:.3f} | {r['val']:.5f} ± {r['val_std']:.5f} @ {r['far']:.5f} |")
     return "\n".join(lines)
 
 
@@ -435,7 +528,12 @@ def set_names(paths: list[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ds_face.eval", description=__doc__.splitlines()[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ijb"]:  # python -m ds_face.eval ijb --root ... (IJB-B/C 1:1 verification, ds_face.ijb)
+        from ds_face.ijb import main as ijb_main
+        return ijb_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="ds_face.eval", description=__doc__.splitlines()[0],
+                                     epilog="IJB-B/C: python -m ds_face.eval ijb --help")
     add_model_args(parser)
     parser.add_argument("--bin", nargs="+", required=True, metavar="SET.bin", help="InsightFace verification sets")
     parser.add_argument("--json", metavar="PATH", help="also write the figures (and per-fold values) as JSON")
