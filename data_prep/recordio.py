@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
+
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
 LENGTH_MASK = (1 << 29) - 1  # lrecord: low 29 bits are the part length, the 3 bits above are the cflag
@@ -209,6 +211,37 @@ def unpack_image_record(payload: bytes, where: str = "image record") -> ImageRec
         raise RecordIOError(where, f"IRHeader flag {flag} announces {4 * flag} bytes of float32 labels, "
                                    f"but only {len(payload) - IR_HEADER.size} bytes follow the header")
     return flag, struct.unpack_from(f"<{flag}f", payload, IR_HEADER.size), id1, id2, payload[start:]
+
+
+@dataclass
+class BulkImageRecords:
+    """`unpack_image_record` of many records of one buffer at once (`parse_image_records`): per record, where its
+    image lies in the buffer, its first label, and whether the fast path could read it at all (`ok`)."""
+    image_start: np.ndarray  # int64, byte position in the buffer
+    image_len: np.ndarray  # int64
+    label: np.ndarray  # float32: the header's float (flag 0) or the first float of the label array (flag > 0)
+    ok: np.ndarray  # bool: False for anything unusual (multi-part, bad framing, a header that does not fit)
+
+
+def parse_image_records(buf: np.ndarray, starts: np.ndarray, limits: np.ndarray) -> BulkImageRecords:
+    """Parse the single-part image records starting at `starts` (4-aligned positions in `buf`, a uint8 array
+    whose length is a multiple of 4), each of which must end by `limits` (the next record, or the buffer's
+    end). Vectorised: no Python work per record. A record with `ok` False is not necessarily bad: it may be a
+    multi-part record; the caller reads those one by one with `RecordReader`, which also names any error."""
+    words = buf.view("<u4")
+    last = len(words) - 1
+    at = starts // 4  # every gather index is clipped, so a corrupt length cannot index outside `buf`
+    magic = words[np.minimum(at, last)]
+    lrecord = words[np.minimum(at + 1, last)].astype(np.int64)
+    length = lrecord & LENGTH_MASK
+    end = starts + _PART_HEADER.size + ((length + 3) & ~3)
+    flag = words[np.minimum(at + 2, last)].astype(np.int64)
+    header_label = words[np.minimum(at + 3, last)].view("<f4")
+    array_label = words[np.minimum(at + 8, last)].view("<f4")  # the first float after the 24-byte IRHeader
+    header_end = IR_HEADER.size + 4 * np.minimum(flag, LENGTH_MASK)  # bytes before the image, in the payload
+    ok = ((magic == MAGIC) & (lrecord >> 29 == CFLAG_WHOLE) & (end <= limits) & (length >= header_end))
+    return BulkImageRecords(image_start=starts + _PART_HEADER.size + header_end, image_len=length - header_end,
+                            label=np.where(flag == 0, header_label, array_label), ok=ok)
 
 
 @dataclass(frozen=True)
