@@ -15,7 +15,8 @@ import pytest
 
 from data_prep import folder2arrow, rec2arrow, verify
 from data_prep.convert import (
-    MIN_ROWS_PER_SHARD, SHARD_UNIT, TARGET_SHARD_BYTES, choose_num_shards,
+    MAX_AUTO_SHARDS, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, MIN_ROWS_PER_SHARD, TARGET_SHARD_BYTES, choose_num_shards,
+    chunk_bytes_for,
 )
 from data_prep.recordio import MAGIC_BYTES, read_idx, write_insightface_rec, write_plain_rec, write_recordio
 from ds_face.data.shards import ROWS_PER_RECORD_BATCH, SCHEMA, read_manifest, rows_per_shard, sha256_of
@@ -149,12 +150,16 @@ def test_orders_and_record_batches(tmp_path):
 
 def test_choose_num_shards():
     assert choose_num_shards(1, 100) == 1
-    assert choose_num_shards(MIN_ROWS_PER_SHARD * 2, 10**6) == 2
-    assert choose_num_shards(10_000, 10**8) == 120  # 83 rows per shard; 240 would leave 41
-    assert choose_num_shards(MIN_ROWS_PER_SHARD * SHARD_UNIT, 10**9) == 960
-    assert choose_num_shards(5_200_000, 38 * 10**9) == 960  # MS1MV3-sized, at ~7 KB an image
-    webface = choose_num_shards(42_000_000, 1_300 * 10**9)
-    assert webface % 960 == 0 and 1_300 * 10**9 / webface <= TARGET_SHARD_BYTES
+    assert choose_num_shards(23, 10**6) == 1  # fewer rows than MIN_ROWS_PER_SHARD: one shard
+    assert choose_num_shards(MIN_ROWS_PER_SHARD * 2, 10**9) == 2  # by bytes 4, but shards keep 64 rows
+    assert choose_num_shards(10_000, 10**8) == 1
+    assert choose_num_shards(10_000, TARGET_SHARD_BYTES + 1) == 2
+    assert choose_num_shards(161_403, 10**9) == 4  # the 1 GB benchmark set
+    ms1m = choose_num_shards(5_200_000, 38 * 10**9)  # MS1MV3-sized, at ~7 KB an image
+    assert ms1m == 142 and 38 * 10**9 / ms1m <= TARGET_SHARD_BYTES
+    assert choose_num_shards(42_000_000, 300 * 10**9) == MAX_AUTO_SHARDS  # WebFace42M-sized: ~590 MB shards
+    assert chunk_bytes_for(1) == chunk_bytes_for(64) == MIN_CHUNK_BYTES
+    assert chunk_bytes_for(142) == 142 << 20 and chunk_bytes_for(MAX_AUTO_SHARDS) == MAX_CHUNK_BYTES
 
 
 def test_folder_round_trip(tmp_path):
