@@ -20,6 +20,7 @@ process's user + system time: a figure the other load on a shared machine distur
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import os
 import resource
@@ -217,11 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _has_mxnet() -> bool:
-    try:
-        import mxnet  # noqa: F401  (only whether it imports)
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("mxnet") is not None
 
 
 if __name__ == "__main__":

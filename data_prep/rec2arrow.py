@@ -23,7 +23,7 @@ import pyarrow as pa
 from data_prep.convert import (
     Chunk, Source, SourceError, add_common_args, image_problem, run_cli, source_error,
 )
-from data_prep.recordio import RecordReader, detect_layout, parse_image_records, read_idx, read_property
+from data_prep.recordio import RecordReader, detect_layout, parse_image_records, read_idx_arrays, read_property
 
 _JPEG_SOI_WORD = 0xFFD8FF  # b"\xff\xd8\xff" as the low 3 bytes of a little-endian uint32
 _PNG_WORDS = np.frombuffer(b"\x89PNG\r\n\x1a\n", "<u4")
@@ -176,18 +176,17 @@ def open_rec_source(src: str | Path, prefix: str = "train") -> RecSource:
         if not path.is_file():
             raise SourceError(f"{path}: {what} not found")
     num_classes, height, width, num_images = read_property(prop)
-    idx = read_idx(idx_path)
+    all_keys, all_offsets = read_idx_arrays(idx_path)
     reader = RecordReader(rec)
-    if idx:  # the record that ends the file: a truncated file fails here, before anything is written
-        last_key, last_offset = max(idx, key=lambda pair: pair[1])
-        reader.read_at(last_offset, last_key)
-    layout = detect_layout(reader, idx)
+    if len(all_keys):  # the record that ends the file: a truncated file fails here, before anything is written
+        last = int(np.argmax(all_offsets))
+        reader.read_at(int(all_offsets[last]), int(all_keys[last]))
+    layout = detect_layout(reader, list(zip(all_keys.tolist(), all_offsets.tolist())))
     if not layout.image_keys:
-        raise SourceError(f"{idx_path}: no image records ({len(idx)} keys in the .idx, {layout.style} layout)")
+        raise SourceError(f"{idx_path}: no image records ({len(all_keys)} keys in the .idx, {layout.style} layout)")
     if num_images is not None and num_images != len(layout.image_keys):
         raise SourceError(f"{prop}, line 2: says {num_images} images, but {idx_path} has {len(layout.image_keys)} "
                           f"image keys")
-    all_keys, all_offsets = np.array(idx, dtype=np.int64).reshape(-1, 2).T
     mask = np.isin(all_keys, np.asarray(layout.image_keys, dtype=np.int64))
     keys, offsets = all_keys[mask], all_offsets[mask]
     _check_offsets(reader, keys, offsets)

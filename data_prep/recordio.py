@@ -12,6 +12,7 @@ import mmap
 import numbers
 import os
 import struct
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,55 @@ def read_idx(path: PathLike) -> list[tuple[int, int]]:
             seen.add(key)
             pairs.append((key, offset))
     return pairs
+
+
+def read_idx_arrays(path: PathLike, block_bytes: int = 64 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """`read_idx` as two int64 arrays (keys, offsets), parsed in bulk (~20x faster: a WebFace42M .idx has 42M
+    lines). Anything a plain `key<TAB>offset` file does not hold (a blank line, a sign, a third field, text,
+    a duplicate key) goes through `read_idx`, which accepts it or names the line."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise RecordIOError(path, "index file not found") from None
+    parts, start = [], 0
+    while start < len(data):  # blocks that end at a line end bound the temporary arrays
+        stop = data.find(b"\n", start + block_bytes) + 1 or len(data)
+        values = _parse_idx_block(data[start:stop])
+        if values is None:
+            break
+        parts.append(values)
+        start = stop
+    else:
+        values = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        keys, offsets = values[0::2], values[1::2]
+        if not (offsets < 0).any() and len(np.unique(keys)) == len(keys):
+            return keys, offsets
+    pairs = read_idx(path)  # raises, naming the line, or parses what the bulk path declined
+    try:
+        return tuple(np.array(pairs, dtype=np.int64).reshape(-1, 2).T.copy())
+    except OverflowError:
+        n, value = next((n, v) for n, pair in enumerate(pairs, 1) for v in pair if not -2**63 <= v < 2**63)
+        raise RecordIOError(path, f"{value} does not fit a 64-bit integer", record=f"entry {n}") from None
+
+
+def _parse_idx_block(block: bytes) -> np.ndarray | None:
+    """key, offset, key, offset, ... of lines of exactly two unsigned decimal fields; None for anything else."""
+    text = np.frombuffer(block, dtype=np.uint8)
+    space = (text == ord("\t")) | (text == ord(" ")) | (text == ord("\n")) | (text == ord("\r"))
+    if not (space | ((text >= ord("0")) & (text <= ord("9")))).all():
+        return None
+    edges = np.flatnonzero(np.diff(np.concatenate([[True], space, [True]]).astype(np.int8)))
+    starts, ends = edges[0::2], edges[1::2]  # of every run of digits
+    fields_per_line = np.bincount(np.searchsorted(np.flatnonzero(text == ord("\n")), starts))
+    if (fields_per_line != 2).any() or (ends - starts > 18).any():  # a blank line too; 18 digits fit an int64
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            values = np.fromstring(block, dtype=np.int64, sep=" ")  # text mode: any whitespace separates
+        except (ValueError, DeprecationWarning):
+            return None
+    return values if len(values) == len(starts) else None
 
 
 def read_property(path: PathLike) -> tuple[int, int, int, int | None]:
