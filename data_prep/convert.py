@@ -32,7 +32,7 @@ import shutil
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -463,6 +463,7 @@ def _write_shards(source: Source, out: Path, num_shards: int, order: np.ndarray,
 
     infos: dict[int, ShardInfo] = {}
     writers: dict[int, ShardWriter] = {}
+    running: list = []  # the pool's jobs in flight
     start = time.perf_counter()
     bar = tqdm(total=len(source), unit="rec", unit_scale=True, file=sys.stderr, mininterval=0.5, smoothing=0.1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="data_prep") as pool:
@@ -480,20 +481,22 @@ def _write_shards(source: Source, out: Path, num_shards: int, order: np.ndarray,
                 shards = shard_of[chunk.positions]
                 by_shard = np.argsort(shards, kind="stable")  # each shard's rows, in source order
                 cuts = np.flatnonzero(np.diff(shards[by_shard])) + 1
-                jobs = [pool.submit(_append, writers[int(shards[rows_i[0]])], chunk, rows_i)
-                        for rows_i in np.split(by_shard, cuts)]
-                for job in jobs:  # all of this chunk is written before the next: appends stay in order
-                    job.result()
-                for job in [pool.submit(writers[int(i)].start_writeback) for i in np.unique(shards)]:
+                running = [pool.submit(_append, writers[int(shards[rows_i[0]])], chunk, rows_i)
+                           for rows_i in np.split(by_shard, cuts)]
+                for job in running:  # all of this chunk is written before the next: appends stay in order
                     job.result()
                 bar.update(len(chunk.positions))
             finishing = {pool.submit(writer.finish): i for i, writer in writers.items()}
+            running = list(finishing)
             for job in as_completed(finishing):
                 infos[finishing[job]] = job.result()
                 writers.pop(finishing[job])
                 if on_shard_done:
                     on_shard_done(len(infos))
         except BaseException as e:
+            for job in running:
+                job.cancel()
+            wait(running)  # no thread is still writing a file that is about to be removed
             for writer in writers.values():  # unfinished shards never stay behind half-written
                 writer.discard()
             bar.close()
@@ -519,6 +522,7 @@ def _append(writer: ShardWriter, chunk: Chunk, rows: np.ndarray) -> None:
     for start in range(0, len(rows), ROWS_PER_RECORD_BATCH):
         batch = rows[start:start + ROWS_PER_RECORD_BATCH]
         writer.append(chunk.images(batch), chunk.labels[batch], chunk.indexes[batch])
+    writer.start_writeback()
 
 
 def _raise_open_file_limit(needed: int) -> None:

@@ -77,18 +77,25 @@ class RecSource(Source):
         positions = positions[np.argsort(self.offsets[positions], kind="stable")]
         offsets, limits = self.offsets[positions], self.limits[positions]  # both ascending
         path = self.reader.path
+        buffers = [np.zeros(0, dtype=np.uint8)] * 3  # reused: fresh 64+ MB arrays cost page faults every chunk
         with open(path, "rb", buffering=0) as f, RecordReader(path) as slow_reader:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger kernel readahead
-            start = 0
+            start, n = 0, 0
             while start < len(positions):
                 base = int(offsets[start])
                 stop = max(start + 1, int(np.searchsorted(limits, base + chunk_bytes, side="right")))
                 span = min(int(limits[stop - 1]), base + max(chunk_bytes, 1 << 20)) - base
-                buf = np.zeros(-(-span // 4) * 4, dtype=np.uint8)  # whole uint32 words for the parser
+                size = -(-span // 4) * 4  # whole uint32 words for the parser
+                # Three chunks are alive at most: the one the engine writes, one queued (`prefetched`), and
+                # this one; the engine is done with chunk n - 3 before it takes chunk n - 1 from the queue.
+                if len(buffers[n % 3]) < size:
+                    buffers[n % 3] = np.empty(size, dtype=np.uint8)
+                buf = buffers[n % 3][:size]
+                buf[-4:] = 0
                 _read_exactly(f, base, memoryview(buf)[:span], path)
                 yield self._chunk(buf, base, positions[start:stop], offsets[start:stop] - base,
                                   np.minimum(limits[start:stop] - base, span), slow_reader)
-                start = stop
+                start, n = stop, n + 1
 
     def _chunk(self, buf: np.ndarray, base: int, positions: np.ndarray, starts: np.ndarray, limits: np.ndarray,
                slow_reader: RecordReader) -> Chunk:
