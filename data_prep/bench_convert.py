@@ -1,6 +1,7 @@
 """Conversion speed against a plain sequential read of the same .rec, side by side in one run.
 
     python -m data_prep.bench_convert [--size-gb 1.0] [--cold] [--repeat 3] [--workers N] [--shard-sweep 4,16,64,960]
+                                      [--worker-sweep 1,2]
 
 Generates (once, cached in --dir) an InsightFace-layout .rec of at least --size-gb: a few hundred synthetic
 112x112 "faces" encoded by PIL at JPEG quality 90 (~5-7 KB), reused round-robin, ~50 images per identity. Then,
@@ -12,8 +13,8 @@ Generates (once, cached in --dir) an InsightFace-layout .rec of at least --size-
     verify          data_prep.verify of that output (sha256 of every shard, schema, labels, unique index)
 
 each warm (the .rec read just before) and, with --cold, cold: the page cache dropped (sync; echo 3 >
-/proc/sys/vm/drop_caches, needs root) right before the variant. --shard-sweep adds warm conversions with those
-shard counts (what the default shard size was chosen from). Ratios are per repetition (a variant against the
+/proc/sys/vm/drop_caches, needs root) right before the variant. --shard-sweep and --worker-sweep add warm conversions
+with those shard counts (what the default shard size was chosen from) and thread counts (scaling per core). Ratios are per repetition (a variant against the
 plain read of the same repetition and temperature), then min / median / max over repetitions. CPU is the
 process's user + system time: a figure the other load on a shared machine disturbs less than wall time.
 """
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold", action="store_true", help="also run every variant from a dropped page cache")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--shard-sweep", default="", help="comma-separated shard counts to time (warm), e.g. 4,16,960")
+    parser.add_argument("--worker-sweep", default="", help="comma-separated thread counts to time (warm), e.g. 1,2")
     args = parser.parse_args(argv)
     root = Path(args.dir)
     src = root / f"rec-{args.size_gb:g}gb"
@@ -171,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         variants.append(("mxnet scan (read_idx + unpack)", lambda: mxnet_scan(src)))
     variants.append(("rec2arrow (default: shuffled, auto shards)", lambda: convert([])))
     variants.append(("verify of rec2arrow's output", lambda: verify.verify(str(out), args.workers)))
-    sweep = [int(n) for n in args.shard_sweep.split(",") if n]
+    sweep = [(f"rec2arrow --shards {n}", ["--shards", n]) for n in args.shard_sweep.split(",") if n]
+    sweep += [(f"rec2arrow --workers {n}", ["--workers", n]) for n in args.worker_sweep.split(",") if n]
 
     with ProcessPoolExecutor(1, mp_context=mp_context()) as pool:  # verify's worker server: ~1 s, once
         pool.submit(int).result()
@@ -188,13 +191,12 @@ def main(argv: list[str] | None = None) -> int:
                 cpu, start = cpu_seconds(), time.perf_counter()
                 fn()
                 times.setdefault((name, temperature), []).append((time.perf_counter() - start, cpu_seconds() - cpu))
-        for n in sweep:
+        for name, extra in sweep:
             shutil.rmtree(out, ignore_errors=True)
             warm(rec)
             cpu, start = cpu_seconds(), time.perf_counter()
-            convert(["--shards", str(n)])
-            times.setdefault((f"rec2arrow --shards {n}", "warm"), []).append(
-                (time.perf_counter() - start, cpu_seconds() - cpu))
+            convert(extra)  # a later --workers overrides the default one
+            times.setdefault((name, "warm"), []).append((time.perf_counter() - start, cpu_seconds() - cpu))
     shutil.rmtree(out, ignore_errors=True)
 
     load = os.getloadavg()
@@ -209,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         base = [w for w, _ in times[("plain read", temperature)]]
         ratios = sorted(b / w for b, w in zip(base, walls))
         median = statistics.median(walls)
+        cpu = "-" if name.startswith("verify") else f"{statistics.median(c for _, c in runs):.2f}"  # its pool's
         print(f"| {name} | {temperature} | {min(walls):.2f}-{max(walls):.2f} | {rec_bytes / 1e6 / median:,.0f} | "
-              f"{statistics.median(c for _, c in runs):.2f} | {ratios[0]:.2f} / {statistics.median(ratios):.2f} / "
-              f"{ratios[-1]:.2f} |")
+              f"{cpu} | {ratios[0]:.2f} / {statistics.median(ratios):.2f} / {ratios[-1]:.2f} |")
     if not _has_mxnet():
         print("\nmxnet is not installed here: no mxnet scan row (pip install mxnet to compare; it is not a dependency)")
     return 0
