@@ -12,9 +12,9 @@ in; all shards are written at once by a thread pool. On disk, in the output dire
     manifest.json            written last; then .done/ is removed
 
 Re-running the same command on an output with a plan but no manifest resumes: shards whose sidecar matches
-(rows, planned first/last index, size, sha256) are kept, the others rewritten (the pass then reads only the
-chunks that hold their rows). In one pass all shards finish together at its end, so what a resume keeps is
-whatever finished before the crash; at disk speed the pass itself is minutes (BENCHMARKS.md). Bad input is checked as far as
+(rows, planned first/last index, size, sha256) are kept, the others rewritten (the pass skips the kept shards'
+rows). All shards finish together at the end of the one pass, so a crash during it keeps only the plan; at
+disk speed the pass is minutes even for WebFace42M (BENCHMARKS.md). Bad input is checked as far as
 possible before anything is written; a bad record found during the pass stops it, and a conversion that
 started from a new or empty directory then removes everything it wrote (fixing the input changes its mtime,
 so those shards could never be resumed).
@@ -99,7 +99,7 @@ def image_problem(image: bytes) -> str | None:
 
 @dataclass
 class Chunk:
-    """Consecutive source records, read and checked: `positions` (source positions, int64), `labels` and
+    """Source records read and checked together: `positions` (source positions, int64), `labels` and
     `indexes` (int64, one per position), and `images(rows)`, the binary Arrow array of those rows' images."""
     positions: np.ndarray
     labels: np.ndarray
@@ -518,7 +518,7 @@ def _write_shards(source: Source, out: Path, num_shards: int, order: np.ndarray,
 
 def _append(writer: ShardWriter, chunk: Chunk, rows: np.ndarray) -> None:
     # Batch by batch: a batch's images (~5 MB) are gathered, hashed and written while they are still in the
-    # CPU cache; one gather per shard and chunk streamed everything through memory three times (BENCHMARKS.md).
+    # CPU cache, instead of one gather per shard and chunk (up to hundreds of MB) streamed through memory thrice.
     for start in range(0, len(rows), ROWS_PER_RECORD_BATCH):
         batch = rows[start:start + ROWS_PER_RECORD_BATCH]
         writer.append(chunk.images(batch), chunk.labels[batch], chunk.indexes[batch])
