@@ -53,8 +53,10 @@ bench-memory: setup
 bench-report: setup
 	$(PY) -m ds_face.bench report --out reports/$$(hostname).md --overwrite
 
+# conversion vs a plain read of the same 1 GB .rec, cold (page cache dropped: needs root, else it says so) and
+# warm, 3 repetitions, plus the shard-count and thread-count sweeps; then the loader. ~2 min + the loader
 bench-data: setup
-	$(PY) -m data_prep.bench_convert --size-gb 1.0
+	$(PY) -m data_prep.bench_convert --size-gb 1.0 --cold --repeat 3 --shard-sweep 4,16,64,960 --worker-sweep 1,2
 	rm -rf /tmp/ds_face_bench_loader
 	$(PY) -m data_prep.rec2arrow /tmp/ds_face_bench_convert/rec-1gb /tmp/ds_face_bench_loader --shards 96
 	$(PY) -m ds_face.bench.loader --rec-dir /tmp/ds_face_bench_convert/rec-1gb --arrow-dir /tmp/ds_face_bench_loader

@@ -1,19 +1,32 @@
-"""Conversion speed against a plain read of the same .rec, in one run.
+"""Conversion speed against a plain sequential read of the same .rec, side by side in one run.
 
-    python -m data_prep.bench_convert [--size-gb 1.0] [--dir /tmp/ds_face_bench_convert] [--workers N]
+    python -m data_prep.bench_convert [--size-gb 1.0] [--cold] [--repeat 3] [--workers N] [--shard-sweep 4,16,64,960]
+                                      [--worker-sweep 1,2]
 
 Generates (once, cached in --dir) an InsightFace-layout .rec of at least --size-gb: a few hundred synthetic
-112x112 "faces" encoded by PIL at JPEG quality 90 (~5-7 KB), reused round-robin, ~50 images per identity. Then
-times (a) a sequential scan of the .rec (every record read and copied out), (b) rec2arrow --order source,
-(c) rec2arrow --order shuffled, (d) the same with fewer, bigger shards, (e) verify of (c). The converter's worker
-server is started before the timings (~1 s, once per command). The page cache cannot be dropped without root, so
-the .rec is read once first and every variant runs warm; the shards go to the same disk, fsynced.
+112x112 "faces" encoded by PIL at JPEG quality 90 (~5-7 KB), reused round-robin, ~50 images per identity. Then,
+--repeat times, each variant once, in this order (so that every repetition sees about the same machine load):
+
+    plain read      the .rec read sequentially in 16 MB blocks, nothing else: the disk's (or page cache's) speed
+    mxnet scan      MXIndexedRecordIO read_idx + recordio.unpack of every key, only where mxnet is installed
+    rec2arrow       the default conversion (shuffled order, automatic shard count), in this process, fsynced
+    verify          data_prep.verify of that output (sha256 of every shard, schema, labels, unique index)
+
+each warm (the .rec read just before) and, with --cold, cold: the page cache dropped (sync; echo 3 >
+/proc/sys/vm/drop_caches, needs root) right before the variant. --shard-sweep and --worker-sweep add warm conversions
+with those shard counts (what the default shard size was chosen from) and thread counts (scaling per core). Ratios are per repetition (a variant against the
+plain read of the same repetition and temperature), then min / median / max over repetitions. CPU is the
+process's user + system time: a figure the other load on a shared machine disturbs less than wall time.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
+import os
+import resource
 import shutil
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -23,7 +36,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from data_prep import rec2arrow, verify
 from data_prep.convert import default_workers, mp_context
-from data_prep.recordio import RecordReader, pack_image_record, write_recordio
+from data_prep.recordio import pack_image_record, write_recordio
+
+DROP_CACHES = "/proc/sys/vm/drop_caches"
 
 
 def face_like_jpeg(rng: np.random.Generator, size: int = 112) -> bytes:
@@ -74,25 +89,51 @@ def generate(directory: Path, size_gb: float, distinct: int = 300, seed: int = 0
     (directory / "complete").touch()
 
 
-def timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
+def drop_page_cache() -> str | None:
+    """Drop the page cache (clean pages: sync first); None when done, else why it cannot be."""
+    os.sync()
+    try:
+        with open(DROP_CACHES, "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        return f"cannot drop the page cache ({DROP_CACHES}: {e.strerror}; needs root outside a container)"
+    return None
 
 
-def start_forkserver() -> None:
-    """The converter's workers fork from a server that imports the converter first (~1 s, torch included)."""
-    with ProcessPoolExecutor(1, mp_context=mp_context()) as pool:
-        pool.submit(int).result()
+def warm(path: Path) -> None:
+    with open(path, "rb", buffering=0) as f:
+        while f.read(64 << 20):
+            pass
 
 
-def scan(rec: Path) -> tuple[int, int]:
-    records = nbytes = 0
-    with RecordReader(rec) as reader:
-        for _, payload in reader.scan():
-            records += 1
-            nbytes += len(payload)
-    return records, nbytes
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def plain_read(rec: Path) -> int:
+    """Every byte of the .rec, sequentially, into one reused buffer: the most any reader can do."""
+    buf = memoryview(bytearray(16 << 20))
+    total = 0
+    with open(rec, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            total += n
+    return total
+
+
+def mxnet_scan(src: Path) -> int | None:
+    """mxnet's own reader over every key (read_idx + unpack), as arcface_torch's MXFaceDataset reads; None
+    without mxnet (it is not a dependency of ds_face)."""
+    try:
+        from mxnet import recordio
+    except ImportError:
+        return None
+    rec = recordio.MXIndexedRecordIO(str(src / "train.idx"), str(src / "train.rec"), "r")
+    total = 0
+    for key in rec.keys:
+        _, image = recordio.unpack(rec.read_idx(key))
+        total += len(image)
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,56 +142,85 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-gb", type=float, default=1.0)
     parser.add_argument("--dir", default="/tmp/ds_face_bench_convert", help="cache of the generated .rec, and outputs")
     parser.add_argument("--workers", type=int, default=default_workers())
-    parser.add_argument("--few-shards", type=int, default=96,
-                        help="shard count of variant (d): bigger shards show the fixed cost per shard")
-    parser.add_argument("--keep", action="store_true", help="keep the converted outputs")
+    parser.add_argument("--cold", action="store_true", help="also run every variant from a dropped page cache")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--shard-sweep", default="", help="comma-separated shard counts to time (warm), e.g. 4,16,960")
+    parser.add_argument("--worker-sweep", default="", help="comma-separated thread counts to time (warm), e.g. 1,2")
     args = parser.parse_args(argv)
     root = Path(args.dir)
     src = root / f"rec-{args.size_gb:g}gb"
     if not (src / "complete").exists():
-        seconds, _ = timed(lambda: generate(src, args.size_gb))
-        print(f"generated {src} in {seconds:.0f} s")
+        start = time.perf_counter()
+        generate(src, args.size_gb)
+        print(f"generated {src} in {time.perf_counter() - start:.0f} s")
     rec = src / "train.rec"
     rec_bytes = rec.stat().st_size
-    with open(rec, "rb") as f:  # warm the page cache: every variant below reads from memory
-        while f.read(64 << 20):
-            pass
+    out = root / "out"
+    temperatures = ["warm"]
+    if args.cold:
+        why = drop_page_cache()
+        if why:
+            print(f"--cold: {why}; timing warm only")
+        else:
+            temperatures.insert(0, "cold")
 
-    rows = []
-    seconds, _ = timed(start_forkserver)
-    print(f"worker server started in {seconds:.2f} s (once per process, not in the figures below)")
-    seconds, (records, nbytes) = timed(lambda: scan(rec))
-    rows.append(("(a) sequential read: RecordReader.scan", seconds, records, rec_bytes))
-    variants = [("(b) rec2arrow --order source", "source", []), ("(c) rec2arrow --order shuffled", "shuffled", []),
-                (f"(d) rec2arrow --order shuffled --shards {args.few_shards}", "shuffled-few",
-                 ["--shards", str(args.few_shards)])]
-    for name, label, extra in variants:
-        out = root / f"out-{label}"
-        shutil.rmtree(out, ignore_errors=True)  # a fresh conversion each time, not a resume or an --overwrite
-        argv = [str(src), str(out), "--order", label.split("-")[0], "--workers", str(args.workers), *extra]
-        seconds, code = timed(lambda: rec2arrow.main(argv))
+    def convert(extra: list[str]) -> None:
+        code = rec2arrow.main([str(src), str(out), "--workers", str(args.workers), *extra])
         assert code == 0, f"rec2arrow exited {code}"
-        manifest = verify.read_manifest(out)
-        rows.append((name + ("" if extra else f" ({len(manifest.shards)} shards)"), seconds, manifest.num_samples,
-                     rec_bytes))
-    manifest = verify.read_manifest(root / "out-shuffled")
-    seconds, _ = timed(lambda: verify.verify(str(root / "out-shuffled"), args.workers))
-    rows.append(("(e) verify (c): sha256, schema, labels, unique index", seconds, manifest.num_samples,
-                 sum(s.bytes for s in manifest.shards)))
 
-    read_seconds = rows[0][1]
-    print(f"\n{records:,} records, {rec_bytes / 1e9:.2f} GB .rec ({nbytes / records / 1e3:.1f} KB per record), "
-          f"{args.workers} workers, warm page cache; records/s counts all .rec records in (a), images in (b)-(e), "
-          f"MB/s the .rec size (shard bytes in (e))\n")
-    print("| step | seconds | records/s | MB/s | / read |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, seconds, n, size in rows:
-        print(f"| {name} | {seconds:.2f} | {n / seconds:,.0f} | {size / 1e6 / seconds:,.0f} | "
-              f"{seconds / read_seconds:.1f}x |")
-    if not args.keep:
-        for _, label, _ in variants:
-            shutil.rmtree(root / f"out-{label}", ignore_errors=True)
+    variants = [("plain read", lambda: plain_read(rec))]
+    if _has_mxnet():
+        variants.append(("mxnet scan (read_idx + unpack)", lambda: mxnet_scan(src)))
+    variants.append(("rec2arrow (default: shuffled, auto shards)", lambda: convert([])))
+    variants.append(("verify of rec2arrow's output", lambda: verify.verify(str(out), args.workers)))
+    sweep = [(f"rec2arrow --shards {n}", ["--shards", n]) for n in args.shard_sweep.split(",") if n]
+    sweep += [(f"rec2arrow --workers {n}", ["--workers", n]) for n in args.worker_sweep.split(",") if n]
+
+    with ProcessPoolExecutor(1, mp_context=mp_context()) as pool:  # verify's worker server: ~1 s, once
+        pool.submit(int).result()
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for rep in range(args.repeat):
+        for temperature in temperatures:
+            for name, fn in variants:
+                if name.startswith("rec2arrow"):
+                    shutil.rmtree(out, ignore_errors=True)  # a fresh conversion, not a resume
+                if temperature == "cold":
+                    drop_page_cache()
+                else:
+                    warm(rec)
+                cpu, start = cpu_seconds(), time.perf_counter()
+                fn()
+                times.setdefault((name, temperature), []).append((time.perf_counter() - start, cpu_seconds() - cpu))
+        for name, extra in sweep:
+            shutil.rmtree(out, ignore_errors=True)
+            warm(rec)
+            cpu, start = cpu_seconds(), time.perf_counter()
+            convert(extra)  # a later --workers overrides the default one
+            times.setdefault((name, "warm"), []).append((time.perf_counter() - start, cpu_seconds() - cpu))
+    shutil.rmtree(out, ignore_errors=True)
+
+    load = os.getloadavg()
+    print(f"\n{rec_bytes / 1e9:.2f} GB .rec ({src}), {os.cpu_count()} CPUs, {args.workers} workers, "
+          f"{args.repeat} repetitions; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+          f"(1 / 5 / 15 min); MB/s of .rec; ratio = plain read's time / the variant's time, per repetition, "
+          f"min / median / max\n")
+    print("| variant | cache | seconds (min-max) | MB/s (median) | CPU s (median) | vs plain read (min / median / max) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for (name, temperature), runs in times.items():
+        walls = [w for w, _ in runs]
+        base = [w for w, _ in times[("plain read", temperature)]]
+        ratios = sorted(b / w for b, w in zip(base, walls))
+        median = statistics.median(walls)
+        cpu = "-" if name.startswith("verify") else f"{statistics.median(c for _, c in runs):.2f}"  # its pool's
+        print(f"| {name} | {temperature} | {min(walls):.2f}-{max(walls):.2f} | {rec_bytes / 1e6 / median:,.0f} | "
+              f"{cpu} | {ratios[0]:.2f} / {statistics.median(ratios):.2f} / {ratios[-1]:.2f} |")
+    if not _has_mxnet():
+        print("\nmxnet is not installed here: no mxnet scan row (pip install mxnet to compare; it is not a dependency)")
     return 0
+
+
+def _has_mxnet() -> bool:
+    return importlib.util.find_spec("mxnet") is not None
 
 
 if __name__ == "__main__":

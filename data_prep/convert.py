@@ -1,7 +1,9 @@
 """The conversion engine shared by `data_prep.rec2arrow` and `data_prep.folder2arrow`.
 
-A front-end describes its input as a `Source` (one entry per image, in source order) and the engine writes the
-shards of `ds_face.data.shards` with a process pool, one task per shard. On disk, in the output directory:
+A front-end describes its input as a `Source` (one entry per image, in source order). The engine reads it once,
+sequentially, in chunks of many records (`Source.chunks`: parsed in bulk, images as Arrow arrays, no Python
+object per record), and deals each chunk's rows to the shards of `ds_face.data.shards` that the plan puts them
+in; all shards are written at once by a thread pool. On disk, in the output directory:
 
     plan.json                written first: sources (paths, sizes, mtimes) and the options that shape the shards
     data-*.arrow.partial     a shard being written; renamed to data-*.arrow once complete and fsynced
@@ -10,27 +12,31 @@ shards of `ds_face.data.shards` with a process pool, one task per shard. On disk
     manifest.json            written last; then .done/ is removed
 
 Re-running the same command on an output with a plan but no manifest resumes: shards whose sidecar matches
-(rows, planned first/last index, size, sha256) are kept, the others rewritten. Bad input is checked as far as
-possible before anything is written; a bad record found by a worker stops all workers, and a conversion that
+(rows, planned first/last index, size, sha256) are kept, the others rewritten (the pass skips the kept shards'
+rows). All shards finish together at the end of the one pass, so a crash during it keeps only the plan; at
+disk speed the pass is minutes even for WebFace42M (BENCHMARKS.md). Bad input is checked as far as
+possible before anything is written; a bad record found during the pass stops it, and a conversion that
 started from a new or empty directory then removes everything it wrote (fixing the input changes its mtime,
 so those shards could never be resumed).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
 import re
+import resource
 import shutil
-import signal
 import sys
+import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass
 from hashlib import sha256
 from pathlib import Path
+from queue import Empty, Queue
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -49,13 +55,16 @@ PLAN = "plan.json"
 DONE_DIR = ".done"
 SHARD_FILE = re.compile(r"data-\d{5}-of-\d{5}\.arrow")
 
-# Automatic shard counts: 960 (many divisors: `datasets` can deal whole shards evenly to ranks, should a reader
-# use it that way; ds_face's own loader reads any row and needs no divisibility); more shards (multiples of 960)
-# only to keep shards below ~512 MB.
-SHARD_UNIT = 960
-TARGET_SHARD_BYTES = 512 << 20
+# Automatic shard count: shards of ~TARGET_SHARD_BYTES. The loader reads rows by random access from any shard,
+# so the count no longer has to divide ranks x workers; per-shard costs (an fsync, a sidecar, small writes
+# dealt over many files) are what make small shards slow (BENCHMARKS.md, "Conversion").
+TARGET_SHARD_BYTES = 256 << 20
 MIN_ROWS_PER_SHARD = 64
-SMALL_SHARD_COUNTS = (480, 240, 120, 96, 64, 48, 32, 16, 8, 4, 2, 1)
+MAX_AUTO_SHARDS = 512  # past ~128 GB shards grow instead: every shard gets a batch from every chunk
+# A chunk is dealt over all shards, so it grows with their number: ~1 MB per shard keeps record batches of
+# ~200 images (smaller ones cost per-batch overhead), within 64-512 MB of memory (3 chunks in flight).
+CHUNK_BYTES_PER_SHARD = 1 << 20
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 64 << 20, 512 << 20
 
 JPEG_SOI = b"\xff\xd8\xff"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -74,10 +83,6 @@ class Interrupted(Exception):
     """Ctrl-C in the main process; finished shards are kept for a resume."""
 
 
-class _Stopped(Exception):
-    """A worker gave up its shard because the main process asked all workers to stop."""
-
-
 def source_error(path: str | os.PathLike, msg: str, key: int | None = None, offset: int | None = None) -> SourceError:
     """`<file>, key <k>, byte offset <o>: <msg>`, the same wording as `RecordIOError`."""
     return SourceError(str(RecordIOError(path, msg, record=None if key is None else f"key {key}", offset=offset)))
@@ -93,9 +98,20 @@ def image_problem(image: bytes) -> str | None:
 
 
 @dataclass
+class Chunk:
+    """Source records read and checked together: `positions` (source positions, int64), `labels` and
+    `indexes` (int64, one per position), and `images(rows)`, the binary Arrow array of those rows' images."""
+    positions: np.ndarray
+    labels: np.ndarray
+    indexes: np.ndarray
+    images: Callable[[np.ndarray], pa.Array]
+
+
+@dataclass
 class Source:
-    """What a front-end hands the engine. The Source stays in the main process; workers get only `reader`
-    (small, picklable) and, per shard, `items(positions)` (what `reader.rows` needs to read those images)."""
+    """What a front-end hands the engine: `chunks(wanted)` reads it in one sequential pass (the conversion);
+    `reader` (small, picklable) and `items(positions)` read single images (verify --source, and the slow path
+    of a chunk reader)."""
     converter: str  # "data_prep.rec2arrow"
     indexes: np.ndarray  # int64: the `index` column value of every image, in source order
     num_classes: int
@@ -106,6 +122,11 @@ class Source:
     reader: Any  # .rows(items) -> iterator of (image bytes, label, index)
 
     def items(self, positions: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def chunks(self, wanted: np.ndarray, chunk_bytes: int) -> Iterator[Chunk]:
+        """The positions where `wanted` (bool, one per position) is set, read in source order, in chunks of
+        about `chunk_bytes` of input."""
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -125,9 +146,13 @@ def read_json(path: Path) -> Any:
 # ---- planning ----
 
 def choose_num_shards(num_samples: int, nbytes: int) -> int:
-    if num_samples >= SHARD_UNIT * MIN_ROWS_PER_SHARD:
-        return SHARD_UNIT * max(1, -(-nbytes // (SHARD_UNIT * TARGET_SHARD_BYTES)))
-    return next((n for n in SMALL_SHARD_COUNTS if num_samples // n >= MIN_ROWS_PER_SHARD), 1)
+    """Shards of about TARGET_SHARD_BYTES, each of at least MIN_ROWS_PER_SHARD rows (one shard at least)."""
+    by_bytes = min(-(-nbytes // TARGET_SHARD_BYTES), MAX_AUTO_SHARDS)
+    return max(1, min(by_bytes, num_samples // MIN_ROWS_PER_SHARD))
+
+
+def chunk_bytes_for(num_shards: int) -> int:
+    return min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, num_shards * CHUNK_BYTES_PER_SHARD))
 
 
 def describe_shard_count(num_shards: int, num_samples: int, nbytes: int) -> str:
@@ -233,38 +258,69 @@ def inspect_output(out: Path, plan: dict, overwrite: bool) -> str:
     return "finished" if finished else "resume"
 
 
-# ---- the workers ----
+# ---- writing shards ----
 
 class _HashingFile:
-    """A write-only file that hashes what passes through, so a shard is never read back for its checksum."""
+    """A write-only file that hashes what passes through, so a shard is never read back for its checksum.
+    The Arrow stream writer hands it its buffers without a copy; hashing and writing release the GIL."""
 
     def __init__(self, f):
-        self.f, self.digest, self.closed = f, sha256(), False
+        self.f, self.digest, self.nbytes, self.closed = f, sha256(), 0, False
 
     def write(self, data) -> int:
         self.digest.update(data)
+        self.nbytes += len(data)
         return self.f.write(data)
 
     def flush(self) -> None:
-        self.f.flush()
+        pass
 
-    def close(self) -> None:  # the Arrow writer closes its sink; the caller still needs the file for fsync
+    def close(self) -> None:  # the Arrow writer closes its sink; the shard still needs the file for fsync
         self.closed = True
 
 
-_worker: dict[str, Any] = {}
+class ShardWriter:
+    """One shard being written: `data-*.arrow.partial`, an Arrow IPC stream, hashed as it is written.
+    Appends come from one pool thread at a time."""
 
+    def __init__(self, out: Path, name: str, rows: int, first: int, last: int):
+        self.out, self.name, self.rows, self.first, self.last = out, name, rows, first, last
+        self.partial = out / (name + PARTIAL)
+        self.file = open(self.partial, "wb", buffering=0)  # Arrow hands over whole buffers: no need to buffer
+        self.sink = _HashingFile(self.file)
+        self.writer = pa.ipc.new_stream(self.sink, SCHEMA)
+        self.written = 0
 
-def _init_worker(reader: Any, out: str, num_shards: int, stop, progress) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it tells workers via `stop`
-    _worker.update(reader=reader, out=Path(out), num_shards=num_shards, stop=stop, progress=progress)
+    def append(self, images: pa.Array, labels: np.ndarray, indexes: np.ndarray) -> None:
+        """One record batch (at most ROWS_PER_RECORD_BATCH rows, the batch size `datasets` streams)."""
+        self.writer.write_batch(pa.record_batch(
+            [images, pa.array(labels, pa.int64()), pa.array(indexes, pa.int64())], schema=SCHEMA))
+        self.written += len(images)
 
+    def start_writeback(self) -> None:
+        """Have the kernel start writing what this shard has so far (asynchronously): the disk writes while the
+        pass goes on, instead of all at once in the final fsync. DONTNEED also lets those pages go once they
+        are clean, so a conversion bigger than memory does not push everything else out of the page cache."""
+        os.posix_fadvise(self.file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
-def _report(rows: int, nbytes: int) -> None:
-    progress = _worker["progress"]
-    with progress.get_lock():
-        progress[0] += rows
-        progress[1] += nbytes
+    def finish(self) -> ShardInfo:
+        """EOS, fsync, rename to the final name, then the sidecar that lets a resume keep this shard."""
+        if self.written != self.rows:
+            raise RuntimeError(f"{self.name}: wrote {self.written} rows, planned {self.rows}")
+        self.writer.close()  # writes the end-of-stream marker
+        os.fsync(self.file.fileno())
+        self.file.close()
+        info = ShardInfo(self.name, self.rows, self.sink.nbytes, self.sink.digest.hexdigest())
+        os.replace(self.partial, self.out / self.name)  # the directory is fsynced once, before the manifest
+        # Not fsynced: a sidecar lost in a crash only costs rewriting its shard, and a resume checks the shard's
+        # sha256 against it anyway.
+        write_json_atomic(_sidecar(self.out, self.name),
+                          {**asdict(info), "first_index": self.first, "last_index": self.last}, durable=False)
+        return info
+
+    def discard(self) -> None:
+        self.file.close()
+        self.partial.unlink(missing_ok=True)
 
 
 def _sidecar(out: Path, name: str) -> Path:
@@ -284,84 +340,57 @@ def _kept_shard(out: Path, name: str, rows: int, first: int, last: int) -> Shard
     return ShardInfo(name, rows, meta["bytes"], meta["sha256"])
 
 
-def ensure_shard(i: int, items: Any, rows: int, first: int, last: int) -> tuple[ShardInfo, bool]:
-    """Shard `i`, kept from an earlier run when it checks out, else written; (info, kept)."""
-    if _worker["stop"].is_set():
-        raise _Stopped()
-    out, name = _worker["out"], shard_name(i, _worker["num_shards"])
-    kept = _kept_shard(out, name, rows, first, last)
-    if kept is not None:
-        _report(kept.rows, kept.bytes)
-        return kept, True
+def prefetched(chunks: Iterator[Chunk], depth: int = 1) -> Iterator[Chunk]:
+    """`chunks`, produced by a thread up to `depth` ahead: the next chunk is read and parsed while the pool
+    writes this one. An exception in the thread is raised here, in order."""
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                queue.put(chunk)
+                if stop.is_set():
+                    return
+            queue.put(done)
+        except BaseException as e:
+            queue.put(e)
+
+    thread = threading.Thread(target=produce, name="data_prep-reader", daemon=True)
+    thread.start()
     try:
-        return _write_shard(out, name, items, rows, first, last), False
-    except RecordIOError as e:  # its keyword-only constructor does not survive pickling back to the main process
-        raise SourceError(str(e)) from None
-
-
-def _write_shard(out: Path, name: str, items: Any, rows: int, first: int, last: int) -> ShardInfo:
-    partial = out / (name + PARTIAL)
-    written = 0
-    try:
-        with open(partial, "wb") as f:
-            sink = _HashingFile(f)
-            with pa.ipc.new_stream(sink, SCHEMA) as writer:
-                for images, labels, indexes in _batches(_worker["reader"].rows(items)):
-                    if _worker["stop"].is_set():
-                        raise _Stopped()
-                    writer.write_batch(pa.record_batch(
-                        [pa.array(images, pa.binary()), pa.array(labels, pa.int64()), pa.array(indexes, pa.int64())],
-                        schema=SCHEMA))
-                    written += len(images)
-                    _report(len(images), sum(map(len, images)))
-            f.flush()
-            os.fsync(f.fileno())
-        if written != rows:
-            raise RuntimeError(f"{name}: wrote {written} rows, planned {rows}")
-        info = ShardInfo(name, rows, partial.stat().st_size, sink.digest.hexdigest())
-        os.replace(partial, out / name)  # the directory is fsynced once, before the manifest
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    # Not fsynced: a sidecar lost in a crash only costs rewriting its shard, and a resume checks the shard's
-    # sha256 against it anyway. Per-shard fsyncs of sidecars and directories took ~2 ms a shard here.
-    write_json_atomic(_sidecar(out, name), {**asdict(info), "first_index": first, "last_index": last},
-                      durable=False)
-    return info
-
-
-def _batches(rows: Iterator[tuple[bytes, int, int]]) -> Iterator[tuple[list, list, list]]:
-    images, labels, indexes = [], [], []
-    for image, label, index in rows:
-        images.append(image)
-        labels.append(label)
-        indexes.append(index)
-        if len(images) == ROWS_PER_RECORD_BATCH:
-            yield images, labels, indexes
-            images, labels, indexes = [], [], []
-    if images:
-        yield images, labels, indexes
-
-
-def mp_context():
-    """forkserver: workers fork from a clean server process, not from a main process that may run threads
-    (tqdm's monitor, Arrow's pools), and start in milliseconds once the server has imported the converter."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["data_prep.convert"])
-    return ctx
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(Empty):
+                queue.get(timeout=0.05)
 
 
 def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
+def mp_context():
+    """For `data_prep.verify`'s process pool. forkserver: workers fork from a clean server process, not from a
+    main process that may run threads (tqdm's monitor, Arrow's pools)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["data_prep.convert"])
+    return ctx
+
+
 # ---- the conversion ----
 
 def convert(source: Source, out: str | os.PathLike, *, num_shards: int | None = None, order: str = "shuffled",
             seed: int = 0, workers: int | None = None, overwrite: bool = False,
-            on_shard_done: Callable[[int], None] | None = None) -> Manifest:
+            on_shard_done: Callable[[int], None] | None = None, chunk_bytes: int | None = None) -> Manifest:
     """Convert `source` into shards in `out`; returns the manifest (also when the output was already finished).
-    `on_shard_done(n)` is called in the main process after each finished shard (tests use it to crash)."""
+    `on_shard_done(n)` is called in the main thread after each finished shard (tests use it to crash);
+    `chunk_bytes` overrides the size of the chunks the source is read in (tests use tiny ones)."""
     out = Path(out)
     n = len(source)
     if n == 0:
@@ -396,8 +425,8 @@ def convert(source: Source, out: str | os.PathLike, *, num_shards: int | None = 
     if mode != "resume":
         write_json_atomic(out / PLAN, plan)
     try:
-        shards = _run_pool(source, out, num_shards, shard_order(n, order, seed), workers or default_workers(),
-                           on_shard_done)
+        shards = _write_shards(source, out, num_shards, shard_order(n, order, seed), workers or default_workers(),
+                               on_shard_done, chunk_bytes or chunk_bytes_for(num_shards))
     except SourceError:
         if mode != "resume":  # fixing the input changes its mtime, so these shards could never be resumed
             remove_owned(out)
@@ -416,63 +445,92 @@ def convert(source: Source, out: str | os.PathLike, *, num_shards: int | None = 
     return manifest
 
 
-def _run_pool(source: Source, out: Path, num_shards: int, order: np.ndarray, workers: int,
-              on_shard_done: Callable[[int], None] | None) -> list[ShardInfo]:
-    bounds = np.concatenate([[0], np.cumsum(rows_per_shard(len(source), num_shards))])
-    ctx = mp_context()
-    stop, progress = ctx.Event(), ctx.Array("q", 2)
+def _write_shards(source: Source, out: Path, num_shards: int, order: np.ndarray, workers: int,
+                  on_shard_done: Callable[[int], None] | None, chunk_bytes: int) -> list[ShardInfo]:
+    """One sequential pass over the source: each chunk's rows are dealt to the shards the plan puts them in
+    (shard i holds the source positions order[bounds[i]:bounds[i+1]], in source order), every shard open at
+    once. Threads, not processes: the work (reading, Arrow copies, sha256, writes) releases the GIL, and no
+    image bytes cross a process boundary."""
+    rows = rows_per_shard(len(source), num_shards)
+    bounds = np.concatenate([[0], np.cumsum(rows)])
+    shard_of = np.empty(len(source), dtype=np.int64)
+    shard_of[order] = np.repeat(np.arange(num_shards), rows)
+    plans = []  # (name, rows, planned first index, planned last index): the identity a sidecar must match
+    for i in range(num_shards):
+        first, last = (int(source.indexes[order[j]]) for j in (bounds[i], bounds[i + 1] - 1))
+        plans.append((shard_name(i, num_shards), rows[i], first, last))
+    _raise_open_file_limit(num_shards + 64)
+
     infos: dict[int, ShardInfo] = {}
-    written_rows = written_bytes = kept = 0
+    writers: dict[int, ShardWriter] = {}
+    running: list = []  # the pool's jobs in flight
     start = time.perf_counter()
     bar = tqdm(total=len(source), unit="rec", unit_scale=True, file=sys.stderr, mininterval=0.5, smoothing=0.1)
-    todo = iter(range(num_shards))
-    with ProcessPoolExecutor(max_workers=min(workers, num_shards), mp_context=ctx, initializer=_init_worker,
-                             initargs=(source.reader, str(out), num_shards, stop, progress)) as pool:
-        running: dict = {}
-
-        def submit_next() -> None:  # a few tasks ahead only: each carries its shard's items
-            i = next(todo, None)
-            if i is not None:
-                positions = order[bounds[i]:bounds[i + 1]]
-                first, last = (int(source.indexes[positions[j]]) for j in (0, -1))
-                running[pool.submit(ensure_shard, i, source.items(positions), len(positions), first, last)] = i
-
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="data_prep") as pool:
         try:
-            for _ in range(2 * workers):
-                submit_next()
-            while running:
-                done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
-                bar.update(progress[0] - bar.n)
-                bar.set_postfix_str(f"{progress[1] / 1e6:,.0f} MB", refresh=False)
-                for future in done:
-                    i = running.pop(future)
-                    infos[i], was_kept = future.result()
-                    if was_kept:
-                        kept += 1
-                    else:
-                        written_rows, written_bytes = written_rows + infos[i].rows, written_bytes + infos[i].bytes
-                    submit_next()
-                    if on_shard_done:
-                        on_shard_done(len(infos))
+            for i, kept in enumerate(pool.map(lambda p: _kept_shard(out, *p), plans)):
+                if kept is not None:
+                    infos[i] = kept
+            if infos:
+                bar.update(sum(infos[i].rows for i in infos))
+            new = [i for i in range(num_shards) if i not in infos]
+            for i in new:
+                writers[i] = ShardWriter(out, *plans[i])
+            wanted = np.isin(shard_of, list(writers))
+            for chunk in prefetched(source.chunks(wanted, chunk_bytes)):
+                shards = shard_of[chunk.positions]
+                by_shard = np.argsort(shards, kind="stable")  # each shard's rows, in source order
+                cuts = np.flatnonzero(np.diff(shards[by_shard])) + 1
+                running = [pool.submit(_append, writers[int(shards[rows_i[0]])], chunk, rows_i)
+                           for rows_i in np.split(by_shard, cuts)]
+                for job in running:  # all of this chunk is written before the next: appends stay in order
+                    job.result()
+                bar.update(len(chunk.positions))
+            finishing = {pool.submit(writer.finish): i for i, writer in writers.items()}
+            running = list(finishing)
+            for job in as_completed(finishing):
+                infos[finishing[job]] = job.result()
+                writers.pop(finishing[job])
+                if on_shard_done:
+                    on_shard_done(len(infos))
         except BaseException as e:
-            stop.set()  # running shards stop at their next batch and delete their partials
-            for future in running:
-                future.cancel()
-            wait(running)
+            for job in running:
+                job.cancel()
+            wait(running)  # no thread is still writing a file that is about to be removed
+            for writer in writers.values():  # unfinished shards never stay behind half-written
+                writer.discard()
             bar.close()
             if isinstance(e, KeyboardInterrupt):
                 raise Interrupted(f"interrupted: {len(infos)} of {num_shards} shards are finished in {out}; rerun "
                                   f"the same command to resume") from None
-            if isinstance(e, BrokenProcessPool):
-                raise RuntimeError(f"a worker process died (out of memory?); {len(infos)} of {num_shards} shards "
-                                   f"are finished in {out}; rerun the same command to resume") from None
+            if isinstance(e, RecordIOError):
+                raise SourceError(str(e)) from None
             raise
     bar.close()
     seconds = time.perf_counter() - start
-    print(f"wrote {written_rows:,} records ({written_bytes / 1e6:,.1f} MB) into {num_shards - kept} shards in "
-          f"{seconds:.1f} s: {written_rows / seconds:,.0f} records/s, {written_bytes / 1e6 / seconds:,.1f} MB/s "
-          f"({min(workers, num_shards)} workers)" + (f"; kept {kept} finished shards" if kept else ""))
+    new_rows = sum(rows[i] for i in new)
+    new_bytes = sum(infos[i].bytes for i in new)
+    print(f"wrote {new_rows:,} records ({new_bytes / 1e6:,.1f} MB) into {len(new)} shards in {seconds:.1f} s: "
+          f"{new_rows / seconds:,.0f} records/s, {new_bytes / 1e6 / seconds:,.1f} MB/s ({workers} threads)"
+          + (f"; kept {num_shards - len(new)} finished shards" if len(new) < num_shards else ""))
     return [infos[i] for i in range(num_shards)]
+
+
+def _append(writer: ShardWriter, chunk: Chunk, rows: np.ndarray) -> None:
+    # Batch by batch: a batch's images (~5 MB) are gathered, hashed and written while they are still in the
+    # CPU cache, instead of one gather per shard and chunk (up to hundreds of MB) streamed through memory thrice.
+    for start in range(0, len(rows), ROWS_PER_RECORD_BATCH):
+        batch = rows[start:start + ROWS_PER_RECORD_BATCH]
+        writer.append(chunk.images(batch), chunk.labels[batch], chunk.indexes[batch])
+    writer.start_writeback()
+
+
+def _raise_open_file_limit(needed: int) -> None:
+    """Every shard is open at once; raise the soft limit towards the hard one when it is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else min(needed, hard),
+                                                    hard))
 
 
 # ---- the command line, shared by the front-ends ----
@@ -481,10 +539,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="output directory (created; must be empty, a resumable conversion of the same "
                                     "sources, or --overwrite)")
     parser.add_argument("--workers", type=int, default=default_workers(),
-                        help="worker processes, one shard each at a time (default: min(8, CPUs))")
+                        help="threads that copy, hash and write shards (default: min(8, CPUs))")
     parser.add_argument("--shards", type=int, default=None,
-                        help="number of shards (default: a multiple of 960 with shards <= ~512 MB; fewer for small "
-                             "datasets)")
+                        help="number of shards (default: shards of ~256 MB, each of at least 64 rows)")
     parser.add_argument("--order", choices=("shuffled", "source"), default="shuffled",
                         help="shuffled (default): every shard a uniform sample of identities; source: source order, "
                              "sequential reads")
@@ -507,7 +564,7 @@ def run_cli(make_source: Callable[[], Source], args: argparse.Namespace,
     except Interrupted as e:
         print(f"error: {e}", file=sys.stderr)
         return 130
-    except RuntimeError as e:  # a worker died: the message says what is kept
+    except RuntimeError as e:  # the message says what is kept
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # disk full, permissions: finished shards stay for a resume

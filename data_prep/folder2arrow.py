@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 
-from data_prep.convert import Source, SourceError, add_common_args, image_problem, run_cli, source_error
+from data_prep.convert import Chunk, Source, SourceError, add_common_args, image_problem, run_cli, source_error
+
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CLASSES = "classes.json"
@@ -44,9 +46,24 @@ class FolderRows:
 class FolderSource(Source):
     paths: list[str] = None
     labels: np.ndarray = None
+    sizes: np.ndarray = None  # int64 bytes of each file, as listed
 
     def items(self, positions: np.ndarray) -> list[tuple[str, int, int]]:
         return [(self.paths[p], int(self.labels[p]), p) for p in positions.tolist()]
+
+    def chunks(self, wanted: np.ndarray, chunk_bytes: int) -> Iterator[Chunk]:
+        """One file read per image anyway: chunks only bound memory and batch the Arrow work."""
+        positions = np.flatnonzero(wanted)
+        ends = np.cumsum(self.sizes[positions])
+        start = 0
+        while start < len(positions):
+            stop = max(start + 1, int(np.searchsorted(ends, ends[start] - self.sizes[positions[start]] + chunk_bytes,
+                                                      side="right")))
+            chunk = positions[start:stop]
+            start = stop
+            images = pa.array([image for image, _, _ in self.reader.rows(self.items(chunk))], pa.binary())
+            yield Chunk(positions=chunk, labels=self.labels[chunk], indexes=chunk.astype(np.int64),
+                        images=lambda rows, images=images: images.take(rows))
 
 
 def open_folder_source(src: str | Path) -> FolderSource:
@@ -59,6 +76,7 @@ def open_folder_source(src: str | Path) -> FolderSource:
         raise SourceError(f"{root}: no identity folders (expected one sub-directory per identity)")
     paths: list[str] = []
     labels: list[int] = []
+    sizes: list[int] = []
     listing = sha256()  # pins names, sizes and mtimes in plan.json without listing every file there
     total = 0
     for label, name in enumerate(classes):
@@ -71,6 +89,7 @@ def open_folder_source(src: str | Path) -> FolderSource:
             stat = entry.stat()
             paths.append(entry.path)
             labels.append(label)
+            sizes.append(stat.st_size)
             listing.update(f"{name}/{entry.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
             total += stat.st_size
     files_info = [{"file": str(root.resolve()), "bytes": total, "images": len(paths),
@@ -78,7 +97,8 @@ def open_folder_source(src: str | Path) -> FolderSource:
     return FolderSource(converter="data_prep.folder2arrow", indexes=np.arange(len(paths), dtype=np.int64),
                         num_classes=len(classes), image_size=[112, 112], files=files_info,
                         carried={CLASSES: (json.dumps(classes, indent=0) + "\n").encode()}, nbytes=total,
-                        reader=FolderRows(), paths=paths, labels=np.asarray(labels, dtype=np.int64))
+                        reader=FolderRows(), paths=paths, labels=np.asarray(labels, dtype=np.int64),
+                        sizes=np.asarray(sizes, dtype=np.int64))
 
 
 def main(argv: list[str] | None = None, on_shard_done=None) -> int:

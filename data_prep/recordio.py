@@ -12,10 +12,13 @@ import mmap
 import numbers
 import os
 import struct
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
+
+import numpy as np
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -64,6 +67,55 @@ def read_idx(path: PathLike) -> list[tuple[int, int]]:
             seen.add(key)
             pairs.append((key, offset))
     return pairs
+
+
+def read_idx_arrays(path: PathLike, block_bytes: int = 64 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """`read_idx` as two int64 arrays (keys, offsets), parsed in bulk (~20x faster: a WebFace42M .idx has 42M
+    lines). Anything a plain `key<TAB>offset` file does not hold (a blank line, a sign, a third field, text,
+    a duplicate key) goes through `read_idx`, which accepts it or names the line."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise RecordIOError(path, "index file not found") from None
+    parts, start = [], 0
+    while start < len(data):  # blocks that end at a line end bound the temporary arrays
+        stop = data.find(b"\n", start + block_bytes) + 1 or len(data)
+        values = _parse_idx_block(data[start:stop])
+        if values is None:
+            break
+        parts.append(values)
+        start = stop
+    else:
+        values = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        keys, offsets = values[0::2], values[1::2]
+        if not (offsets < 0).any() and len(np.unique(keys)) == len(keys):
+            return keys, offsets
+    pairs = read_idx(path)  # raises, naming the line, or parses what the bulk path declined
+    try:
+        return tuple(np.array(pairs, dtype=np.int64).reshape(-1, 2).T.copy())
+    except OverflowError:
+        n, value = next((n, v) for n, pair in enumerate(pairs, 1) for v in pair if not -2**63 <= v < 2**63)
+        raise RecordIOError(path, f"{value} does not fit a 64-bit integer", record=f"entry {n}") from None
+
+
+def _parse_idx_block(block: bytes) -> np.ndarray | None:
+    """key, offset, key, offset, ... of lines of exactly two unsigned decimal fields; None for anything else."""
+    text = np.frombuffer(block, dtype=np.uint8)
+    space = (text == ord("\t")) | (text == ord(" ")) | (text == ord("\n")) | (text == ord("\r"))
+    if not (space | ((text >= ord("0")) & (text <= ord("9")))).all():
+        return None
+    edges = np.flatnonzero(np.diff(np.concatenate([[True], space, [True]]).astype(np.int8)))
+    starts, ends = edges[0::2], edges[1::2]  # of every run of digits
+    fields_per_line = np.bincount(np.searchsorted(np.flatnonzero(text == ord("\n")), starts))
+    if (fields_per_line != 2).any() or (ends - starts > 18).any():  # a blank line too; 18 digits fit an int64
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            values = np.fromstring(block, dtype=np.int64, sep=" ")  # text mode: any whitespace separates
+        except (ValueError, DeprecationWarning):
+            return None
+    return values if len(values) == len(starts) else None
 
 
 def read_property(path: PathLike) -> tuple[int, int, int, int | None]:
@@ -209,6 +261,37 @@ def unpack_image_record(payload: bytes, where: str = "image record") -> ImageRec
         raise RecordIOError(where, f"IRHeader flag {flag} announces {4 * flag} bytes of float32 labels, "
                                    f"but only {len(payload) - IR_HEADER.size} bytes follow the header")
     return flag, struct.unpack_from(f"<{flag}f", payload, IR_HEADER.size), id1, id2, payload[start:]
+
+
+@dataclass
+class BulkImageRecords:
+    """`unpack_image_record` of many records of one buffer at once (`parse_image_records`): per record, where its
+    image lies in the buffer, its first label, and whether the fast path could read it at all (`ok`)."""
+    image_start: np.ndarray  # int64, byte position in the buffer
+    image_len: np.ndarray  # int64
+    label: np.ndarray  # float32: the header's float (flag 0) or the first float of the label array (flag > 0)
+    ok: np.ndarray  # bool: False for anything unusual (multi-part, bad framing, a header that does not fit)
+
+
+def parse_image_records(buf: np.ndarray, starts: np.ndarray, limits: np.ndarray) -> BulkImageRecords:
+    """Parse the single-part image records starting at `starts` (4-aligned positions in `buf`, a uint8 array
+    whose length is a multiple of 4), each of which must end by `limits` (the next record, or the buffer's
+    end). Vectorised: no Python work per record. A record with `ok` False is not necessarily bad: it may be a
+    multi-part record; the caller reads those one by one with `RecordReader`, which also names any error."""
+    words = buf.view("<u4")
+    last = len(words) - 1
+    at = starts // 4  # every gather index is clipped, so a corrupt length cannot index outside `buf`
+    magic = words[np.minimum(at, last)]
+    lrecord = words[np.minimum(at + 1, last)].astype(np.int64)
+    length = lrecord & LENGTH_MASK
+    end = starts + _PART_HEADER.size + ((length + 3) & ~3)
+    flag = words[np.minimum(at + 2, last)].astype(np.int64)
+    header_label = words[np.minimum(at + 3, last)].view("<f4")
+    array_label = words[np.minimum(at + 8, last)].view("<f4")  # the first float after the 24-byte IRHeader
+    header_end = IR_HEADER.size + 4 * np.minimum(flag, LENGTH_MASK)  # bytes before the image, in the payload
+    ok = ((magic == MAGIC) & (lrecord >> 29 == CFLAG_WHOLE) & (end <= limits) & (length >= header_end))
+    return BulkImageRecords(image_start=starts + _PART_HEADER.size + header_end, image_len=length - header_end,
+                            label=np.where(flag == 0, header_label, array_label), ok=ok)
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
-from data_prep import folder2arrow, rec2arrow, verify
+from data_prep import convert, folder2arrow, rec2arrow, verify
 from data_prep.convert import (
-    MIN_ROWS_PER_SHARD, SHARD_UNIT, TARGET_SHARD_BYTES, choose_num_shards,
+    MAX_AUTO_SHARDS, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, MIN_ROWS_PER_SHARD, TARGET_SHARD_BYTES, choose_num_shards,
+    chunk_bytes_for,
 )
-from data_prep.recordio import MAGIC_BYTES, read_idx, write_insightface_rec, write_plain_rec, write_recordio
+from data_prep.convert import SourceError
+from data_prep.recordio import (
+    MAGIC_BYTES, RecordReader, detect_layout, pack_image_record, read_idx, write_insightface_rec, write_plain_rec,
+    write_recordio,
+)
 from ds_face.data.shards import ROWS_PER_RECORD_BATCH, SCHEMA, read_manifest, rows_per_shard, sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,12 +155,16 @@ def test_orders_and_record_batches(tmp_path):
 
 def test_choose_num_shards():
     assert choose_num_shards(1, 100) == 1
-    assert choose_num_shards(MIN_ROWS_PER_SHARD * 2, 10**6) == 2
-    assert choose_num_shards(10_000, 10**8) == 120  # 83 rows per shard; 240 would leave 41
-    assert choose_num_shards(MIN_ROWS_PER_SHARD * SHARD_UNIT, 10**9) == 960
-    assert choose_num_shards(5_200_000, 38 * 10**9) == 960  # MS1MV3-sized, at ~7 KB an image
-    webface = choose_num_shards(42_000_000, 1_300 * 10**9)
-    assert webface % 960 == 0 and 1_300 * 10**9 / webface <= TARGET_SHARD_BYTES
+    assert choose_num_shards(23, 10**6) == 1  # fewer rows than MIN_ROWS_PER_SHARD: one shard
+    assert choose_num_shards(MIN_ROWS_PER_SHARD * 2, 10**9) == 2  # by bytes 4, but shards keep 64 rows
+    assert choose_num_shards(10_000, 10**8) == 1
+    assert choose_num_shards(10_000, TARGET_SHARD_BYTES + 1) == 2
+    assert choose_num_shards(161_403, 10**9) == 4  # the 1 GB benchmark set
+    ms1m = choose_num_shards(5_200_000, 38 * 10**9)  # MS1MV3-sized, at ~7 KB an image
+    assert ms1m == 142 and 38 * 10**9 / ms1m <= TARGET_SHARD_BYTES
+    assert choose_num_shards(42_000_000, 300 * 10**9) == MAX_AUTO_SHARDS  # WebFace42M-sized: ~590 MB shards
+    assert chunk_bytes_for(1) == chunk_bytes_for(64) == MIN_CHUNK_BYTES
+    assert chunk_bytes_for(142) == 142 << 20 and chunk_bytes_for(MAX_AUTO_SHARDS) == MAX_CHUNK_BYTES
 
 
 def test_folder_round_trip(tmp_path):
@@ -310,13 +320,29 @@ BAD_INPUTS = {
     "not-a-jpeg": (lambda s: patch(s / "train.rec", record_offset(s, 5) + 8 + 24, b"GIF8"),
                    r"{rec}, key 5, byte offset {off5}: payload is not a JPEG or PNG image \(first bytes: 47 49 46 38"),
     "empty-dataset": (empty_rec, r"{src}/train\.idx: no image records \(0 keys in the \.idx, plain layout\)"),
+    # where the bulk parser hands a record to the one-by-one reader: the same errors, the same names
+    "bad-magic-in-second-part": (lambda s: patch(s / "train.rec", record_offset(s, MULTIPART_KEY) + 8 + 28, b"\0" * 4),
+                                 r"{rec}, key 6, byte offset {off6_part2}: bad magic 0x00000000 .*\(in the record "
+                                 r"starting at byte offset {off6}\)"),
+    "invalid-cflag": (lambda s: set_cflag(s, 5, 5), r"{rec}, key 5, byte offset {off5}: invalid cflag 5"),
+    "irheader-flag-too-large": (lambda s: patch(s / "train.rec", record_offset(s, 5) + 8, struct.pack("<I", 2**31 - 1)),
+                                r"{rec}, key 5, byte offset {off5}: IRHeader flag 2147483647 announces 8589934588 "
+                                r"bytes of float32 labels, but only \d+ bytes follow the header"),
+    "label-nan": (lambda s: set_label(s, 5, float("nan")), r"{rec}, key 5, byte offset {off5}: label nan is not an "
+                                                           r"integer"),
 }
+
+
+def set_cflag(src: Path, key: int, cflag: int) -> None:
+    at = record_offset(src, key) + 4
+    (lrecord,) = struct.unpack_from("<I", (src / "train.rec").read_bytes(), at)
+    patch(src / "train.rec", at, struct.pack("<I", cflag << 29 | lrecord & ((1 << 29) - 1)))
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_named_and_output_untouched(tmp_path, capsys, case):
     src, _ = source(tmp_path, "insightface")
-    offsets = {f"off{k}": record_offset(src, k) for k in (4, 5, 23, 27)}
+    offsets = {f"off{k}": record_offset(src, k) for k in (4, 5, 6, 23, 27)}
     offsets["off6_part2"] = record_offset(src, MULTIPART_KEY) + 8 + 28
     mutate, pattern = BAD_INPUTS[case]
     mutate(src)
@@ -432,3 +458,141 @@ def test_rec_file_path_and_prefix(tmp_path):
     assert rec2arrow_main(src / "val.rec", tmp_path / "by-path") == 0
     assert read_manifest(tmp_path / "by-prefix") == read_manifest(tmp_path / "by-path")
     assert sorted((label, image) for _, label, image in all_rows(tmp_path / "by-path")) == sorted(imgs)
+
+
+# ---- record by record: the shards against the pure-Python RecordReader reading the same .rec ----
+
+def reference_rows(src: Path) -> tuple[list[int], dict[int, tuple[int, bytes]], dict[int, int]]:
+    """What every row must hold, read one record at a time by RecordReader (the reader the old converter used
+    for every record): the image keys in .idx order, key -> (label, image bytes), key -> .rec offset."""
+    idx = read_idx(src / "train.idx")
+    with RecordReader(src / "train.rec") as reader:
+        layout = detect_layout(reader, idx)
+        offsets = dict(idx)
+        rows = {}
+        for key in layout.image_keys:
+            _, labels, _, _, image = reader.read_image_record(offsets[key], key)
+            rows[key] = (int(labels[0]), image)
+    return layout.image_keys, rows, offsets
+
+
+def planned_shards(keys: list[int], num_shards: int, order: str, seed: int) -> list[set[int]]:
+    """The shard assignment of the converter before the single-pass rewrite, written out independently: shard i
+    holds the keys at permutation[bounds[i]:bounds[i+1]] (a seeded permutation, or source order)."""
+    n = len(keys)
+    perm = np.random.default_rng(seed).permutation(n) if order == "shuffled" else np.arange(n)
+    bounds = np.concatenate([[0], np.cumsum(rows_per_shard(n, num_shards))])
+    return [{keys[p] for p in perm[bounds[i]:bounds[i + 1]]} for i in range(num_shards)]
+
+
+def check_against_reference(src: Path, out: Path, num_shards: int, order: str = "shuffled", seed: int = 0):
+    keys, expected, offsets = reference_rows(src)
+    manifest = read_manifest(out)
+    assert manifest.num_samples == len(keys) and len(manifest.shards) == num_shards
+    seen = []
+    for path, plan in zip(manifest.shard_paths(out), planned_shards(keys, num_shards, order, seed)):
+        table = shard_table(path)
+        assert all(b.num_rows <= ROWS_PER_RECORD_BATCH for b in table.to_batches())
+        rows = table.to_pydict()
+        assert set(rows["index"]) == plan  # the same shard assignment as before
+        assert [offsets[k] for k in rows["index"]] == sorted(offsets[k] for k in rows["index"])  # in file order
+        for key, label, image in zip(rows["index"], rows["label"], rows["image"]):
+            assert (label, image) == expected[key], f"key {key}"
+        seen += rows["index"]
+    assert sorted(seen) == sorted(keys)  # every image record exactly once
+
+
+def tiny_and_tricky_images(rng: random.Random) -> list[bytes]:
+    """Images around the 12-byte inline limit of Arrow binary views, a PNG, MAGIC right where the image starts
+    and twice more inside it (a record of several parts), and ordinary ones."""
+    return [b"\xff\xd8\xff", b"\xff\xd8\xff" + rng.randbytes(9), b"\xff\xd8\xff" + rng.randbytes(10),
+            b"\x89PNG\r\n\x1a\n" + rng.randbytes(40),
+            MAGIC_BYTES + b"\xff\xd8\xff\xe0" + rng.randbytes(30),  # not a JPEG: kept out of the good sets
+            b"\xff\xd8\xff\xe0" + MAGIC_BYTES + rng.randbytes(8) + MAGIC_BYTES + MAGIC_BYTES + b"end.",
+            ] + [jpeg(rng, rng.randrange(20, 3000)) for _ in range(40)]
+
+
+def write_custom_rec(directory: Path, layout: str, labels_per_record: int, shuffle_file_order: bool,
+                     n: int = 300, classes: int = 7, seed: int = 3) -> None:
+    """A .rec of `n` images: InsightFace layout (header, images, identity records) or plain im2rec layout; a
+    float label (labels_per_record 0) or an array of that many floats (the class first, then others, as in
+    multi-label im2rec files); written in key order or in a shuffled file order (and a shuffled .idx)."""
+    rng = random.Random(seed)
+    pool = [image for image in tiny_and_tricky_images(rng) if image[:3] in (b"\xff\xd8\xff", b"\x89PN")]
+    images = sorted((i % classes, pool[i % len(pool)]) for i in range(n))
+    directory.mkdir(parents=True)
+
+    def pack(label, image):
+        if labels_per_record == 0:
+            return pack_image_record(label, image)
+        return pack_image_record([label] + [rng.uniform(-2, 2) for _ in range(labels_per_record - 1)], image)
+
+    first = 1 if layout == "insightface" else 0
+    records = [(first + i, pack(label, image)) for i, (label, image) in enumerate(images)]
+    if layout == "insightface":
+        id_start = n + 1
+        records.insert(0, (0, pack_image_record([id_start, id_start + classes], b"", id2=1)))
+        counts = np.bincount([label for label, _ in images], minlength=classes)
+        begins = np.concatenate([[1], 1 + np.cumsum(counts)])
+        records += [(id_start + c, pack_image_record([begins[c], begins[c + 1]], b"")) for c in range(classes)]
+    if shuffle_file_order:
+        rng.shuffle(records)
+    idx = write_recordio(directory / "train.rec", directory / "train.idx", records)
+    if shuffle_file_order:
+        rng.shuffle(idx)
+        (directory / "train.idx").write_text("".join(f"{k}\t{o}\n" for k, o in idx))
+    (directory / "property").write_text(f"{classes},112,112\n")
+
+
+EQUALITY_CASES = {
+    "insightface-float-label": ("insightface", 0, False),
+    "insightface-array-label": ("insightface", 1, False),
+    "headerless-float-label": ("plain", 0, False),
+    "headerless-multi-label": ("plain", 3, False),
+    "headerless-multi-label-shuffled-file": ("plain", 5, True),
+    "insightface-shuffled-file": ("insightface", 2, True),
+}
+
+
+@pytest.mark.parametrize("case", EQUALITY_CASES)
+def test_shards_equal_record_reader_record_by_record(tmp_path, case):
+    src = tmp_path / "src"
+    write_custom_rec(src, *EQUALITY_CASES[case])
+    data = (src / "train.rec").read_bytes()
+    cflags = [struct.unpack_from("<I", data, o + 4)[0] >> 29 for _, o in read_idx(src / "train.idx")]
+    assert 1 in cflags  # multi-part records: the fast path hands them to the slow one
+    manifests = []
+    for name, chunk_bytes, workers, order in (("tiny-chunks", 4096, 1, "shuffled"), ("one-chunk", 64 << 20, 3,
+                                              "shuffled"), ("same-one-chunk", 64 << 20, 1, "shuffled"),
+                                              ("source-order", 20000, 2, "source")):
+        out = tmp_path / name
+        convert.convert(rec2arrow.open_rec_source(src), out, num_shards=3, order=order, workers=workers,
+                        chunk_bytes=chunk_bytes)
+        check_against_reference(src, out, 3, order)
+        manifests.append(read_manifest(out))
+        assert verify.main([str(out), "--workers", "2", "--source", str(src)]) == 0
+    assert manifests[1] == manifests[2]  # byte for byte (sha256) whatever the number of threads
+    assert [s.rows for s in manifests[0].shards] == [s.rows for s in manifests[1].shards]
+
+
+def test_insightface_source_with_multipart_matches_reference(tmp_path):
+    """The layout of the round-trip tests (InsightFace, a multi-part record at key 6), default options."""
+    src, _ = source(tmp_path, "insightface", n=700, classes=9)
+    out = tmp_path / "out"
+    assert rec2arrow_main(src, out) == 0
+    check_against_reference(src, out, read_manifest(out).shards.__len__())
+
+
+def test_rec_changed_during_conversion_is_named(tmp_path, capsys):
+    """The .rec cut short after the checks at open time: the pass names the file and the offset, and a fresh
+    output directory is left as it was (absent)."""
+    src, _ = source(tmp_path, "plain", n=400, classes=5)
+    opened = rec2arrow.open_rec_source(src)
+    rec = src / "train.rec"
+    cut_at = record_offset(src, 200) + 10
+    rec.write_bytes(rec.read_bytes()[:cut_at])
+    out = tmp_path / "out"
+    with pytest.raises(SourceError) as error:
+        convert.convert(opened, out, num_shards=2, workers=2)
+    assert re.match(rf"{re.escape(str(rec))}, (key \d+, )?byte offset \d+: ", str(error.value)), str(error.value)
+    assert not out.exists()

@@ -5,12 +5,13 @@ import random
 import re
 import struct
 
+import numpy as np
 import pytest
 
 from data_prep.recordio import (
     FLOAT32_EXACT, MAGIC, MAGIC_BYTES, RecordIOError, RecordReader, _first_identity_key, detect_layout,
-    pack_image_record, read_idx, read_property, unpack_image_record, write_insightface_rec, write_plain_rec,
-    write_recordio,
+    pack_image_record, read_idx, read_idx_arrays, read_property, unpack_image_record, write_insightface_rec,
+    write_plain_rec, write_recordio,
 )
 
 BOTH_BACKENDS = pytest.mark.parametrize("use_mmap", [True, False], ids=["mmap", "buffered"])
@@ -353,3 +354,33 @@ def test_forked_child_reopens_buffered_file(tmp_path):
     assert os.read(read_end, 1) == b"1"
     assert reader.read_at(idx[0][1]) == b"first"  # the parent's handle survived the child's close
     reader.close()
+
+
+@pytest.mark.parametrize("text", [
+    "0\t0\n1\t40\n",
+    "5\t8\n3\t0\n9\t16",  # any key order, no final newline
+    "0 0\r\n1  40\r\n",  # spaces, Windows line ends
+    "0\t0\n\n1\t40\n",  # a blank line: the bulk parser declines, read_idx accepts
+    "+0\t0\n1\t40\n",  # a sign: likewise
+    "",
+])
+def test_read_idx_arrays_equals_read_idx(tmp_path, text):
+    path = tmp_path / "train.idx"
+    path.write_text(text)
+    keys, offsets = read_idx_arrays(path, block_bytes=4)  # tiny blocks: the line-end split is exercised
+    assert list(zip(keys.tolist(), offsets.tolist())) == read_idx(path)
+    assert keys.dtype == offsets.dtype == np.int64
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0\t0\n1\t40\t7\n", "line 2: expected 'key<TAB>offset'"),
+    ("0\t0\n1\n", "line 2: expected 'key<TAB>offset'"),
+    ("0\t0\n0\t40\n", "line 2: duplicate key 0"),
+    ("0\t0\n1\t-4\n", "line 2: negative offset -4"),
+    ("0\t0\n1\t99999999999999999999999\n", "entry 2: 99999999999999999999999 does not fit a 64-bit integer"),
+])
+def test_read_idx_arrays_errors_are_read_idx_errors(tmp_path, text, message):
+    path = tmp_path / "train.idx"
+    path.write_text(text)
+    with pytest.raises(RecordIOError, match=re.escape(f"{path}, {message}")):
+        read_idx_arrays(path)
