@@ -58,7 +58,7 @@ bench-report: setup
 bench-data: setup
 	$(PY) -m data_prep.bench_convert --size-gb 1.0 --cold --repeat 3 --shard-sweep 4,16,64,960 --worker-sweep 1,2
 	rm -rf /tmp/ds_face_bench_loader
-	$(PY) -m data_prep.rec2arrow /tmp/ds_face_bench_convert/rec-1gb /tmp/ds_face_bench_loader --shards 96
+	$(PY) -m data_prep.rec2arrow /tmp/ds_face_bench_convert/rec-1gb /tmp/ds_face_bench_loader
 	$(PY) -m ds_face.bench.loader --rec-dir /tmp/ds_face_bench_convert/rec-1gb --arrow-dir /tmp/ds_face_bench_loader
 
 clean:

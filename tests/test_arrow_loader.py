@@ -111,6 +111,20 @@ def test_jpeg_decodes_like_pil():
     assert np.abs(fast.astype(int) - pil.astype(int)).max() <= 2  # same libjpeg-turbo, IDCT may differ by 1
 
 
+def test_arrow_rows_are_recognised_as_jpeg(tmp_path):
+    """Rows reach the decoder as memoryviews over the mapped shard. A plain memoryview of an Arrow buffer is
+    of signed chars (0xff reads -1, never equal to the JPEG marker's bytes), which once sent every row to
+    PIL instead of libjpeg-turbo's faster path."""
+    from ds_face.data.arrow import is_jpeg
+    jpeg = io.BytesIO()
+    Image.new("RGB", (112, 112), (10, 20, 30)).save(jpeg, format="JPEG")
+    directory = write_shards(tmp_path / "ds", 4, 1, images={i: jpeg.getvalue() for i in range(4)})
+    rows = ArrowFaces(directory)._shard(0)
+    views = rows.images(np.arange(4))
+    assert all(view.format == "B" and is_jpeg(view) for view in views)
+    assert not is_jpeg(memoryview(index_png(0)))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_one_rank_sees_every_sample_once_with_flips(dataset_1000, workers):
     loader = make_loader(dataset_1000, 25, workers=workers)

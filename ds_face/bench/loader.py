@@ -113,6 +113,9 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2, help="loader workers of the last variant")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    import datasets  # noqa: F401 - imports are once per run, not per sample: outside the timers
+    from deepspeed.accelerator import get_accelerator
+    get_accelerator()
     warm([args.rec_dir / "train.rec", *sorted(args.arrow_dir.glob("*.arrow"))])
     n = args.workers
     variants = {"decode only: PIL": lambda: decode_only(args.rec_dir, args.samples, "PIL"),

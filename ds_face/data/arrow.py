@@ -33,11 +33,16 @@ class DataError(ValueError):
     """Training data that cannot be used as configured; the message names the directory, shard or sample."""
 
 
+def is_jpeg(data) -> bool:
+    """JPEG's start-of-image marker; ``data`` is bytes or a memoryview of unsigned bytes."""
+    return bytes(data[:3]) == _JPEG_SOI
+
+
 def decode_rgb(data: bytes, size: tuple[int, int] | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """HxWx3 uint8 RGB, written into `out` when given; `size` (height, width) is checked from the header first,
     so an oversized image is refused before it is decoded. simplejpeg (libjpeg-turbo) for JPEG: about twice
     PIL's speed (BENCHMARKS.md); PIL takes anything else (PNG from image folders)."""
-    if data[:3] == _JPEG_SOI:
+    if is_jpeg(data):
         height, width = simplejpeg.decode_jpeg_header(data)[:2]
         _check_size(height, width, size)
         return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
@@ -173,7 +178,7 @@ class _ShardRows:
     def __init__(self, table):
         images = table.column("image").chunks
         self.count = table.num_rows
-        self.views = [memoryview(c.buffers()[2]) if c.buffers()[2] is not None else memoryview(b"") for c in images]
+        self.views = [memoryview(c.buffers()[2] or b"").cast("B") for c in images]  # bytes, not signed chars
         chunk, start, end = [], [], []
         for k, c in enumerate(images):
             offsets = np.frombuffer(c.buffers()[1], dtype=np.int32)[c.offset:c.offset + len(c) + 1]
