@@ -24,7 +24,8 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from ds_face.backbones import BACKBONES
-from ds_face.head.optim import OPTIMIZERS
+
+OPTIMIZERS = ("sgd", "adamw")  # for the backbone (torch.optim) and the head (ds_face.head.optim)
 
 
 class ConfigError(ValueError):
