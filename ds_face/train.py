@@ -287,6 +287,22 @@ class Trainer:
         return last_loss
 
 
+def record_config(cfg: RunConfig, ds_config: dict, output_dir: Path) -> None:
+    """Rank 0, once per start: the effective run config (file + ``--set``) and the DeepSpeed config as passed
+    to ``deepspeed.initialize``, into training.log and as ``config.yaml`` / ``ds_config.json`` in output.dir
+    (written atomically; a resume replaces them with what it runs, the log keeps every start's copy)."""
+    import json
+
+    import yaml
+
+    from ds_face.fileio import write_atomic, write_json_atomic
+    text = yaml.safe_dump(asdict(cfg), sort_keys=False)
+    write_atomic(output_dir / "config.yaml", text.encode())
+    write_json_atomic(output_dir / "ds_config.json", ds_config)
+    log.info(f"run config ({output_dir / 'config.yaml'}):\n{text.rstrip()}")
+    log.info(f"DeepSpeed config ({output_dir / 'ds_config.json'}): {json.dumps(ds_config)}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from ds_face.checkpoint import LATEST, SAVE_DIR, CheckpointError, plan_resume
@@ -320,6 +336,8 @@ def main(argv=None) -> int:
         print(f"ds_face.train: error: {err}", file=sys.stderr)
         return 2
     setup_logging(rank, Path(cfg.output.dir))
+    if rank == 0:
+        record_config(cfg, ds_config, Path(cfg.output.dir))
     if resized:
         log.info(resized)
 
