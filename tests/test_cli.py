@@ -31,7 +31,7 @@ print("HEAVY", ",".join(m for m in {heavy!r} if m in sys.modules))
 def test_the_scripts_cover_every_command():
     assert set(SCRIPTS) >= {"ds-face-train", "ds-face-eval", "ds-face-embed", "ds-face-export", "ds-face-bench",
                             "ds-face-hostfile", "ds-face-preflight", "ds-face-rec2arrow", "ds-face-folder2arrow",
-                            "ds-face-verify"}
+                            "ds-face-verify", "ds-face-config"}
 
 
 def test_runtime_requirements_hold_no_test_packages():
