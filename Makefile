@@ -9,11 +9,13 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# torch first, pinned (on a GPU machine install the CUDA build of the same version first, then `make setup`);
+# then ds_face itself, editable (the ds-face-* commands run this checkout), with the ONNX export and test extras.
+$(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q -e ".[onnx,test]"
 	touch $@
 
 demo: setup

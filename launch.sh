@@ -15,8 +15,10 @@
 # through the nodes' shell (refused unless it arrives verbatim).
 set -euo pipefail
 
+usage() { sed -n '2,16p' "$0"; }
+case ${1:-} in -h|--help) usage; exit 0 ;; esac
 if [ $# -lt 2 ]; then
-    sed -n '2,16p' "$0" >&2
+    usage >&2
     exit 2
 fi
 run_config=$1 ds_config=$2

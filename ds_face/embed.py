@@ -76,9 +76,12 @@ def folder_source(directory: str) -> tuple[int, Iterator[tuple[bytes, int, str]]
     return len(source.paths), rows()
 
 
-def embed_rows(model, count: int, rows, out_path: Path, batch_size: int, device=None) -> np.ndarray:
-    """Fill a .npy at ``out_path`` (memory-mapped, [count, D] float32) and return the labels."""
+def embed_rows(model, count: int, rows, out_path: Path, batch_size: int, device=None,
+               progress: bool = False) -> np.ndarray:
+    """Fill a .npy at ``out_path`` (memory-mapped, [count, D] float32) and return the labels.
+    ``progress``: a progress bar on stderr."""
     import torch
+    from tqdm import tqdm
 
     from ds_face.data.arrow import decode_rgb
     with torch.no_grad():
@@ -88,8 +91,11 @@ def embed_rows(model, count: int, rows, out_path: Path, batch_size: int, device=
     images = np.empty((batch_size, 112, 112, 3), np.uint8)
     filled = n = 0
 
+    bar = tqdm(total=count, unit="img", desc="embed", disable=not progress, file=sys.stderr, mininterval=0.5)
+
     def flush(k):
         emb[n - k:n] = flip_embeddings(model, images[:k], batch_size, device)[0]
+        bar.update(k)
 
     for data, label, where in rows:
         if n >= count:
@@ -106,6 +112,7 @@ def embed_rows(model, count: int, rows, out_path: Path, batch_size: int, device=
             filled = 0
     if filled:
         flush(filled)
+    bar.close()
     if n != count:
         raise EmbedError(f"found {n} samples, expected {count}")
     emb.flush()
@@ -121,7 +128,10 @@ def main(argv=None) -> int:
     src.add_argument("--folder", metavar="DIR", help="image folder, one sub-directory per identity")
     parser.add_argument("--out", required=True, metavar="EMB.npy", help="embeddings; labels go to EMB.labels.npy")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (shown on stderr only when stderr is a terminal)")
     args = parser.parse_args(argv)
+    progress = not args.no_progress and sys.stderr.isatty()
 
     from ds_face.config import ConfigError
     out = Path(args.out)
@@ -139,7 +149,7 @@ def main(argv=None) -> int:
             raise EmbedError(f"{existing[0]} exists; pass --overwrite to replace it (nothing was written)")
         count, rows = arrow_source(args.arrow) if args.arrow else folder_source(args.folder)
         model = load_model(args.model, args.backbone, args.embedding, args.device)
-        labels = embed_rows(model, count, rows, tmp_emb, args.batch_size, args.device)
+        labels = embed_rows(model, count, rows, tmp_emb, args.batch_size, args.device, progress)
         np.save(tmp_labels, labels)
         os.replace(tmp_labels, labels_path(out))
         os.replace(tmp_emb, out)

@@ -295,13 +295,14 @@ class EvalTimeout(RuntimeError):
 
 
 def embed_flip(model, images: np.ndarray, batch_size: int = 128, device=None,
-               deadline: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+               deadline: float | None = None, progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings, flipped-image embeddings), float32 [N, D] each, un-normalised.
 
     ``model`` runs in eval mode under ``torch.no_grad`` and is put back in its previous mode. Input dtype
     follows the model's parameters (fp16/bf16 engines). ``deadline`` (time.monotonic()) aborts with
-    EvalTimeout between batches."""
+    EvalTimeout between batches. ``progress``: a label for a progress bar on stderr (None: no bar)."""
     import torch
+    from tqdm import tqdm
 
     from ds_face.data.arrow import normalize  # the training input's normalisation: one place for both
     first = next(model.parameters())
@@ -310,6 +311,8 @@ def embed_flip(model, images: np.ndarray, batch_size: int = 128, device=None,
     was_training = model.training
     model.eval()
     outs: list[list[np.ndarray]] = [[], []]
+    bar = tqdm(total=len(images), unit="img", desc=progress, disable=progress is None, file=sys.stderr,
+               mininterval=0.5)
     try:
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
@@ -319,27 +322,31 @@ def embed_flip(model, images: np.ndarray, batch_size: int = 128, device=None,
                 x = normalize(batch.to(device))
                 for k, inp in enumerate((x, torch.flip(x, dims=[3]))):
                     outs[k].append(model(inp.to(dtype)).float().cpu().numpy())
+                bar.update(len(batch))
     finally:
+        bar.close()
         model.train(was_training)
     return np.concatenate(outs[0]), np.concatenate(outs[1])
 
 
 def flip_embeddings(model, images: np.ndarray, batch_size: int = 128, device=None,
-                    deadline: float | None = None) -> tuple[np.ndarray, float]:
+                    deadline: float | None = None, progress: str | None = None) -> tuple[np.ndarray, float]:
     """(L2-normalised sum of image and flip embeddings [N, D] float32, XNorm)."""
-    plain, flipped = embed_flip(model, images, batch_size, device, deadline)
+    plain, flipped = embed_flip(model, images, batch_size, device, deadline, progress)
     xnorm = float(np.concatenate([np.linalg.norm(plain, axis=1), np.linalg.norm(flipped, axis=1)]).mean())
     return l2_normalize(plain + flipped).astype(np.float32), xnorm
 
 
-def evaluate(model, data, batch_size: int = 128, device=None, deadline: float | None = None) -> dict:
+def evaluate(model, data, batch_size: int = 128, device=None, deadline: float | None = None,
+             progress: bool = False) -> dict:
     """Verification figures of ``model`` on ``data``: a VerificationSet, a path to a .bin, or (uint8 images
     [2P, 112, 112, 3], issame [P]). Returns accuracy, std, threshold, xnorm, pairs (+ per-fold lists)."""
     if isinstance(data, (str, os.PathLike)):
         data = VerificationSet.load(data)
     images, issame = (data.images, data.issame) if isinstance(data, VerificationSet) else data
     started = time.perf_counter()
-    embeddings, xnorm = flip_embeddings(model, images, batch_size, device, deadline)
+    label = (data.name if isinstance(data, VerificationSet) else "embedding") if progress else None
+    embeddings, xnorm = flip_embeddings(model, images, batch_size, device, deadline, label)
     result = verify(embeddings, issame)
     result["xnorm"] = xnorm
     result["seconds"] = time.perf_counter() - started
@@ -537,18 +544,26 @@ def main(argv=None) -> int:
     add_model_args(parser)
     parser.add_argument("--bin", nargs="+", required=True, metavar="SET.bin", help="InsightFace verification sets")
     parser.add_argument("--json", metavar="PATH", help="also write the figures (and per-fold values) as JSON")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (shown on stderr only when stderr is a terminal)")
     args = parser.parse_args(argv)
+    progress = not args.no_progress and sys.stderr.isatty()
 
     from ds_face.config import ConfigError
     try:
         if args.batch_size < 1:
             raise BinError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.json and Path(args.json).exists() and not args.overwrite:
+            raise BinError(f"--json {args.json} exists; pass --overwrite to replace it (nothing was done)")
+        if args.json and not Path(args.json).resolve().parent.is_dir():
+            raise BinError(f"--json {args.json}: directory {Path(args.json).parent} does not exist")
         encoded = {name: (path, load_bin(path)) for name, path in zip(set_names(args.bin), args.bin)}
         model = load_model(args.model, args.backbone, args.embedding, args.device)
         results = {}
         for name, (path, (images, issame)) in encoded.items():
             vset = VerificationSet(name, path, decode_images(images, path), issame)
-            results[name] = evaluate(model, vset, args.batch_size)
+            results[name] = evaluate(model, vset, args.batch_size, progress=progress)
     except (BinError, ConfigError) as err:
         print(f"ds_face.eval: error: {err}", file=sys.stderr)
         return 2
@@ -556,7 +571,7 @@ def main(argv=None) -> int:
     if args.json:
         report = {"model": args.model, "backbone": args.backbone, "embedding": args.embedding,
                   "sets": {n: {**r, "path": encoded[n][0]} for n, r in results.items()}}
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(args.json, report)
     return 0
 
 

@@ -49,10 +49,12 @@ import sys
 import warnings
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ds_face.checkpoint import LATEST, META
+if TYPE_CHECKING:
+    import torch
+# torch, DeepSpeed and ds_face.checkpoint (torch) are imported by the functions that use them, so that
+# --help answers at once.
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
@@ -72,6 +74,7 @@ class OnnxMismatch(Exception):
 # -- finding the checkpoint -------------------------------------------------------------------------
 
 def _looks_like_tag_dir(path: Path) -> bool:
+    from ds_face.checkpoint import META
     return (path / META).exists() or any(path.glob("*_model_states.pt")) or any(path.glob("head_rank*_of*.pt"))
 
 
@@ -82,6 +85,7 @@ def _tags_in(save_dir: Path) -> list[str]:
 
 def resolve_tag_dir(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Path:
     """The tag directory meant by ``ckpt_dir`` (a save_dir or a tag directory) and ``tag``."""
+    from ds_face.checkpoint import LATEST
     path = Path(ckpt_dir)
     if not path.exists():
         raise ExportError(f"{path}: no such directory")
@@ -117,7 +121,7 @@ def resolve_tag_dir(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Path
 
 def read_meta(tag_dir: Path) -> dict:
     """ds_face_meta.json, checked where resume checks it (ds_face.checkpoint), its counts bounded by the files."""
-    from ds_face.checkpoint import CheckpointError
+    from ds_face.checkpoint import META, CheckpointError
     from ds_face.checkpoint import read_meta as checked
     from ds_face.safe_load import check_meta_counts
     try:
@@ -157,6 +161,7 @@ def _load(path: Path):
 
 def reference_backbone(meta: dict, device: str = "meta") -> torch.nn.Module:
     """The backbone the checkpoint was trained with; on the meta device it costs nothing."""
+    import torch
     from ds_face.backbones import get_backbone
     with torch.device(device):
         return get_backbone(meta["backbone"], int(meta["embedding_size"]))
@@ -167,6 +172,7 @@ def load_backbone_state(ckpt_dir: str | os.PathLike, tag: str | None = None) -> 
 
     ``meta`` is ``ds_face_meta.json`` plus ``meta["source"]``: where the weights came from.
     """
+    from ds_face.checkpoint import META
     tag_dir = resolve_tag_dir(ckpt_dir, tag)
     states_file = tag_dir / MODEL_STATES
     if not states_file.exists() and (tag_dir / ZERO3_MODEL_STATES.format(rank=0)).exists():
@@ -226,6 +232,7 @@ def _precision(ds_config: dict) -> str:
 
 def _stage0_fp32(module: dict, optimizer, reference, states_file: Path) -> tuple[dict, str]:
     """ZeRO stage 0: the module itself if fp32, else the fp16/bf16 optimizer's fp32 master copies."""
+    import torch
     trainable = [name for name, p in reference.named_parameters() if p.requires_grad]
     low = [n for n in trainable if n in module and module[n].dtype != torch.float32]
     if not low:
@@ -284,6 +291,7 @@ def _zero_fp32(tag_dir: Path, stage: int, world_size: int, optim_files: list[Pat
 
 
 def _check_against(state: dict, ref_state: dict, meta: dict, tag_dir: Path) -> None:
+    from ds_face.checkpoint import META
     missing = [k for k in ref_state if k not in state]
     unexpected = [k for k in state if k not in ref_state]
     shapes = [f"{k} {list(state[k].shape)} vs {list(ref_state[k].shape)}" for k in ref_state
@@ -302,6 +310,7 @@ def gather_head(ckpt_dir: str | os.PathLike, tag: str | None = None, meta: dict 
     Fails, naming the files, unless the shards are one checkpoint's complete set and their class ranges
     tile ``[0, num_classes)`` exactly (``ds_face.checkpoint.head_slices``, the check resume makes).
     """
+    import torch
     from ds_face.checkpoint import CheckpointError, head_slices
     tag_dir = resolve_tag_dir(ckpt_dir, tag)
     meta = meta if meta is not None else read_meta(tag_dir)
@@ -321,13 +330,14 @@ def export_onnx(state: dict, meta: dict, path: str | os.PathLike, atol: float = 
 
     Raises OnnxMismatch (after writing ``path``) if a difference exceeds ``atol``.
     """
+    import torch
     try:
         import numpy as np
         import onnx
         import onnxruntime
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
     except ImportError as err:
-        raise ExportError(f"--onnx needs onnx, onnxscript and onnxruntime (pip install -r requirements.txt): "
+        raise ExportError(f"--onnx needs onnx, onnxscript and onnxruntime (pip install 'ds_face[onnx]', or make setup): "
                           f"{err}") from None
     model = reference_backbone(meta, device="cpu")
     model.load_state_dict(state, strict=True)
@@ -408,6 +418,7 @@ def _staging(path: Path) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import torch
     staged: dict[Path, Path] = {}
     try:
         outputs = _outputs(args)

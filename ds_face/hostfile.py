@@ -7,6 +7,7 @@ launch.sh calls this first. Exit 0 when the file is good, 2 with ``error: FILE l
 """
 from __future__ import annotations
 
+import argparse
 import re
 import socket
 import sys
@@ -58,16 +59,18 @@ def parse_hostfile(path: str, resolve: bool = True) -> dict[str, int]:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print("usage: python -m ds_face.hostfile HOSTFILE", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(
+        prog="ds_face.hostfile", description=__doc__.splitlines()[0].split(":")[0] + ".",
+        epilog="Each non-comment line is 'HOST slots=N' (N > 0); every host must resolve here and appear once. "
+               "Exit status 0: the file is good; 2: 'error: FILE line K: ...' on stderr.")
+    parser.add_argument("hostfile", help="DeepSpeed hostfile, e.g. a copy of hostfile.example")
+    args = parser.parse_args(argv)
     try:
-        hosts = parse_hostfile(argv[0])
+        hosts = parse_hostfile(args.hostfile)
     except HostfileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{argv[0]}: {len(hosts)} hosts, {sum(hosts.values())} slots")
+    print(f"{args.hostfile}: {len(hosts)} hosts, {sum(hosts.values())} slots")
     return 0
 
 

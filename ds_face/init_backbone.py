@@ -71,8 +71,8 @@ def describe_backbone(state: dict) -> str:
               for s in range(1, 5)]
     emb = tuple(state["fc.weight"].shape)[0] if "fc.weight" in state else None
     from ds_face.backbones import BACKBONES
-    names = [n for n, f in BACKBONES.items() if list(f.args[0]) == layers
-             and list(f.keywords.get("widths", (64, 128, 256, 512))) == widths]
+    names = [n for n, (blocks, stage_widths) in BACKBONES.items()
+             if list(blocks) == layers and list(stage_widths) == widths]
     return (f"layers {layers}, widths {widths}, embedding {emb}"
             + (f" (looks like {names[0]})" if names else ""))
 

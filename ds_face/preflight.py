@@ -6,6 +6,11 @@ clear message instead of on every node after start-up.
 
 * **Both config files** (``ARGS`` holds the trainer's ``--set`` pairs): everything ``ds_face.config`` checks
   without the world size, ``output.dir`` included.
+* **The precision against this machine** (single-node launches): an fp16 or bf16 DeepSpeed JSON is checked
+  with DeepSpeed's own probe, ``get_accelerator().is_fp16_supported()`` / ``is_bf16_supported()`` (what the
+  engine's sanity check asks after every rank has started, in ``deepspeed.initialize``). Importing DeepSpeed's
+  accelerator costs torch + DeepSpeed's imports (~1.5 s warm on 2 cores), so fp32 configs skip it. Launches
+  with a hostfile skip it too: the launching node need not be one of the nodes that run ranks.
 * **The master port** (single-node launches): ``--port N --port-given`` (the user's ``--master_port``) must be
   free, or the launch stops naming it; without ``--port-given`` a busy default is replaced by a free port,
   printed on stdout and stated on stderr.
@@ -104,6 +109,38 @@ def read_env_file(path: str) -> list[tuple[str, str]]:
         return [(path, line.rstrip("\n")) for line in f if line.strip() and not line.lstrip().startswith("#")]
 
 
+def enabled_precisions(ds_config: dict) -> list[str]:
+    """The reduced precisions the DeepSpeed config turns on: [], ["fp16"] or ["bf16"] ("bfloat16" is bf16)."""
+    def on(section) -> bool:
+        return isinstance(section, dict) and section.get("enabled") is True
+    found = ["fp16"] if on(ds_config.get("fp16")) else []
+    if on(ds_config.get("bf16")) or on(ds_config.get("bfloat16")):
+        found.append("bf16")
+    return found
+
+
+def check_precision(ds_config: dict, path: str) -> None:
+    """Refuse an fp16/bf16 config that this machine's DeepSpeed accelerator cannot run, as the engine would
+    (``Type fp16 is not supported on your device``), but before any rank starts."""
+    wanted = enabled_precisions(ds_config)
+    if not wanted:
+        return  # fp32: nothing to ask, and no torch/DeepSpeed import
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed logs its accelerator choice on stdout
+        from deepspeed.accelerator import get_accelerator
+        accelerator = get_accelerator()
+        supported = {"fp16": accelerator.is_fp16_supported(), "bf16": accelerator.is_bf16_supported()}
+    for precision in wanted:
+        if not supported[precision]:
+            other = [p for p in ("bf16", "fp32") if p != precision and (p == "fp32" or supported[p])]
+            raise PreflightError(
+                f"{path}: '{precision}.enabled' is true, but this machine's DeepSpeed accelerator "
+                f"({accelerator.device_name()}) cannot run {precision} (get_accelerator().is_{precision}_supported() "
+                f"is {supported[precision]}; every rank would stop in deepspeed.initialize); use a "
+                f"{' or '.join(other)} config, e.g. ds_configs/zero2_{other[0]}.json")
+
+
 def port_is_free(port: int) -> bool:
     """Whether a listening socket can take ``port`` on every interface (what torch's TCPStore on rank 0 does)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -123,8 +160,9 @@ def choose_port(port: int, given: bool) -> int:
     if given:
         raise PreflightError(f"--master_port {port} is already in use on this machine (another training run?); "
                              f"choose another, or leave --master_port out to have a free one picked")
-    from ds_face.spawn import free_port
-    chosen = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a port the kernel says is free now
+        s.bind(("", 0))
+        chosen = s.getsockname()[1]
     print(f"launch.sh: port {port} (DeepSpeed's default master port) is in use; using --master_port {chosen}",
           file=sys.stderr)
     return chosen
@@ -168,7 +206,9 @@ def main(argv=None) -> int:
                       for name in opts.forward]
             check_remote_values(trainer_args, lines, dict(os.environ))
         load_run_config(opts.config, parse_set_overrides(set_pairs(opts.args)))
-        load_ds_config(opts.deepspeed_config, None)
+        ds_config, _ = load_ds_config(opts.deepspeed_config, None)
+        if not opts.remote:
+            check_precision(ds_config, opts.deepspeed_config)
         if opts.port is not None:
             print(choose_port(opts.port, opts.port_given))
     except (ConfigError, PreflightError) as err:

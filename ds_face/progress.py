@@ -11,11 +11,12 @@ log = logging.getLogger("ds_face")
 
 
 def setup_logging(rank: int, output_dir: Path | None) -> None:
-    """Rank 0 logs INFO to stdout and ``<output>/training.log``; other ranks only warnings."""
+    """Rank 0 logs INFO to stdout and ``<output>/training.log``; other ranks only warnings. Lines start with the
+    local date and time (``2026-12-01 18:53:38 [rank 0] ...``)."""
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     log.propagate = False
     log.handlers.clear()
-    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", "%H:%M:%S")
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", "%Y-%m-%d %H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if rank == 0 and output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -18,17 +18,18 @@ import random
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from ds_face.checkpoint import LATEST, SAVE_DIR, CheckpointError, plan_resume
 from ds_face.config import (
     BatchLayout, ConfigError, RunConfig, check_together, load_ds_config, load_run_config, parse_set_overrides,
 )
-from ds_face.data.arrow import normalize
-from ds_face.data.order import run_end
 from ds_face.progress import Progress, log, setup_logging
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, DeepSpeed and what needs them are imported inside the functions that use them (main: after the
+# arguments are parsed), so that `--help` answers in a fraction of a second instead of after 2-5 s of imports.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # -- the step ---------------------------------------------------------------------------------------
 
 def model_dtype(engine) -> torch.dtype:
+    import torch
     if engine.fp16_enabled():
         return torch.float16
     return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
@@ -72,6 +74,9 @@ class MicroStep:
 
 
 def micro_step(engine, head, head_optimizer, batch: dict, lr: float) -> MicroStep:
+    import torch
+
+    from ds_face.data.arrow import normalize
     images = batch["image"].to(engine.device, non_blocking=True)
     if images.dtype == torch.uint8:  # loaders ship uint8 [B, H, W, 3]: normalise where the model runs
         images = normalize(images)
@@ -89,12 +94,15 @@ def micro_step(engine, head, head_optimizer, batch: dict, lr: float) -> MicroSte
 # -- wiring -----------------------------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
 def build_backbone_optimizer(cfg: RunConfig, backbone: torch.nn.Module) -> torch.optim.Optimizer:
+    import torch
     params = [p for p in backbone.parameters() if p.requires_grad]
     opt = cfg.optimizer
     if opt.name == "sgd":
@@ -121,6 +129,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, ds_config: dict, layout: BatchLayout, init_backbone: str | None = None):
         import deepspeed
+        import torch
 
         from ds_face.backbones import get_backbone
         from ds_face.checkpoint import SAVE_DIR, Checkpointer
@@ -188,6 +197,9 @@ class Trainer:
         return meta
 
     def describe(self) -> None:
+        import torch
+
+        from ds_face.data.order import run_end
         e, l, h = self.engine, self.layout, self.head
         precision = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[model_dtype(e)]
         end = run_end(self.total_samples, self.position.samples, l.per_step)
@@ -204,6 +216,10 @@ class Trainer:
 
     def fit(self) -> float:
         """Train until the schedule (or ``max_steps``) ends; returns the last logged mean loss."""
+        import torch
+
+        from ds_face.checkpoint import LATEST
+        from ds_face.data.order import run_end
         from ds_face.schedule import SampleSchedule
         cfg, position, G = self.cfg, self.position, self.layout.per_step
         end = run_end(self.total_samples, position.samples, G)  # the last whole step's end
@@ -271,8 +287,25 @@ class Trainer:
         return last_loss
 
 
+def record_config(cfg: RunConfig, ds_config: dict, output_dir: Path) -> None:
+    """Rank 0, once per start: the effective run config (file + ``--set``) and the DeepSpeed config as passed
+    to ``deepspeed.initialize``, into training.log and as ``config.yaml`` / ``ds_config.json`` in output.dir
+    (written atomically; a resume replaces them with what it runs, the log keeps every start's copy)."""
+    import json
+
+    import yaml
+
+    from ds_face.fileio import write_atomic, write_json_atomic
+    text = yaml.safe_dump(asdict(cfg), sort_keys=False)
+    write_atomic(output_dir / "config.yaml", text.encode())
+    write_json_atomic(output_dir / "ds_config.json", ds_config)
+    log.info(f"run config ({output_dir / 'config.yaml'}):\n{text.rstrip()}")
+    log.info(f"DeepSpeed config ({output_dir / 'ds_config.json'}): {json.dumps(ds_config)}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from ds_face.checkpoint import LATEST, SAVE_DIR, CheckpointError, plan_resume
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     try:  # both files are checked before any process group starts
@@ -303,6 +336,8 @@ def main(argv=None) -> int:
         print(f"ds_face.train: error: {err}", file=sys.stderr)
         return 2
     setup_logging(rank, Path(cfg.output.dir))
+    if rank == 0:
+        record_config(cfg, ds_config, Path(cfg.output.dir))
     if resized:
         log.info(resized)
 
@@ -340,6 +375,12 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m ds_face.train`` and the ``ds-face-train`` command."""
+    status = main()  # first: --help and argument errors exit here, before torch is imported
     from ds_face.dist import exit_without_teardown
-    exit_without_teardown(main())
+    exit_without_teardown(status)
+
+
+if __name__ == "__main__":
+    cli()

@@ -399,3 +399,67 @@ def test_embed_arrow_and_folder_round_trip(tmp_path, tiny_model, capsys):
     assert embed_cli.main(common + ["--folder", str(folder), "--out", str(tmp_path / "e2.npy")]) == 2
     assert f"{folder / 'bob' / 'c.png'}: cannot decode the image" in capsys.readouterr().err
     assert not (tmp_path / "e2.npy").exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+# -- progress and --json overwrite (the real commands, stderr a terminal or a pipe) ------------------------------
+
+def run_on_a_terminal(args: list[str]) -> tuple[int, str, str]:
+    """Run ``python ARGS`` with stderr on a pseudo-terminal (stdout a pipe): (exit status, stdout, terminal)."""
+    import os
+    import pty
+    from pathlib import Path
+    import fcntl
+    import struct
+    import termios
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 x 100, as a terminal has
+    proc = subprocess.Popen([sys.executable, *args], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.PIPE, stderr=follower, text=True)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    out = proc.stdout.read()
+    os.close(leader)
+    return proc.wait(timeout=120), out, seen.decode(errors="replace")
+
+
+def test_eval_and_embed_show_progress_on_a_terminal_only(tmp_path, tiny_model, bin40):
+    from tests.test_arrow_loader import write_shards
+    common = ["--model", str(tiny_model[0]), "--backbone", "r_tiny", "--embedding", "32", "--device", "cpu",
+              "--batch-size", "16"]
+    evaluate = ["-m", "ds_face.eval", *common, "--bin", str(bin40)]
+    code, out, terminal = run_on_a_terminal(evaluate)
+    assert code == 0 and "| synth | 40 |" in out
+    assert "synth: 100%" in terminal and "80/80" in terminal and "img/s" in terminal
+    code, out, terminal = run_on_a_terminal(evaluate + ["--no-progress"])
+    assert code == 0 and "img" not in terminal
+    piped = subprocess.run([sys.executable, *evaluate], capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and piped.stderr == "", "no bar into a pipe or a log file"
+
+    arrow = write_shards(tmp_path / "arrow", 21, 3, num_classes=4)
+    code, out, terminal = run_on_a_terminal(["-m", "ds_face.embed", *common, "--arrow", str(arrow),
+                                             "--out", str(tmp_path / "e.npy")])
+    assert code == 0 and "embed: 100%" in terminal and "21/21" in terminal
+
+
+def test_eval_json_is_not_replaced_without_overwrite(tmp_path, tiny_model, bin40, capsys):
+    common = ["--model", str(tiny_model[0]), "--backbone", "r_tiny", "--embedding", "32", "--device", "cpu",
+              "--bin", str(bin40)]
+    report = tmp_path / "r.json"
+    report.write_text("earlier results\n")
+    assert ev.main(common + ["--json", str(report)]) == 2
+    assert capsys.readouterr().err == (f"ds_face.eval: error: --json {report} exists; pass --overwrite to replace "
+                                       f"it (nothing was done)\n")
+    assert report.read_text() == "earlier results\n"
+    assert ev.main(common + ["--json", str(tmp_path / "no" / "r.json")]) == 2
+    assert "directory" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert ev.main(common + ["--json", str(report), "--overwrite"]) == 0
+    assert json.loads(report.read_text())["sets"]["synth"]["pairs"] == 40
+    assert not list(tmp_path.glob("*.partial"))

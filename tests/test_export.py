@@ -130,9 +130,9 @@ def test_model_pt_is_the_engines_fp32_backbone_with_arcface_keys(ckpts, tmp_path
 
 
 def test_onnx_matches_torch_with_a_dynamic_batch(ckpts, tmp_path):
-    onnx = pytest.importorskip("onnx", reason="pip install onnx onnxscript onnxruntime (requirements.txt)")
-    pytest.importorskip("onnxruntime", reason="pip install onnxruntime (requirements.txt)")
-    pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript (requirements.txt)")
+    onnx = pytest.importorskip("onnx", reason="pip install \"ds_face[onnx]\" (make setup does)")
+    pytest.importorskip("onnxruntime", reason="pip install \"ds_face[onnx]\" (make setup does)")
+    pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript (the onnx extra)")
     save_dir, _ = ckpts[2, "z2_fp32"]
     code, out, err = run_export(save_dir, "--out", tmp_path / "model.pt", "--onnx", tmp_path / "model.onnx")
     assert code == 0, err

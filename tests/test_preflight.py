@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ds_face.preflight import check_remote_values, choose_port, PreflightError, remote_argument_problem, \
-    remote_env_problem
+from ds_face.preflight import check_remote_values, choose_port, enabled_precisions, PreflightError, \
+    remote_argument_problem, remote_env_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)
@@ -124,3 +124,41 @@ def test_every_problem_is_named_at_once():
     assert "trainer argument 'a=$(x)'" in text and "DS_FACE_X='`id`' (~/.deepspeed_env)" in text
     assert "NCCL_DEBUG='$(id)' (environment, exported by DeepSpeed's runner)" in text
     assert "PYTHONHASHSEED" not in text and "OTHER" not in text
+
+
+# -- the precision against this machine (DeepSpeed's own accelerator probe) -------------------------------------
+# ONEDNN_MAX_CPU_ISA=AVX512_CORE caps oneDNN at a Skylake-class ISA, without AVX512-FP16: DeepSpeed's CPU
+# accelerator then reports is_fp16_supported() falsy, as it does on such a CPU (its bf16 answer is always True).
+NO_FP16_CPU = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
+
+
+def test_enabled_precisions():
+    assert enabled_precisions({"fp16": {"enabled": True}}) == ["fp16"]
+    assert enabled_precisions({"bf16": {"enabled": True}}) == ["bf16"]
+    assert enabled_precisions({"bfloat16": {"enabled": True}}) == ["bf16"]
+    assert enabled_precisions({"fp16": {"enabled": False}, "bf16": {}}) == []
+    assert enabled_precisions({}) == []
+
+
+def test_fp16_on_a_machine_without_fp16_stops_launch_sh(tmp_path):
+    environ = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], **NO_FP16_CPU}
+    proc = subprocess.run([str(ROOT / "launch.sh"), "configs/cpu_demo.yaml", "ds_configs/zero2_fp16.json",
+                           "--set", f"output.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=environ)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == (
+        "launch.sh: error: ds_configs/zero2_fp16.json: 'fp16.enabled' is true, but this machine's DeepSpeed "
+        "accelerator (cpu) cannot run fp16 (get_accelerator().is_fp16_supported() is None; every rank would stop "
+        "in deepspeed.initialize); use a bf16 or fp32 config, e.g. ds_configs/zero2_bf16.json")
+    assert proc.stdout == ""  # the runner never started
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("ds", ["ds_configs/zero2_bf16.json", "ds_configs/zero1_bf16_gas2.json"])
+def test_bf16_passes_where_the_accelerator_has_it(tmp_path, ds):
+    """The probe's log lines stay off stdout, which launch.sh reads as the master port."""
+    proc = subprocess.run([sys.executable, "-m", "ds_face.preflight", "configs/cpu_demo.yaml", ds,
+                           "--port", "29500", "--", "--set", f"output.dir={tmp_path / 'run'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **NO_FP16_CPU})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().isdigit()

@@ -27,6 +27,22 @@ def test_two_rank_zero2_partial_fc_run_logs_and_writes_tensorboard(tmp_path):
     assert "Global Step: 3/6" in log and "Global Step: 6/6" in log
     assert "samples/sec" in log and "LearningRate" in log and "ETA" in log
     assert "[rank 1]" not in log, "only rank 0 writes progress"
+    import datetime
+    import json
+    stamp = log.splitlines()[0].split(" [rank 0] ")[0]
+    datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S")  # lines carry the date
+    # the effective configuration, once, in the log and as files that load back as they were
+    from ds_face.config import load_ds_config, load_run_config
+    cfg = load_run_config(out / "config.yaml")
+    assert (cfg.schedule.max_steps, cfg.output.log_every, cfg.output.dir) == (6, 3, str(out)), "with the --set"
+    assert cfg == load_run_config("configs/cpu_demo.yaml", {"schedule.max_steps": 6, "output.log_every": 3,
+                                                            "output.dir": str(out)})
+    assert json.loads((out / "ds_config.json").read_text()) == load_ds_config("ds_configs/cpu_zero2_fp32.json", 2)[0]
+    assert log.count(f"run config ({out / 'config.yaml'}):") == 1
+    assert "  max_steps: 6" in log and log.count("DeepSpeed config (") == 1
+    assert not list(out.glob("*.partial"))
+    # warnings nobody can act on are gone (ds_face/quiet.py), from every rank
+    assert "all_gather_into_tensor" not in proc.stderr and "untested optimizer" not in proc.stdout
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
 

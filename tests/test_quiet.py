@@ -1,0 +1,42 @@
+"""ds_face/quiet.py drops exactly the two messages it names, nothing near them (real warnings machinery and
+DeepSpeed's real logger; the launch without them is tests/test_train_cli.py)."""
+import logging
+import warnings
+
+import ds_face  # noqa: F401  (installs the filters)
+
+
+def warn_from(module: str, message: str, category=FutureWarning) -> list:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        from ds_face.quiet import quiet
+        quiet()  # catch_warnings reset the filters: install them again inside
+        warnings.warn_explicit(message, category, filename=module.replace(".", "/") + ".py", lineno=83,
+                               module=module)
+    return [str(w.message) for w in caught]
+
+
+def test_only_the_all_gather_deprecation_from_c10d_logger_is_dropped():
+    deprecated = ("`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
+                  "`torch.distributed.all_gather_single` instead.")
+    assert warn_from("torch.distributed.c10d_logger", deprecated) == []
+    assert warn_from("torch.distributed.c10d_logger", "`torch.distributed.reduce_scatter_tensor` is deprecated.") \
+        != [], "another deprecation from the same module still shows"
+    assert warn_from("my_code", deprecated) != [], "the same text from elsewhere still shows"
+    assert warn_from("torch.distributed.c10d_logger", deprecated, UserWarning) != [], "only as a FutureWarning"
+
+
+def test_only_deepspeeds_untested_optimizer_line_is_dropped(capsys):
+    from deepspeed.utils import logger  # DeepSpeed's own logger ("DeepSpeed", prints to stdout)
+    assert logging.getLogger("DeepSpeed") is logger
+
+    def log_from(path: str, message: str) -> str:
+        capsys.readouterr()
+        logger.handle(logger.makeRecord("DeepSpeed", logging.WARNING, path, 2304, message, (), None))
+        return capsys.readouterr().out
+
+    engine = "/site-packages/deepspeed/runtime/engine.py"  # record.module "engine", as DeepSpeed's line has
+    untested = "**** You are using ZeRO with an untested optimizer, proceed with caution *****"
+    assert log_from(engine, untested) == ""
+    assert "something else" in log_from(engine, "something else DeepSpeed says")
+    assert "untested optimizer" in log_from("/site-packages/deepspeed/runtime/other.py", untested)
