@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 
 # torch first, pinned (on a GPU machine install the CUDA build of the same version first, then `make setup`);
 # then ds_face itself, editable (the ds-face-* commands run this checkout), with the ONNX export and test extras.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
