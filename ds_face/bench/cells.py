@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_face.bench import proc_status_kb, reset_peak_rss
-from ds_face.bench.memory import parse_cell
+from ds_face.bench.estimator import estimate, parse_cell, total
 from ds_face.head import Margin, cosine
 
 MiB = 2**20
@@ -233,7 +233,6 @@ def calibrate_activations(setting: Setting, timeout: float = 1800.0) -> tuple[fl
     The figure also absorbs whatever a rank allocates that does not grow with the class count (kernel
     workspaces, communication buffers, errors in the backbone's engine terms), so the comparison that
     follows checks the terms that grow with C: the classifier's."""
-    from ds_face.bench.memory import estimate, total
     classes = 1000 * setting.world_size
     probe = measure_cell("Partial FC 0.1", classes, setting, timeout)
     if "error" in probe:

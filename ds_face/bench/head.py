@@ -28,7 +28,7 @@ import time
 import torch
 
 from ds_face.bench import common_args, markdown_table, proc_status_kb, reset_peak_rss, threads_per_rank
-from ds_face.bench.memory import analytic_bytes
+from ds_face.bench.estimator import analytic_bytes
 from ds_face.dist import exit_without_teardown, init, shutdown
 from ds_face.fileio import write_json_atomic
 from ds_face.spawn import free_port

@@ -120,7 +120,7 @@ def measure(args) -> list[dict]:
     from tqdm import tqdm
 
     from ds_face.bench.cells import Setting, measure_cell, unsupported
-    from ds_face.bench.memory import pfc_cell
+    from ds_face.bench.estimator import pfc_cell
     rows = []
     todo = [(b, prec, rate) for prec in args.precisions for b in args.batch_sizes for rate in (1.0, args.sample_rate)]
     for batch, precision, rate in tqdm(todo, desc="report", unit="run", disable=None):
