@@ -60,6 +60,7 @@ def ddp_variant(cfg, total_steps: int, clip: float):
     from torch.nn.parallel import DistributedDataParallel
 
     from ds_face.backbones import get_backbone
+    from ds_face.data.arrow import normalize
     from ds_face.head import build_head
     from ds_face.schedule import poly_warmup_scheduler
     from ds_face.train import build_backbone_optimizer, seed_everything
@@ -72,7 +73,10 @@ def ddp_variant(cfg, total_steps: int, clip: float):
     head, head_optimizer = build_head(cfg, "cpu")
 
     def step(batch):
-        loss = head(model(batch["image"]), batch["label"])
+        images = batch["image"]
+        if images.dtype == torch.uint8:  # as micro_step: the loader ships uint8 NHWC, normalised in the step
+            images = normalize(images)
+        loss = head(model(images), batch["label"])
         loss.backward()
         if clip:  # what the engine's "gradient_clipping" does
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
