@@ -109,8 +109,8 @@ def main(argv=None) -> int:
                 "DeepSpeed ZeRO 0": lambda: deepspeed_variant(cfg, layout, 0, args),
                 "DeepSpeed ZeRO 2": lambda: deepspeed_variant(cfg, layout, 2, args)}
     steps = {name: build() for name, build in builders.items()}  # all alive at once
-    # One step of each variant in turn: drift in this shared machine's speed then hits all variants
-    # alike (run back to back, the ratios moved by +-10% between identical runs).
+    # One step of each variant in turn, so that drift in the machine's speed hits all variants alike
+    # (back-to-back runs are far noisier on a shared machine: BENCHMARKS.md).
     times, losses = {name: [] for name in steps}, {}
     for i, batch in enumerate(batches):
         for name, step in steps.items():

@@ -10,7 +10,7 @@ measured with a few real training steps on ``--world-size`` fresh local ranks an
 cells of ``ds_face.bench.cells``), the Partial FC on/off ratio of each row pair, and a PNG plot beside
 the markdown (samples/s against batch size, a line per precision and Partial FC setting). A precision this
 machine cannot train in (DeepSpeed's checks: fp16 / bf16 support; TF32 needs an Ampere or newer GPU) is
-listed as not measured, with the reason. The defaults are a small CPU run (~3 minutes on 2 cores).
+listed as not measured, with the reason. The defaults are a small CPU run.
 
 An existing --out is refused unless --overwrite; the files are written atomically.
 """
