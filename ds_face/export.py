@@ -1,42 +1,10 @@
 """Export a checkpoint's backbone as an arcface_torch ``model.pt`` (and ONNX, and the full head).
 
-    python -m ds_face.export <checkpoint dir> --out model.pt [--onnx model.onnx] [--head head.pt]
-                             [--tag TAG] [--overwrite] [--atol 1e-4]
-
-``<checkpoint dir>`` is either the run's ``<output.dir>/checkpoints`` (DeepSpeed's save_dir:
-the tag is read from its ``latest`` file, or given with ``--tag``) or one tag directory
-(``.../checkpoints/step_300``). A tag directory holds DeepSpeed's files
-(``mp_rank_00_model_states.pt``, ZeRO's ``*_optim_states.pt``; ZeRO-3:
-``zero_pp_rank_*_mp_rank_00_model_states.pt``), the head shards ``head_rank{r}_of{W}.pt`` and
-``ds_face_meta.json`` (backbone, embedding size, classes, world size, run config).
-
-Outputs (each written to a temporary name and renamed into place only after every
-requested output has been produced and checked; an existing file is never replaced
-without ``--overwrite``):
-
-* ``--out``: the backbone's fp32 state_dict, a plain ``{name: tensor}`` saved with
-  ``torch.save``, with exactly arcface_torch's IResNet keys (no ``module.``, nothing from
-  DeepSpeed). Load it with ``model.load_state_dict(torch.load(path, weights_only=True))``.
-  Weights are the fp32 ones for every ZeRO stage and precision: DeepSpeed's
-  ``zero_to_fp32`` rebuilds them from the ZeRO optimizer shards (stages 1-3); for stage 0
-  the module in ``mp_rank_00_model_states.pt`` is fp32 already, or under fp16/bf16 the
-  optimizer's fp32 master copies are used.
-* ``--head``: ``{"weight": [num_classes, D] fp32}``, the Partial FC centres gathered from
-  all ranks' shards in class order; the shards must tile ``[0, num_classes)`` exactly.
-* ``--onnx``: the backbone in eval mode, exported with PyTorch's dynamo-based exporter
-  (``torch.onnx.export(..., dynamo=True)``, which needs the ``onnxscript`` package), opset 18,
-  one input ``input`` [batch, 3, 112, 112] float32 in [-1, 1] (arcface_torch's normalisation),
-  one output ``embedding`` [batch, D], dynamic batch axis, weights inside the one file.
-  It is then run with onnxruntime next to the torch model on random batches of 4 and 3
-  images; the export fails (exit 1) if the max abs difference exceeds ``--atol``.
-
-Exit codes: 0 done, 2 bad input (``error: ...`` on stderr, nothing written), 1 ONNX check failed.
-
-Every ``*.pt`` of the tag directory is first read weights-only (``ds_face.safe_load``: tensors, plain
-values and the four DeepSpeed types its files hold); only then does DeepSpeed's ``zero_to_fp32``, which
-unpickles the ZeRO shards with ``weights_only=False``, see them. A file that names anything else
-(``os.system``, ``builtins.exec``, ...) is refused, naming the file and the global; nothing of it runs.
-The counts in ``ds_face_meta.json`` are checked against the files present before they are used.
+``python -m ds_face.export <checkpoints or step_N dir> --out model.pt [--onnx ...] [--head ...]``; usage,
+outputs and exit codes: README.md, "Export". This module turns DeepSpeed's checkpoint (any ZeRO stage and
+precision) back into plain fp32 tensors with arcface_torch's names, so models trained here load where
+arcface_torch's do. Every torch file is read weights-only (``ds_face.safe_load``) before DeepSpeed's
+``zero_to_fp32``, which unpickles without that guard, sees it.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 def write_atomic(path: str | os.PathLike, data: bytes | Callable[[Path], None], durable: bool = True) -> None:
     """`data`: the bytes, or a function that writes the file it is given (e.g. ``lambda p: torch.save(x, p)``).
-    `durable=False` skips the fsyncs (~1 ms each) where losing the file in a power cut costs nothing."""
+    `durable=False` skips the fsyncs (a disk flush each) where losing the file in a power cut costs nothing."""
     path = Path(path)
     tmp = path.with_name(path.name + PARTIAL)
     if callable(data):

@@ -10,7 +10,6 @@ import os
 from collections import Counter
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
@@ -18,35 +17,9 @@ from PIL import Image
 from ds_face.data.arrow import ArrowFaces, DataError, decode_rgb, flip_coin, flip_coins, normalize
 from ds_face.data.loader import Loader
 from ds_face.data.order import EpochOrder, Layout
-from ds_face.data.shards import SCHEMA, Manifest, ShardInfo, rows_per_shard, sha256_of, shard_name
-from tests.multirank import run_ranks
-
-
-def index_png(index: int) -> bytes:
-    pixels = np.zeros((112, 112, 3), np.uint8)
-    pixels[..., 0], pixels[..., 1] = index // 256, index % 256
-    pixels[..., 2] = np.arange(112)[None, :]
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def write_shards(directory, num_samples: int, num_shards: int, num_classes: int = 10, images=None):
-    """Shards exactly as ds_face/data/shards.py specifies; sample i has label i % num_classes."""
-    os.makedirs(directory, exist_ok=True)
-    images = images or {}
-    infos, start = [], 0
-    for s, rows in enumerate(rows_per_shard(num_samples, num_shards)):
-        path = os.path.join(directory, shard_name(s, num_shards))
-        index = list(range(start, start + rows))
-        table = pa.table({"image": [images.get(i) or index_png(i) for i in index],
-                          "label": [i % num_classes for i in index], "index": index}, schema=SCHEMA)
-        with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
-            writer.write_table(table, max_chunksize=64)
-        infos.append(ShardInfo(shard_name(s, num_shards), rows, os.path.getsize(path), sha256_of(path)))
-        start += rows
-    Manifest(num_samples=num_samples, num_classes=num_classes, shards=infos).write(directory)
-    return directory
+from ds_face.data.shards import shard_name
+from ds_face.spawn import run_ranks
+from tests.conftest import index_png, write_shards
 
 
 def decode_batch(batch) -> tuple[list[int], list[bool]]:

@@ -1,5 +1,6 @@
 """Checkpoints: exact resume, re-sharding to another world size, atomic `latest`, bad checkpoints.
 Real DeepSpeed engines on real gloo ranks; real files."""
+import functools
 import os
 import shutil
 import signal
@@ -11,26 +12,14 @@ import pytest
 import torch
 
 from ds_face.checkpoint import CheckpointError, check_fits, head_file, head_slices, latest_tag, read_meta
-from ds_face.config import (
-    BatchLayout, CheckpointConfig, DataConfig, HeadConfig, ModelConfig, OutputConfig, RunConfig, ScheduleConfig,
-)
-from tests.multirank import run_ranks
-from tests.test_train_cli import DEEPSPEED, ROOT, _port
+from ds_face.config import HeadConfig, ModelConfig, RunConfig
+from ds_face.spawn import free_port, run_ranks
+from tests import conftest
+from tests.conftest import DEEPSPEED, RESUMABLE, ROOT
 
 CLASSES, EMBEDDING, MICRO = 50, 32, 8  # 50 classes: 25/25 on 2 ranks, 17/17/16 on 3
-
-
-def make_trainer(world_size, out_dir, stage=2, max_steps=None, every=2):
-    from ds_face.train import Trainer
-    ds = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1, "gradient_clipping": 5.0,
-          "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
-    cfg = RunConfig(model=ModelConfig(backbone="r_tiny", embedding_size=EMBEDDING),
-                    head=HeadConfig(num_classes=CLASSES, sample_rate=0.5),  # sampling: its RNG must resume too
-                    schedule=ScheduleConfig(epochs=2, warmup_epochs=0.5, max_steps=max_steps),
-                    data=DataConfig(num_samples=48),  # 3 steps per epoch on 2 ranks
-                    output=OutputConfig(dir=str(out_dir), tensorboard=False),
-                    checkpoint=CheckpointConfig(every_steps=every, keep_last=2))
-    return Trainer(cfg, ds, BatchLayout(MICRO, 1, world_size))
+# 48 samples: 3 steps an epoch on 2 ranks; a checkpoint every 2 steps, 2 kept
+make_trainer = functools.partial(conftest.make_trainer, **{**RESUMABLE, "samples": 48}, every=2, keep_last=2)
 
 
 def snapshot(trainer):
@@ -191,7 +180,7 @@ def test_missing_corrupt_and_foreign_checkpoints(saved_checkpoint, tmp_path):
 
 
 def launch(out, *extra, **popen):
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), "--module", "ds_face.train",
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "ds_face.train",
            "--config", "configs/cpu_demo.yaml", "--deepspeed_config", "ds_configs/cpu_zero2_fp32.json",
            "--set", "output.log_every=1", "--set", f"output.dir={out}", "--set", "checkpoint.every_steps=2",
            "--set", "schedule.max_steps=10", "--set", "data.num_samples=3200", *extra]

@@ -8,7 +8,7 @@ import yaml
 
 from ds_face.config import BatchLayout, ConfigError, check_together, load_ds_config, load_run_config
 from ds_face.schedule import PolyWarmup
-from tests.test_arrow_loader import write_shards
+from tests.conftest import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,6 +9,7 @@ Real DeepSpeed engines on real gloo ranks, real checkpoint files, CPU fp32 unles
 * a 2 -> 1 resize with the global batch kept continues the uninterrupted run's losses (the real launcher);
 * a crash mid-save, then a resume on another world size that saves the same step: `latest` resumes and exports.
 """
+import functools
 import re
 import subprocess
 from pathlib import Path
@@ -16,32 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_face.config import (
-    BatchLayout, CheckpointConfig, DataConfig, HeadConfig, ModelConfig, OptimizerConfig, OutputConfig, RunConfig,
-    ScheduleConfig,
-)
-from tests.multirank import run_ranks
+from ds_face.config import DataConfig
+from ds_face.spawn import free_port, run_ranks
+from tests import conftest
+from tests.conftest import DEEPSPEED, RESUMABLE, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CLASSES, EMBEDDING, MICRO = 50, 32, 8  # 50 classes: 25/25 on 2 ranks, 17/17/16 on 3
-
-
-def make_trainer(world_size, out_dir, stage=2, max_steps=None, optimizer="sgd", precision="fp32", samples=96,
-                 accumulation=1, sample_rate=0.5, data=None, epochs=2, every=0, clip=5.0):
-    from ds_face.train import Trainer
-    ds = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": accumulation,
-          "gradient_clipping": clip, "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-          "steps_per_print": 10**9}
-    if precision == "fp16":
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "hysteresis": 1}
-    cfg = RunConfig(model=ModelConfig(backbone="r_tiny", embedding_size=EMBEDDING),
-                    head=HeadConfig(num_classes=CLASSES, sample_rate=sample_rate),
-                    optimizer=OptimizerConfig(name=optimizer, lr=0.1 if optimizer == "sgd" else 1e-3),
-                    schedule=ScheduleConfig(epochs=epochs, warmup_epochs=0.5, max_steps=max_steps),
-                    data=data or DataConfig(num_samples=samples),
-                    output=OutputConfig(dir=str(out_dir), tensorboard=False),
-                    checkpoint=CheckpointConfig(every_steps=every, keep_last=3))
-    return Trainer(cfg, ds, BatchLayout(MICRO, accumulation, world_size))
+make_trainer = functools.partial(conftest.make_trainer, **RESUMABLE)
 
 
 def _state(trainer):
@@ -111,7 +93,7 @@ def test_resize_carries_the_whole_optimizer_state(tmp_path, stage, old, new, opt
 def _data(kind, root):
     if kind == "synthetic":
         return DataConfig(num_samples=100)
-    from tests.test_arrow_loader import write_shards
+    from tests.conftest import write_shards
     path = Path(root) / "arrow"
     if not (path / "manifest.json").exists():
         write_shards(path, 100, 4, num_classes=CLASSES)
@@ -181,8 +163,7 @@ DS_JSON = """{"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps"
 
 
 def _launch(ranks, run_yaml, ds_json, *args):
-    from tests.test_train_cli import DEEPSPEED, _port
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(_port()), "--module", "ds_face.train",
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "ds_face.train",
            "--config", str(run_yaml), "--deepspeed_config", str(ds_json), *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

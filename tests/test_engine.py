@@ -4,33 +4,18 @@ Every worker builds the actual ``ds_face.train.Trainer`` (DeepSpeed engine
 around an IResNet, Partial FC outside it) and drives it with ``micro_step``,
 the function the training loop uses.
 """
-import tempfile
+import functools
 
 import pytest
 import torch
 
-from ds_face.config import BatchLayout, DataConfig, HeadConfig, ModelConfig, OutputConfig, RunConfig
 from ds_face.data.arrow import normalize
-from ds_face.train import Trainer, loss_scale, micro_step
-from tests.multirank import run_ranks
+from ds_face.spawn import run_ranks
+from ds_face.train import loss_scale, micro_step
+from tests import conftest
 
 CLASSES, EMBEDDING = 11, 32
-
-
-def make_trainer(world_size, micro, accumulation=1, stage=2, precision="fp32", sample_rate=1.0, extra_ds=None):
-    ds = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
-          "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-          "steps_per_print": 10**9}
-    if precision == "fp16":
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "hysteresis": 1}
-    elif precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    ds.update(extra_ds or {})
-    cfg = RunConfig(model=ModelConfig(backbone="r_tiny", embedding_size=EMBEDDING),
-                    head=HeadConfig(num_classes=CLASSES, sample_rate=sample_rate),
-                    data=DataConfig(num_samples=100_000),
-                    output=OutputConfig(dir=tempfile.mkdtemp(), tensorboard=False))
-    return Trainer(cfg, ds, BatchLayout(micro, accumulation, world_size))
+make_trainer = functools.partial(conftest.make_trainer, classes=CLASSES, embedding=EMBEDDING, samples=100_000)
 
 
 LR = 0.1  # the learning rate of every step here; the trainer's schedule is tested in tests/test_elastic.py
@@ -48,7 +33,7 @@ def full_head_weight(seed=6):
 # -- 3. the same update however the global batch is split -------------------------------------------
 
 def _one_step_worker(rank, world_size, micro, accumulation):
-    trainer = make_trainer(world_size, micro, accumulation)
+    trainer = make_trainer(world_size, micro=micro, accumulation=accumulation)
     head = trainer.head
     head.weight.copy_(full_head_weight()[head.class_start:head.class_start + head.num_local])
     trainer.engine.eval()  # frozen batch statistics: per-sample results independent of batch split

@@ -19,21 +19,9 @@ from PIL import Image
 from ds_face import embed as embed_cli
 from ds_face import eval as ev
 from ds_face.backbones import get_backbone
+from tests.conftest import encode, face
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def png(pixels: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def face(label: int, rng) -> np.ndarray:
-    """112x112 uint8: the synthetic class pattern plus noise (lossless PNG keeps the pixels exact)."""
-    from ds_face.data.synthetic import class_pattern
-    pattern = class_pattern(label).numpy().transpose(1, 2, 0).repeat(14, 0).repeat(14, 1)
-    return ((pattern + rng.normal(0, 0.3, pattern.shape)).clip(-1, 1) * 127.5 + 127.5).astype(np.uint8)
 
 
 def write_bin(path, pairs: int = 40, seed: int = 0, **dump):
@@ -42,7 +30,7 @@ def write_bin(path, pairs: int = 40, seed: int = 0, **dump):
     for p in range(pairs):
         same = p % 2 == 0
         a, b = 2 * p, (2 * p if same else 2 * p + 1)
-        bins += [png(face(a, rng)), png(face(b, rng))]
+        bins += [encode(face(a, rng)), encode(face(b, rng))]
         issame.append(same)
     with open(path, "wb") as f:
         pickle.dump((bins, issame), f, **dump)
@@ -174,7 +162,7 @@ def test_bin_end_to_end_equals_protocol_on_hand_computed_embeddings(tiny_model, 
 
 def test_numpy_images_and_flags_in_a_bin_are_accepted(tmp_path):
     rng = np.random.default_rng(0)
-    bins = [np.frombuffer(png(face(i // 2, rng)), np.uint8) for i in range(20)]
+    bins = [np.frombuffer(encode(face(i // 2, rng)), np.uint8) for i in range(20)]
     path = tmp_path / "np.bin"
     path.write_bytes(pickle.dumps((bins, np.array([True, False] * 5)), protocol=2))
     images, issame = ev.load_bin(path)
@@ -230,7 +218,7 @@ def test_broken_bins_name_the_file(tmp_path, content, message):
 
 def test_undecodable_image_names_its_index_and_cli_exits_2(tmp_path, tiny_model, capsys):
     rng = np.random.default_rng(0)
-    bins = [png(face(i, rng)) for i in range(20)]
+    bins = [encode(face(i, rng)) for i in range(20)]
     bins[13] = b"\xff\xd8\xff garbage"
     path = tmp_path / "corrupt.bin"
     path.write_bytes(pickle.dumps((bins, [True] * 10)))
@@ -267,7 +255,7 @@ def huge_png(width: int, height: int) -> bytes:
 def test_an_oversized_image_is_refused_from_its_header_without_decoding(tmp_path, tiny_model, capsys, kind):
     import simplejpeg
     rng = np.random.default_rng(0)
-    bins = [png(face(i, rng)) for i in range(20)]
+    bins = [encode(face(i, rng)) for i in range(20)]
     bins[7] = huge_jpeg(10000, 10000) if kind == "jpeg" else huge_png(10000, 10000)
     assert ev.image_header_size(bins[7]) == (10000, 10000)
     if kind == "jpeg":
@@ -285,7 +273,7 @@ def test_an_oversized_image_is_refused_from_its_header_without_decoding(tmp_path
 
 def test_an_image_pil_itself_refuses_to_open_is_named(tmp_path):
     rng = np.random.default_rng(0)
-    bins = [png(face(i, rng)) for i in range(20)]
+    bins = [encode(face(i, rng)) for i in range(20)]
     bins[5] = huge_png(20000, 20000)  # over twice PIL's bomb limit: PIL raises on open
     path = tmp_path / "bomb.bin"
     path.write_bytes(pickle.dumps((bins, [True] * 10)))
@@ -297,9 +285,9 @@ def test_an_image_pil_itself_refuses_to_open_is_named(tmp_path):
 def test_a_larger_image_within_the_bound_is_resized(tmp_path):
     import simplejpeg
     rng = np.random.default_rng(0)
-    bins = [png(face(i, rng)) for i in range(20)]
+    bins = [encode(face(i, rng)) for i in range(20)]
     bins[3] = simplejpeg.encode_jpeg(rng.integers(0, 255, (448, 448, 3), dtype=np.uint8), colorspace="RGB")
-    bins[4] = png(np.zeros((250, 250, 3), np.uint8))  # the LFW originals' size
+    bins[4] = encode(np.zeros((250, 250, 3), np.uint8))  # the LFW originals' size
     path = tmp_path / "big.bin"
     path.write_bytes(pickle.dumps((bins, [True] * 10)))
     assert ev.VerificationSet.load(path).images.shape == (20, 112, 112, 3)
@@ -331,7 +319,7 @@ def test_eval_config_checks(tmp_path, bin40):
 # -- during training: a real 2-rank deepspeed launch ---------------------------------------------------
 
 def test_two_rank_training_evaluates_every_2_steps(tmp_path, bin40):
-    from tests.test_train_cli import launch
+    from tests.conftest import launch
     out = tmp_path / "run"
     proc = launch("--config", "configs/cpu_demo.yaml", "--deepspeed_config", "ds_configs/cpu_zero2_fp32.json",
                   "--set", "schedule.max_steps=4", "--set", "output.log_every=2", "--set", f"output.dir={out}",
@@ -359,7 +347,7 @@ def test_two_rank_training_evaluates_every_2_steps(tmp_path, bin40):
 # -- ds_face.embed ---------------------------------------------------------------------------------------
 
 def test_embed_arrow_and_folder_round_trip(tmp_path, tiny_model, capsys):
-    from tests.test_arrow_loader import index_png, write_shards
+    from tests.conftest import index_png, write_shards
     path, model = tiny_model
     common = ["--model", str(path), "--backbone", "r_tiny", "--embedding", "32", "--device", "cpu",
               "--batch-size", "8"]

@@ -5,8 +5,7 @@ gloo ranks, trained for two optimizer steps and saved by the trainer's own check
 """
 from __future__ import annotations
 
-import dataclasses
-import json
+import functools
 import re
 import shutil
 import tempfile
@@ -17,37 +16,24 @@ import torch
 
 from ds_face import export
 from ds_face.backbones import get_backbone
-from ds_face.config import BatchLayout, DataConfig, HeadConfig, ModelConfig, OutputConfig, RunConfig
+from ds_face.config import ModelConfig
 from ds_face.init_backbone import BackboneFileError, check_backbone_file, load_backbone_file
-from tests.multirank import run_ranks
+from ds_face.spawn import run_ranks
+from tests import conftest
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES, EMBEDDING, TAG = 11, 32, "step_1"
+make_trainer = functools.partial(conftest.make_trainer, classes=CLASSES, embedding=EMBEDDING, micro=4)
 ONE_RANK = [(0, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16")]
 TWO_RANKS = [(0, "fp32"), (2, "fp32")]
-
-
-def make_trainer(world_size, stage, precision, init_backbone=None, out_dir=None):
-    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-          "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-          "steps_per_print": 10**9}
-    if precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    cfg = RunConfig(model=ModelConfig(backbone="r_tiny", embedding_size=EMBEDDING),
-                    head=HeadConfig(num_classes=CLASSES, sample_rate=1.0),
-                    data=DataConfig(num_samples=1000),
-                    output=OutputConfig(dir=str(out_dir or tempfile.mkdtemp()), tensorboard=False))
-    from ds_face.train import Trainer
-    return Trainer(cfg, ds, BatchLayout(4, 1, world_size), init_backbone=init_backbone)
 
 
 def _checkpoint_worker(rank, world_size, root, cases):
     import deepspeed
 
-    from ds_face.train import micro_step
     out = {}
     for stage, precision in cases:
-        trainer = make_trainer(world_size, stage, precision, out_dir=Path(root) / f"w{world_size}_z{stage}_{precision}")
+        trainer = make_trainer(world_size, Path(root) / f"w{world_size}_z{stage}_{precision}", stage, precision)
         trainer.cfg.schedule.max_steps = 1
         trainer.fit()  # one optimizer step, then the trainer's own save: step_1
         torch.distributed.barrier()
@@ -265,7 +251,7 @@ def test_existing_output_needs_overwrite(ckpts, tmp_path):
 # -- --init-backbone --------------------------------------------------------------------------------
 
 def _init_worker(rank, world_size, model_pt):
-    trainer = make_trainer(world_size, 2, "fp32", init_backbone=model_pt)
+    trainer = make_trainer(world_size, stage=2, init_backbone=model_pt)
     return {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
 
 

@@ -1,12 +1,14 @@
-"""The analytic memory estimator (ds_face.bench.memory): formulas, ordering, CLI and its errors. No ranks."""
+"""The analytic memory estimator (ds_face.bench.estimator) and the memory command (ds_face.bench.memory):
+formulas, ordering, CLI and its errors. No ranks."""
 import json
 import subprocess
 import sys
 
 import pytest
 
-from ds_face.bench import memory
-from ds_face.bench.memory import MiB, estimate, parse_memory, total
+from ds_face.bench import estimator, memory
+from ds_face.bench.cli import parse_memory
+from ds_face.bench.estimator import MiB, estimate, total
 
 # P = 1000 backbone params, C = 1000, D = 8, W = 2, B = 4, 100 B activations per sample, no overhead
 TINY = dict(backbone="hand", embedding=8, classes=1000, world_size=2, micro_batch=4, precision="fp16",
@@ -77,19 +79,19 @@ def test_head_matches_analytic_bytes_of_a_live_head():
     from ds_face.head import Margin, PartialFC
     for rate in (1.0, 0.1):
         head = PartialFC(8, 1000, rate, Margin.arcface(), rank=0, world_size=2)
-        live = memory.analytic_bytes(head, batch=4)
-        est = estimate(cell=memory.pfc_cell(rate), **TINY)
+        live = estimator.analytic_bytes(head, batch=4)
+        est = estimate(cell=estimator.pfc_cell(rate), **TINY)
         assert live == {"weight": est["head_weight"], "optimizer_state": est["head_optimizer_state"],
                         "transients": est["classifier_transients"]}
 
 
 def test_backbone_figures_from_meta_device():
     from ds_face.backbones import get_backbone
-    assert memory.backbone_params("r_tiny", 512) == sum(p.numel() for p in get_backbone("r_tiny", 512).parameters())
-    assert memory.backbone_params("r50", 512) == 43_590_848
+    assert estimator.backbone_params("r_tiny", 512) == sum(p.numel() for p in get_backbone("r_tiny", 512).parameters())
+    assert estimator.backbone_params("r50", 512) == 43_590_848
     # input + 112x112x64 stem (conv, bn, prelu) at least
-    assert memory.activation_elements_per_sample("r50", 512) > 3 * 112 * 112 + 3 * 112 * 112 * 64
-    assert memory.activation_elements_per_sample("r18", 512) < memory.activation_elements_per_sample("r50", 512)
+    assert estimator.activation_elements_per_sample("r50", 512) > 3 * 112 * 112 + 3 * 112 * 112 * 64
+    assert estimator.activation_elements_per_sample("r18", 512) < estimator.activation_elements_per_sample("r50", 512)
 
 
 SEED = dict(backbone="r50", embedding=512, world_size=8, micro_batch=128, precision="fp16", optimizer="sgd")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.multirank import free_port
+from ds_face.spawn import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")

@@ -6,6 +6,7 @@ poisons a gradient): it poisons the backbone's output from a given step on (Deep
 gradients, and so does the head: the weights stay finite) or, once, one weight of rank 0's head; the full disk is a
 real 6 MB tmpfs (skipped where this user cannot mount one).
 """
+import functools
 import subprocess
 import uuid
 from pathlib import Path
@@ -14,8 +15,11 @@ import pytest
 import torch
 
 from ds_face.checkpoint import CheckpointError
-from tests.multirank import run_ranks
-from tests.test_elastic import make_trainer
+from ds_face.spawn import run_ranks
+from tests import conftest
+from tests.conftest import RESUMABLE
+
+make_trainer = functools.partial(conftest.make_trainer, **RESUMABLE)
 
 
 def _nan_from_step(rank, world_size, root, first_bad_step, max_nonfinite, what):

@@ -7,6 +7,7 @@ is first shown to create its marker under ``torch.load(weights_only=False)``, wh
 """
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import shutil
@@ -19,12 +20,16 @@ import torch
 
 from ds_face.safe_load import DEEPSPEED_GLOBALS, UnsafeFileError, check_checkpoint_dir, check_meta_counts, \
     load_weights_only, named_globals
-from tests.multirank import run_ranks
+from ds_face.spawn import run_ranks
+from tests import conftest
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "step_1"
 # together these hold all four DeepSpeed types of DEEPSPEED_GLOBALS
 CASES = [(0, "fp16"), (1, "fp16"), (2, "bf16"), (3, "fp32")]
+# one optimizer step, then the trainer's own save
+make_trainer = functools.partial(conftest.make_trainer, classes=5, embedding=16, micro=2, clip=1.0, max_steps=1,
+                                 samples=100)
 
 
 def _checkpoint_worker(rank, world_size, root):
@@ -37,21 +42,6 @@ def _checkpoint_worker(rank, world_size, root):
         torch.distributed.barrier()
         del trainer
     return 0
-
-
-def make_trainer(world_size, out_dir, stage, precision):
-    from ds_face.config import (
-        BatchLayout, DataConfig, HeadConfig, ModelConfig, OutputConfig, RunConfig, ScheduleConfig,
-    )
-    from ds_face.train import Trainer
-    ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage},
-          "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "gradient_clipping": 1.0}
-    if precision != "fp32":
-        ds[precision] = {"enabled": True}
-    cfg = RunConfig(model=ModelConfig(backbone="r_tiny", embedding_size=16), head=HeadConfig(num_classes=5),
-                    schedule=ScheduleConfig(max_steps=1), data=DataConfig(num_samples=100),
-                    output=OutputConfig(dir=str(out_dir), tensorboard=False))
-    return Trainer(cfg, ds, BatchLayout(2, 1, world_size))
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 (data_prep.folder2arrow), real files, real pyarrow."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -12,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from PIL import Image
 
 from data_prep import folder2arrow
 from ds_face.data.shards import MANIFEST, ShardError, check_shard_files, naming_shard, read_manifest
+from tests.conftest import encode
 
 
 def convert(tmp_path: Path, name: str, seed: int) -> Path:
@@ -24,9 +23,7 @@ def convert(tmp_path: Path, name: str, seed: int) -> Path:
     for identity in ("ann", "bob", "cid"):
         (src / identity).mkdir(parents=True)
         for k in range(4):
-            out = io.BytesIO()
-            Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)).save(out, format="PNG")
-            (src / identity / f"{k}.png").write_bytes(out.getvalue())
+            (src / identity / f"{k}.png").write_bytes(encode(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)))
     out = tmp_path / name
     assert folder2arrow.main([str(src), str(out), "--workers", "1", "--shards", "2"]) == 0
     return out

@@ -1,20 +1,5 @@
 """The real thing: `deepspeed --num_gpus 2 --module ds_face.train ...`, as a user launches it."""
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
-
-
-def launch(*args, timeout=300):
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), "--module", "ds_face.train", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def _port():
-    from tests.multirank import free_port
-    return free_port()
+from tests.conftest import ROOT, encode, face, launch
 
 
 def test_two_rank_zero2_partial_fc_run_logs_and_writes_tensorboard(tmp_path):
@@ -61,21 +46,6 @@ def test_config_error_stops_every_rank_with_one_message(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def class_jpeg(label: int, rng) -> bytes:
-    """A 112x112 JPEG of the class's synthetic pattern plus noise, so the classes can be learnt."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    from ds_face.data.synthetic import class_pattern
-    pattern = class_pattern(label).numpy().transpose(1, 2, 0).repeat(14, 0).repeat(14, 1)
-    pixels = ((pattern + rng.normal(0, 0.3, pattern.shape)).clip(-1, 1) * 127.5 + 127.5).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
-    return out.getvalue()
-
-
 def test_recordio_to_arrow_to_two_rank_training(tmp_path):
     """The whole data path as a user runs it: an InsightFace .rec, rec2arrow, then training on the shards."""
     import numpy as np
@@ -83,7 +53,8 @@ def test_recordio_to_arrow_to_two_rank_training(tmp_path):
     from data_prep import rec2arrow
     from data_prep.recordio import write_insightface_rec
     rng = np.random.default_rng(0)
-    write_insightface_rec(tmp_path / "rec", [(i % 40, class_jpeg(i % 40, rng)) for i in range(320)])
+    images = [(i % 40, encode(face(i % 40, rng), "JPEG", quality=90)) for i in range(320)]
+    write_insightface_rec(tmp_path / "rec", images)
     assert rec2arrow.main([str(tmp_path / "rec"), str(tmp_path / "arrow"), "--workers", "1", "--shards", "4"]) == 0
     out = tmp_path / "run"
     proc = launch("--config", "configs/cpu_demo.yaml", "--deepspeed_config", "ds_configs/cpu_zero2_fp32.json",

@@ -4,12 +4,16 @@
 * ``ds_face.bench.engine_overhead``: a full training step under the DeepSpeed engine (ZeRO 0 / 2) vs plain DDP.
 * ``ds_face.bench.loader``: the Arrow training loader vs a naive PIL loop.
 * ``python -m ds_face.bench memory``: memory per device, FC inside ZeRO 0-3 vs model parallel vs Partial FC,
-  estimated (``memory.py``) and, with ``--measure``, measured on local ranks (``cells.py``, ``ds_face.spawn``).
+  estimated (``estimator.py``) and, with ``--measure``, measured on local ranks (``cells.py``); the options
+  it shares with ``speed`` are ``cli.py``.
 * ``python -m ds_face.bench speed``: samples/s of the same cells, measured.
 * ``python -m ds_face.bench report``: a per-machine training-speed report (markdown + PNG).
 
 The head and engine benchmarks run under the deepspeed launcher; the ``python -m ds_face.bench`` commands
 start their own ranks. See BENCHMARKS.md for commands and measured tables.
+
+Imports run one way: the commands (memory, speed, report, head, engine_overhead, loader) -> cli -> cells ->
+estimator, configs -> this package's helpers; nothing here imports a command.
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_face.bench import proc_status_kb, reset_peak_rss
-from ds_face.bench.memory import parse_cell
+from ds_face.bench.estimator import estimate, parse_cell, total
+from ds_face.bench.configs import ds_config, run_config
 from ds_face.head import Margin, cosine
 
 MiB = 2**20
@@ -75,27 +76,6 @@ class DataParallelFC(nn.Module):
         return F.cross_entropy(self.margin.logits(cos, rows, labels), labels)
 
 
-def ds_config(setting: Setting, stage: int) -> dict:
-    config = {"train_micro_batch_size_per_gpu": setting.micro_batch, "gradient_accumulation_steps": 1,
-              "gradient_clipping": 0.0, "zero_optimization": {"stage": stage},
-              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
-    if setting.precision == "fp16":
-        # a low first scale: ArcFace's s=64 logits overflow 2^16 at once, and a few steps must not all be skipped
-        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8}
-    elif setting.precision == "bf16":
-        config["bf16"] = {"enabled": True}
-    return config
-
-
-def _run_config(setting: Setting, classes: int, sample_rate: float):
-    from ds_face.config import DataConfig, HeadConfig, ModelConfig, OptimizerConfig, RunConfig, ScheduleConfig
-    samples = (setting.warmup + setting.steps) * setting.micro_batch * setting.world_size
-    return RunConfig(model=ModelConfig(backbone=setting.backbone, embedding_size=setting.embedding),
-                     head=HeadConfig(num_classes=classes, sample_rate=sample_rate),
-                     optimizer=OptimizerConfig(name="sgd" if setting.optimizer == "sgd" else "adamw"),
-                     schedule=ScheduleConfig(epochs=1), data=DataConfig(num_samples=samples), seed=setting.seed)
-
-
 def build_step(cell: str, classes: int, setting: Setting):
     """The cell's model, engine and optimizers on this rank; returns ``step(images, labels)``."""
     import deepspeed
@@ -105,9 +85,11 @@ def build_step(cell: str, classes: int, setting: Setting):
     from ds_face.train import Trainer, build_backbone_optimizer, micro_step, seed_everything
 
     kind, arg = parse_cell(cell)
-    cfg = _run_config(setting, classes, 1.0 if kind == "dp" else arg)
+    samples = (setting.warmup + setting.steps) * setting.micro_batch * setting.world_size
+    cfg = run_config(setting.backbone, setting.embedding, classes, 1.0 if kind == "dp" else arg, samples,
+                     setting.seed, setting.optimizer)
     if kind == "head":
-        trainer = Trainer(cfg, ds_config(setting, setting.zero_stage),
+        trainer = Trainer(cfg, ds_config(setting.micro_batch, setting.zero_stage, precision=setting.precision),
                           BatchLayout(setting.micro_batch, 1, setting.world_size))
         return lambda images, labels: micro_step(trainer.engine, trainer.head, trainer.head_optimizer,
                                                  {"image": images, "label": labels}, cfg.optimizer.lr).loss
@@ -116,7 +98,7 @@ def build_step(cell: str, classes: int, setting: Setting):
     with torch.device(get_accelerator().current_device_name()):  # on a GPU, not W copies of the FC in host memory
         model = DataParallelFC(get_backbone(setting.backbone, setting.embedding), setting.embedding, classes)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_backbone_optimizer(cfg, model),
-                                           config=ds_config(setting, arg))
+                                           config=ds_config(setting.micro_batch, arg, precision=setting.precision))
     dtype = next(p for p in engine.module.parameters()).dtype
 
     def step(images, labels):
@@ -233,7 +215,6 @@ def calibrate_activations(setting: Setting, timeout: float = 1800.0) -> tuple[fl
     The figure also absorbs whatever a rank allocates that does not grow with the class count (kernel
     workspaces, communication buffers, errors in the backbone's engine terms), so the comparison that
     follows checks the terms that grow with C: the classifier's."""
-    from ds_face.bench.memory import estimate, total
     classes = 1000 * setting.world_size
     probe = measure_cell("Partial FC 0.1", classes, setting, timeout)
     if "error" in probe:

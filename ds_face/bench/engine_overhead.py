@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from ds_face.bench import common_args, markdown_table, threads_per_rank
+from ds_face.bench import common_args, configs, markdown_table, threads_per_rank
 from ds_face.dist import exit_without_teardown, init, shutdown
 from ds_face.fileio import write_json_atomic
 
@@ -33,29 +33,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return common_args(p, classes=20000, batch=32, steps=20, warmup=3, batch_help="micro-batch per rank").parse_args(argv)
 
 
-def ds_config(stage: int, args) -> dict:
-    zero = {"stage": stage}
-    if stage == 2:  # as ds_configs/zero2_fp32.json
-        zero.update(contiguous_gradients=True, overlap_comm=True)
-    return {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
-            "gradient_clipping": args.clip, "zero_optimization": zero, "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9, "wall_clock_breakdown": False}
-
-
 def run_config(args, total_steps: int, world: int):
     """One epoch of exactly ``total_steps`` optimizer steps; optimizer, margin: the run-config defaults."""
-    from ds_face.config import DataConfig, HeadConfig, ModelConfig, RunConfig, ScheduleConfig
-    return RunConfig(model=ModelConfig(backbone=args.backbone, embedding_size=args.embedding),
-                     head=HeadConfig(num_classes=args.classes, sample_rate=args.sample_rate),
-                     schedule=ScheduleConfig(epochs=1),
-                     data=DataConfig(num_samples=total_steps * args.batch * world), seed=args.seed)
+    return configs.run_config(args.backbone, args.embedding, args.classes, args.sample_rate,
+                              total_steps * args.batch * world, args.seed)
 
 
 def deepspeed_variant(cfg, layout, stage: int, args):
     """The project's Trainer (engine + head + head optimizer), stepped by micro_step."""
     from ds_face.schedule import SampleSchedule
     from ds_face.train import Trainer, micro_step
-    trainer = Trainer(cfg, ds_config(stage, args), layout)
+    # stage 2 as ds_configs/zero2_fp32.json
+    trainer = Trainer(cfg, configs.ds_config(args.batch, stage, clipping=args.clip, overlap_comm=stage == 2), layout)
     schedule = SampleSchedule(cfg.optimizer.lr, trainer.total_samples, 0, cfg.schedule.power)
     done = [0]  # samples seen: the same curve as the DDP variant's step-counting LambdaLR
 
@@ -71,6 +60,7 @@ def ddp_variant(cfg, total_steps: int, clip: float):
     from torch.nn.parallel import DistributedDataParallel
 
     from ds_face.backbones import get_backbone
+    from ds_face.data.arrow import normalize
     from ds_face.head import build_head
     from ds_face.schedule import poly_warmup_scheduler
     from ds_face.train import build_backbone_optimizer, seed_everything
@@ -83,7 +73,10 @@ def ddp_variant(cfg, total_steps: int, clip: float):
     head, head_optimizer = build_head(cfg, "cpu")
 
     def step(batch):
-        loss = head(model(batch["image"]), batch["label"])
+        images = batch["image"]
+        if images.dtype == torch.uint8:  # as micro_step: the loader ships uint8 NHWC, normalised in the step
+            images = normalize(images)
+        loss = head(model(images), batch["label"])
         loss.backward()
         if clip:  # what the engine's "gradient_clipping" does
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -116,8 +109,8 @@ def main(argv=None) -> int:
                 "DeepSpeed ZeRO 0": lambda: deepspeed_variant(cfg, layout, 0, args),
                 "DeepSpeed ZeRO 2": lambda: deepspeed_variant(cfg, layout, 2, args)}
     steps = {name: build() for name, build in builders.items()}  # all alive at once
-    # One step of each variant in turn: drift in this shared machine's speed then hits all variants
-    # alike (run back to back, the ratios moved by +-10% between identical runs).
+    # One step of each variant in turn, so that drift in the machine's speed hits all variants alike
+    # (back-to-back runs are far noisier on a shared machine: BENCHMARKS.md).
     times, losses = {name: [] for name in steps}, {}
     for i, batch in enumerate(batches):
         for name, step in steps.items():

@@ -2,8 +2,6 @@
 
     deepspeed --num_gpus 2 --module ds_face.bench.head --classes 1000000 --embedding 512 --batch 64 --steps 5
 
-(~2.5 min on 2 CPU cores; a model-parallel step there takes ~17 s, so --steps 10 takes ~5.5 min.)
-
 One head step = PartialFC forward (all-gather, sampling, margin, distributed CE)
 + loss.backward() + HeadOptimizer.step, on random embeddings that require grad
 and random labels in [0, C). No backbone, so unlike the seed's tables (seeds/003:
@@ -28,7 +26,7 @@ import time
 import torch
 
 from ds_face.bench import common_args, markdown_table, proc_status_kb, reset_peak_rss, threads_per_rank
-from ds_face.bench.memory import analytic_bytes
+from ds_face.bench.estimator import analytic_bytes
 from ds_face.dist import exit_without_teardown, init, shutdown
 from ds_face.fileio import write_json_atomic
 from ds_face.spawn import free_port

@@ -10,7 +10,7 @@ measured with a few real training steps on ``--world-size`` fresh local ranks an
 cells of ``ds_face.bench.cells``), the Partial FC on/off ratio of each row pair, and a PNG plot beside
 the markdown (samples/s against batch size, a line per precision and Partial FC setting). A precision this
 machine cannot train in (DeepSpeed's checks: fp16 / bf16 support; TF32 needs an Ampere or newer GPU) is
-listed as not measured, with the reason. The defaults are a small CPU run (~3 minutes on 2 cores).
+listed as not measured, with the reason. The defaults are a small CPU run.
 
 An existing --out is refused unless --overwrite; the files are written atomically.
 """
@@ -120,7 +120,7 @@ def measure(args) -> list[dict]:
     from tqdm import tqdm
 
     from ds_face.bench.cells import Setting, measure_cell, unsupported
-    from ds_face.bench.memory import pfc_cell
+    from ds_face.bench.estimator import pfc_cell
     rows = []
     todo = [(b, prec, rate) for prec in args.precisions for b in args.batch_sizes for rate in (1.0, args.sample_rate)]
     for batch, precision, rate in tqdm(todo, desc="report", unit="run", disable=None):

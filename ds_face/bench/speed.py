@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from ds_face.bench import markdown_table
+from ds_face.bench import cli, markdown_table
 
 
 def speed_tables(measured: dict, baseline: str | None) -> tuple[str, str | None]:
@@ -30,19 +30,18 @@ def speed_tables(measured: dict, baseline: str | None) -> tuple[str, str | None]
 
 
 def main(argv=None) -> int:
-    from ds_face.bench import memory
-    p = memory.build_parser("python -m ds_face.bench speed", __doc__.splitlines()[0], measure_flag=False)
+    p = cli.build_parser("python -m ds_face.bench speed", __doc__.splitlines()[0], measure_flag=False)
     p.add_argument("--baseline", default="Model parallel", help="the cell the ratios divide by")
     args = p.parse_args(argv)
-    classes, cells, _, kw = memory.parse_grid(p, args)
+    classes, cells, _, kw = cli.parse_grid(p, args)
     if args.baseline not in cells:
         p.error(f"--baseline {args.baseline!r} is not one of the cells: {', '.join(cells)}")
-    measured, _, _ = memory.run_measured(classes, cells, kw, args, for_memory=False)
+    measured, _, _ = cli.run_measured(classes, cells, kw, args, for_memory=False)
     text, ratios = speed_tables(measured, args.baseline)
     print(f"{args.backbone}, embedding {args.embedding}, {args.world_size} ranks x micro-batch {args.micro_batch}, "
           f"{args.precision}, {args.optimizer}; {args.warmup} + {args.steps} steps per cell. Samples/s:\n\n{text}\n\n"
           f"Each cell / {args.baseline} (same run):\n\n{ratios}")
-    notes = memory.cell_notes(measured)
+    notes = cli.cell_notes(measured)
     if notes:
         print("\n" + notes)
     if args.json:

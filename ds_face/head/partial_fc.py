@@ -175,9 +175,9 @@ def cosine(embeddings: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
 
     The same value as ``linear(normalize(e), normalize(w))``, but the centres' norms divide the columns of
     the product instead of the centres themselves: ``normalize(w)`` would keep a normalised copy of all A
-    centres for backward and build several more [A, D] temporaries in it, which at model parallel
-    (A = the whole slice) more than doubled the head's peak memory (measured: ``python -m ds_face.bench
-    memory --measure``). Here backward makes the centres' gradient and one [A, D] temporary.
+    centres for backward and build several more [A, D] temporaries in it: at model parallel (A = the whole
+    slice) those dominate the head's peak memory (``python -m ds_face.bench memory --measure`` shows it).
+    Here backward makes the centres' gradient and one [A, D] temporary.
     """
     inverse_norm = centres.norm(dim=1).clamp_min(1e-12).reciprocal()
     return F.linear(F.normalize(embeddings), centres) * inverse_norm
