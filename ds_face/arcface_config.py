@@ -1,6 +1,6 @@
 """Turn an InsightFace ``arcface_torch`` config module into a ds_face run YAML + DeepSpeed JSON.
 
-    python -m ds_face.config from-arcface configs/ms1mv3_r50.py --out run.yaml --ds-out ds.json
+    python -m ds_face.arcface_config from-arcface configs/ms1mv3_r50.py --out run.yaml --ds-out ds.json
 
 An arcface_torch config is Python (``config = edict(); config.network = "r50"; ...``). It is **parsed, never
 run**: the file is read with ``ast`` and only ``NAME.KEY = <literal>`` statements are taken, their values
@@ -277,7 +277,7 @@ def from_arcface(config_py: str, out: str, ds_out: str, arrow_dir: str | None = 
     run, ds, unused, notes = convert(values, origin, path.stem, arrow_dir, zero_stage)
     missing = check_outputs(run, ds, run_path, ds_path)
     header = (f"# Converted from the arcface_torch config {path}"
-              + (f" (over {base})" if len(files) == 2 else "") + " by python -m ds_face.config from-arcface.\n")
+              + (f" (over {base})" if len(files) == 2 else "") + " by python -m ds_face.arcface_config from-arcface.\n")
     write_atomic(run_path, (header + yaml.safe_dump(run, sort_keys=False)).encode())
     write_atomic(ds_path, (json.dumps(ds, indent=2) + "\n").encode())
 
@@ -292,3 +292,35 @@ def from_arcface(config_py: str, out: str, ds_out: str, arrow_dir: str | None = 
     lines += [f"note: {n}" for n in notes + missing]
     lines.append(f"train: ./launch.sh {run_path} {ds_path}")
     return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """``python -m ds_face.arcface_config from-arcface CONFIG.py --out run.yaml --ds-out ds.json`` (ds_face.arcface_config)."""
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(prog="ds_face.arcface_config", description="Configuration tools.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    convert = commands.add_parser(
+        "from-arcface", help="an arcface_torch config module -> run YAML + DeepSpeed JSON",
+        description="Turn an InsightFace arcface_torch config (configs/*.py; a base.py beside it is read first, "
+                    "as arcface_torch does) into a ds_face run YAML and DeepSpeed JSON. The file is parsed with "
+                    "ast, never imported or run. Lists every key mapped, not mapped, and skipped.")
+    convert.add_argument("arcface_config", metavar="CONFIG.py", help="e.g. arcface_torch/configs/ms1mv3_r50.py")
+    convert.add_argument("--out", required=True, metavar="RUN.yaml", help="the run YAML to write")
+    convert.add_argument("--ds-out", required=True, metavar="DS.json", help="the DeepSpeed JSON to write")
+    convert.add_argument("--data", metavar="DIR",
+                         help="the Arrow shards converted from config.rec (default: <rec>-arrow)")
+    convert.add_argument("--zero-stage", type=int, choices=range(4), default=0,
+                         help="ZeRO stage (default 0: plain data parallel, as arcface_torch's DDP)")
+    convert.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    args = parser.parse_args(argv)
+    try:
+        print(from_arcface(args.arcface_config, args.out, args.ds_out, args.data, args.zero_stage, args.overwrite))
+    except ArcfaceConfigError as err:
+        print(f"ds_face.arcface_config from-arcface: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

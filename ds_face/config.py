@@ -517,7 +517,7 @@ def _check_eval(e: EvalConfig) -> list[str]:
         if not re.match(r"^[A-Za-z0-9_-]+$", ijb.target or ""):
             errors.append(f"'eval.ijb.target' must be a set name such as IJBC or IJBB, got {ijb.target!r}")
         else:
-            from ds_face.ijb import check_layout  # existence only; rank 0 parses the files when training starts
+            from ds_face.ijb_layout import check_layout  # existence only; rank 0 parses them when training starts
             errors += [f"'eval.ijb.root': {problem}" for problem in check_layout(ijb.root, ijb.target)]
     return errors
 
@@ -545,36 +545,3 @@ def _check_arrow(cfg: RunConfig) -> list[str]:
         errors.append(f"{d.path} holds {manifest.image_size[1]}x{manifest.image_size[0]} images; the IResNet "
                       f"backbones take 112x112 aligned faces")
     return errors
-
-
-def main(argv=None) -> int:
-    """``python -m ds_face.config from-arcface CONFIG.py --out run.yaml --ds-out ds.json`` (ds_face.arcface_config)."""
-    import argparse
-    import sys
-    parser = argparse.ArgumentParser(prog="ds_face.config", description="Configuration tools.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    convert = commands.add_parser(
-        "from-arcface", help="an arcface_torch config module -> run YAML + DeepSpeed JSON",
-        description="Turn an InsightFace arcface_torch config (configs/*.py; a base.py beside it is read first, "
-                    "as arcface_torch does) into a ds_face run YAML and DeepSpeed JSON. The file is parsed with "
-                    "ast, never imported or run. Lists every key mapped, not mapped, and skipped.")
-    convert.add_argument("arcface_config", metavar="CONFIG.py", help="e.g. arcface_torch/configs/ms1mv3_r50.py")
-    convert.add_argument("--out", required=True, metavar="RUN.yaml", help="the run YAML to write")
-    convert.add_argument("--ds-out", required=True, metavar="DS.json", help="the DeepSpeed JSON to write")
-    convert.add_argument("--data", metavar="DIR",
-                         help="the Arrow shards converted from config.rec (default: <rec>-arrow)")
-    convert.add_argument("--zero-stage", type=int, choices=range(4), default=0,
-                         help="ZeRO stage (default 0: plain data parallel, as arcface_torch's DDP)")
-    convert.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    args = parser.parse_args(argv)
-    from ds_face.arcface_config import ArcfaceConfigError, from_arcface
-    try:
-        print(from_arcface(args.arcface_config, args.out, args.ds_out, args.data, args.zero_stage, args.overwrite))
-    except ArcfaceConfigError as err:
-        print(f"ds_face.config from-arcface: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ds_face.eval import add_model_args, flip_embeddings, load_model
+from ds_face.inference import add_model_args, flip_embeddings, load_model
 
 
 class EmbedError(ValueError):

@@ -42,6 +42,9 @@ from pathlib import Path
 import numpy as np
 
 from ds_face.fileio import write_json_atomic
+from ds_face.inference import (  # noqa: F401 - the model-side half, shared with ijb and embed
+    EvalTimeout, add_model_args, embed_flip, flip_embeddings, l2_normalize, load_model,
+)
 
 IMAGE_SIZE = (112, 112)
 # The largest image a .bin may hold, in pixels: 16x the 112x112 the sets are made of (e.g. 448x448, or the
@@ -215,11 +218,6 @@ def kfold(n: int, folds: int = NUM_FOLDS) -> list[tuple[np.ndarray, np.ndarray]]
     return out
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norm, 1e-12)  # sklearn.preprocessing.normalize leaves zero rows zero too
-
-
 def verify(embeddings: np.ndarray, issame: np.ndarray, folds: int = NUM_FOLDS,
            thresholds: np.ndarray = THRESHOLDS) -> dict:
     """arcface_torch's ``evaluate`` on L2-normalised embeddings [2P, D] (pair p = rows 2p, 2p+1).
@@ -286,55 +284,6 @@ def val_at_far(dist: np.ndarray, issame: np.ndarray, folds: int = NUM_FOLDS, far
         fars.append(far)
     return {"val": float(np.mean(vals)), "val_std": float(np.std(vals)), "far": float(np.mean(fars)),
             "val_far_target": far_target}
-
-
-# -- embeddings ----------------------------------------------------------------------------------------
-
-class EvalTimeout(RuntimeError):
-    pass
-
-
-def embed_flip(model, images: np.ndarray, batch_size: int = 128, device=None,
-               deadline: float | None = None, progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings, flipped-image embeddings), float32 [N, D] each, un-normalised.
-
-    ``model`` runs in eval mode under ``torch.no_grad`` and is put back in its previous mode. Input dtype
-    follows the model's parameters (fp16/bf16 engines). ``deadline`` (time.monotonic()) aborts with
-    EvalTimeout between batches. ``progress``: a label for a progress bar on stderr (None: no bar)."""
-    import torch
-    from tqdm import tqdm
-
-    from ds_face.data.arrow import normalize  # the training input's normalisation: one place for both
-    first = next(model.parameters())
-    device = torch.device(device) if device is not None else first.device
-    dtype = first.dtype if first.is_floating_point() else torch.float32
-    was_training = model.training
-    model.eval()
-    outs: list[list[np.ndarray]] = [[], []]
-    bar = tqdm(total=len(images), unit="img", desc=progress, disable=progress is None, file=sys.stderr,
-               mininterval=0.5)
-    try:
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                if deadline is not None and time.monotonic() > deadline:
-                    raise EvalTimeout(f"stopped after {start} of {len(images)} images")
-                batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
-                x = normalize(batch.to(device))
-                for k, inp in enumerate((x, torch.flip(x, dims=[3]))):
-                    outs[k].append(model(inp.to(dtype)).float().cpu().numpy())
-                bar.update(len(batch))
-    finally:
-        bar.close()
-        model.train(was_training)
-    return np.concatenate(outs[0]), np.concatenate(outs[1])
-
-
-def flip_embeddings(model, images: np.ndarray, batch_size: int = 128, device=None,
-                    deadline: float | None = None, progress: str | None = None) -> tuple[np.ndarray, float]:
-    """(L2-normalised sum of image and flip embeddings [N, D] float32, XNorm)."""
-    plain, flipped = embed_flip(model, images, batch_size, device, deadline, progress)
-    xnorm = float(np.concatenate([np.linalg.norm(plain, axis=1), np.linalg.norm(flipped, axis=1)]).mean())
-    return l2_normalize(plain + flipped).astype(np.float32), xnorm
 
 
 def evaluate(model, data, batch_size: int = 128, device=None, deadline: float | None = None,
@@ -497,28 +446,6 @@ class TrainingEvaluator:
         return report
 
 
-def load_model(path: str, backbone: str = "r50", embedding: int = 512, device=None):
-    """A backbone built by name with ``path``'s weights (``ds_face.init_backbone`` rules), in eval mode."""
-    from ds_face.backbones import get_backbone
-    from ds_face.init_backbone import load_backbone_file
-    model = get_backbone(backbone, embedding)
-    load_backbone_file(path, model, backbone)
-    if device is None:  # the device DeepSpeed's accelerator picks, as in training (cuda, cpu, ...)
-        from deepspeed.accelerator import get_accelerator
-        device = get_accelerator().device_name()
-    return model.to(device).eval()
-
-
-def add_model_args(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
-    from ds_face.backbones import BACKBONES
-    parser.add_argument("--model", required=model_required,
-                        help="model.pt (ds_face.export output or arcface_torch model zoo)")
-    parser.add_argument("--backbone", default="r50", choices=list(BACKBONES), help="default r50")
-    parser.add_argument("--embedding", type=int, default=512, help="embedding size (default 512)")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
-    parser.add_argument("--device", help="torch device (default: the DeepSpeed accelerator's, e.g. cuda, else cpu)")
-
-
 def format_table(results: dict[str, dict]) -> str:
     lines = ["| set | pairs | accuracy | threshold | XNorm | VAL@FAR=1e-3 |",
              "| --- | ---: | --- | ---: | ---: | --- |"]
@@ -550,7 +477,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     progress = not args.no_progress and sys.stderr.isatty()
 
-    from ds_face.config import ConfigError
     try:
         if args.batch_size < 1:
             raise BinError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -559,12 +485,15 @@ def main(argv=None) -> int:
         if args.json and not Path(args.json).resolve().parent.is_dir():
             raise BinError(f"--json {args.json}: directory {Path(args.json).parent} does not exist")
         encoded = {name: (path, load_bin(path)) for name, path in zip(set_names(args.bin), args.bin)}
-        model = load_model(args.model, args.backbone, args.embedding, args.device)
+        try:
+            model = load_model(args.model, args.backbone, args.embedding, args.device)
+        except ValueError as err:  # the model file's or the backbone's problem (ConfigError, BackboneFileError)
+            raise BinError(str(err)) from None
         results = {}
         for name, (path, (images, issame)) in encoded.items():
             vset = VerificationSet(name, path, decode_images(images, path), issame)
             results[name] = evaluate(model, vset, args.batch_size, progress=progress)
-    except (BinError, ConfigError) as err:
+    except BinError as err:
         print(f"ds_face.eval: error: {err}", file=sys.stderr)
         return 2
     print(format_table(results))

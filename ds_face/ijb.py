@@ -46,6 +46,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from ds_face.ijb_layout import check_layout, meta_files  # noqa: F401 - also part of this module's API
+
 # The ArcFace 112x112 five-point template (left eye, right eye, nose tip, left and right mouth corners):
 # InsightFace's 96x112 template shifted 8 px right.
 ARCFACE_TEMPLATE = np.array([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366],
@@ -63,22 +65,6 @@ FEATURES_VERSION = 1
 
 class IJBError(ValueError):
     """IJB input that cannot be used; the message names the file (and the line)."""
-
-
-def meta_files(root: str | os.PathLike, target: str) -> dict[str, Path]:
-    meta = Path(root) / "meta"
-    t = target.lower()
-    return {"landmarks": meta / f"{t}_name_5pts_score.txt", "templates": meta / f"{t}_face_tid_mid.txt",
-            "pairs": meta / f"{t}_template_pair_label.txt"}
-
-
-def check_layout(root: str | os.PathLike, target: str) -> list[str]:
-    """What is missing from an IJB release directory (cheap: existence only); [] when complete."""
-    root = Path(root)
-    if not root.is_dir():
-        return [f"{root}: no such directory (expected an IJB release: loose_crop/ and meta/)"]
-    problems = [] if (root / "loose_crop").is_dir() else [f"{root / 'loose_crop'}: no such directory"]
-    return problems + [f"{path}: no such file" for path in meta_files(root, target).values() if not path.is_file()]
 
 
 # -- reading the meta files -----------------------------------------------------------------------------
@@ -410,10 +396,10 @@ def image_features(meta: IJBMeta, model, batch_size: int = 128, device=None, wor
                    limit: int | None = None) -> np.ndarray:
     """float32 [N, D]: each image's embedding plus its flipped image's, un-normalised, before the detector score.
 
-    ``deadline`` (time.monotonic()) raises ds_face.eval.EvalTimeout between batches."""
+    ``deadline`` (time.monotonic()) raises ds_face.inference.EvalTimeout between batches."""
     from tqdm import tqdm
 
-    from ds_face.eval import embed_flip
+    from ds_face.inference import embed_flip
     count = meta.images if limit is None else min(limit, meta.images)
     feats = None
     batch = np.empty((batch_size, ALIGNED_SIZE, ALIGNED_SIZE, 3), np.uint8)
@@ -646,7 +632,7 @@ def plot_roc(path: str | os.PathLike, curve: dict, report: dict, label: str = ""
 # -- the command -------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    from ds_face.eval import add_model_args
+    from ds_face.inference import add_model_args
     parser = argparse.ArgumentParser(prog="ds_face.eval ijb", description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, help="IJB release directory (loose_crop/, meta/)")
     parser.add_argument("--target", default="IJBC", help="IJBC or IJBB: meta/<target lower case>_*.txt (default IJBC)")
@@ -664,7 +650,6 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    from ds_face.config import ConfigError
     try:
         check_args(args)
         started = time.perf_counter()
@@ -684,7 +669,7 @@ def main(argv=None) -> int:
                 save_features(features, feats, meta, {"model": args.model, "backbone": args.backbone})
         embed_seconds = time.perf_counter() - started
         report, curve = evaluate_features(meta, feats)
-    except (IJBError, ConfigError) as err:
+    except IJBError as err:
         print(f"ds_face.eval ijb: error: {err}", file=sys.stderr)
         return 2
     report["seconds"] = {"read_meta": read_seconds, "features": embed_seconds, **report["seconds"]}
@@ -724,8 +709,11 @@ def check_args(args) -> None:
 
 
 def _load_model(args):
-    from ds_face.eval import load_model
-    return load_model(args.model, args.backbone, args.embedding, args.device)
+    from ds_face.inference import load_model
+    try:
+        return load_model(args.model, args.backbone, args.embedding, args.device)
+    except ValueError as err:  # the model file's or the backbone's problem (ConfigError, BackboneFileError, ...)
+        raise IJBError(str(err)) from None
 
 
 if __name__ == "__main__":

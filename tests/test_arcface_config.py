@@ -1,4 +1,4 @@
-"""`python -m ds_face.config from-arcface`: arcface_torch config modules (written here in arcface_torch's shape:
+"""`python -m ds_face.arcface_config from-arcface`: arcface_torch config modules (written here in arcface_torch's shape:
 a base.py of defaults, then `config.KEY = value` files) become a run YAML + DeepSpeed JSON that ds_face's own
 loaders accept; every key is accounted for; the module is parsed, never run. Real subprocesses."""
 import json
@@ -95,7 +95,7 @@ config.some_fork_key = 3
 
 def convert(config_py, out_dir, *extra):
     run, ds = out_dir / "run.yaml", out_dir / "ds.json"
-    proc = subprocess.run([sys.executable, "-m", "ds_face.config", "from-arcface", str(config_py), "--out", str(run),
+    proc = subprocess.run([sys.executable, "-m", "ds_face.arcface_config", "from-arcface", str(config_py), "--out", str(run),
                            "--ds-out", str(ds), *map(str, extra)], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     return proc, run, ds
@@ -197,7 +197,7 @@ def test_bad_configs_are_named_and_nothing_is_written(tmp_path, text, expect):
     (tmp_path / "evil.py").write_text(text)
     proc, run, ds = convert(tmp_path / "evil.py", tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("ds_face.config from-arcface: error: ")
+    assert proc.stderr.startswith("ds_face.arcface_config from-arcface: error: ")
     assert expect in proc.stderr, proc.stderr
     assert not run.exists() and not ds.exists()
 

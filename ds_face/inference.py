@@ -1,0 +1,85 @@
+"""The model side of evaluation, shared by `.bin` verification (eval), IJB (ijb) and embeddings (embed): load a
+backbone for inference, and embed images with their horizontal flips (arcface_torch's protocol)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)  # sklearn.preprocessing.normalize leaves zero rows zero too
+
+
+class EvalTimeout(RuntimeError):
+    pass
+
+
+def embed_flip(model, images: np.ndarray, batch_size: int = 128, device=None,
+               deadline: float | None = None, progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings, flipped-image embeddings), float32 [N, D] each, un-normalised.
+
+    ``model`` runs in eval mode under ``torch.no_grad`` and is put back in its previous mode. Input dtype
+    follows the model's parameters (fp16/bf16 engines). ``deadline`` (time.monotonic()) aborts with
+    EvalTimeout between batches. ``progress``: a label for a progress bar on stderr (None: no bar)."""
+    import torch
+    from tqdm import tqdm
+
+    from ds_face.data.arrow import normalize  # the training input's normalisation: one place for both
+    first = next(model.parameters())
+    device = torch.device(device) if device is not None else first.device
+    dtype = first.dtype if first.is_floating_point() else torch.float32
+    was_training = model.training
+    model.eval()
+    outs: list[list[np.ndarray]] = [[], []]
+    bar = tqdm(total=len(images), unit="img", desc=progress, disable=progress is None, file=sys.stderr,
+               mininterval=0.5)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise EvalTimeout(f"stopped after {start} of {len(images)} images")
+                batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+                x = normalize(batch.to(device))
+                for k, inp in enumerate((x, torch.flip(x, dims=[3]))):
+                    outs[k].append(model(inp.to(dtype)).float().cpu().numpy())
+                bar.update(len(batch))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return np.concatenate(outs[0]), np.concatenate(outs[1])
+
+
+def flip_embeddings(model, images: np.ndarray, batch_size: int = 128, device=None,
+                    deadline: float | None = None, progress: str | None = None) -> tuple[np.ndarray, float]:
+    """(L2-normalised sum of image and flip embeddings [N, D] float32, XNorm)."""
+    plain, flipped = embed_flip(model, images, batch_size, device, deadline, progress)
+    xnorm = float(np.concatenate([np.linalg.norm(plain, axis=1), np.linalg.norm(flipped, axis=1)]).mean())
+    return l2_normalize(plain + flipped).astype(np.float32), xnorm
+
+
+def load_model(path: str, backbone: str = "r50", embedding: int = 512, device=None):
+    """A backbone built by name with ``path``'s weights (``ds_face.init_backbone`` rules), in eval mode."""
+    from ds_face.backbones import get_backbone
+    from ds_face.init_backbone import load_backbone_file
+    model = get_backbone(backbone, embedding)
+    load_backbone_file(path, model, backbone)
+    if device is None:  # the device DeepSpeed's accelerator picks, as in training (cuda, cpu, ...)
+        from deepspeed.accelerator import get_accelerator
+        device = get_accelerator().device_name()
+    return model.to(device).eval()
+
+
+def add_model_args(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
+    from ds_face.backbones import BACKBONES
+    parser.add_argument("--model", required=model_required,
+                        help="model.pt (ds_face.export output or arcface_torch model zoo)")
+    parser.add_argument("--backbone", default="r50", choices=list(BACKBONES), help="default r50")
+    parser.add_argument("--embedding", type=int, default=512, help="embedding size (default 512)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
+    parser.add_argument("--device", help="torch device (default: the DeepSpeed accelerator's, e.g. cuda, else cpu)")
+
+
