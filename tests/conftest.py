@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ds_face.spawn import free_port
 
@@ -108,3 +109,22 @@ def write_shards(directory, num_samples: int, num_shards: int, num_classes: int 
         start += rows
     Manifest(num_samples=num_samples, num_classes=num_classes, shards=infos).write(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """An r_tiny (embedding 32) with non-trivial BatchNorm statistics, so eval vs train mode would show, and its
+    model.pt: (path, model in eval mode). Used by the evaluation tests (.bin and IJB)."""
+    import torch
+
+    from ds_face.backbones import get_backbone
+    torch.manual_seed(0)
+    model = get_backbone("r_tiny", 32)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    torch.save(model.state_dict(), path)
+    return path, model.eval()

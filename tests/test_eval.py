@@ -18,7 +18,6 @@ from PIL import Image
 
 from ds_face import embed as embed_cli
 from ds_face import eval as ev
-from ds_face.backbones import get_backbone
 from tests.conftest import encode, face
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,20 +34,6 @@ def write_bin(path, pairs: int = 40, seed: int = 0, **dump):
     with open(path, "wb") as f:
         pickle.dump((bins, issame), f, **dump)
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    model = get_backbone("r_tiny", 32)
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval vs train mode would show
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save(model.state_dict(), path)
-    return path, model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from PIL import Image
 
 from ds_face import eval as ev
 from ds_face import ijb
-from ds_face.backbones import get_backbone
 
 IDENTITIES, TEMPLATES_PER_ID = 11, 4
 ID_AMPLITUDE, NOISE_AMPLITUDE = 20.0, 30.0
@@ -113,17 +112,8 @@ def ijb_set(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    model = get_backbone("r_tiny", 32)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save(model.state_dict(), path)
-    return path, model.eval()
+def tiny(tiny_model):  # conftest's r_tiny and its model.pt
+    return tiny_model
 
 
 # -- alignment -------------------------------------------------------------------------------------------------
