@@ -91,13 +91,10 @@ def test_resize_carries_the_whole_optimizer_state(tmp_path, stage, old, new, opt
 # -- the LR follows samples; every sample of every epoch once, across a mid-epoch 2 -> 3 resize --------------
 
 def _data(kind, root):
+    """The run's data; the Arrow shards are written once by the test, before any rank starts."""
     if kind == "synthetic":
         return DataConfig(num_samples=100)
-    from tests.conftest import write_shards
-    path = Path(root) / "arrow"
-    if not (path / "manifest.json").exists():
-        write_shards(path, 100, 4, num_classes=CLASSES)
-    return DataConfig(source="arrow", path=str(path), num_workers=1)
+    return DataConfig(source="arrow", path=str(Path(root) / "arrow"), num_workers=1)
 
 
 def _run_with_ledger(rank, world_size, root, out, kind, max_steps, resume):
@@ -121,6 +118,9 @@ def reference_lr(samples, horizon=192, warmup=50, base=0.1, power=2.0):
 def test_mid_epoch_2_to_3_resize_trains_every_sample_once_on_the_same_lr_curve(tmp_path, kind):
     # 100 samples x 2 epochs. 2 ranks x 8 = 16 per step: the run ends at 192 (12 steps), 8 samples untrained.
     # Cut after 3 steps (48 samples, mid-epoch 0), resume on 3 ranks x 8 = 24 per step: 6 steps to 192.
+    if kind == "arrow":
+        from tests.conftest import write_shards
+        write_shards(tmp_path / "arrow", 100, 4, num_classes=CLASSES)
     whole = run_ranks(2, _run_with_ledger, str(tmp_path), "whole", kind, None, False)
     first = run_ranks(2, _run_with_ledger, str(tmp_path), "cut", kind, 3, False)
     resumed = run_ranks(3, _run_with_ledger, str(tmp_path), "cut", kind, None, True)
