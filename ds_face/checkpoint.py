@@ -120,9 +120,10 @@ class Checkpointer:
 
     def _refuse_non_finite(self, tag_dir: Path) -> None:
         """Collective. A checkpoint with NaN/inf weights would put `latest` on a run that cannot go on."""
+        from ds_face.zero_state import owned_values
         head = self.sharded["head"].weight
         bad = not bool(torch.isfinite(head).all()) or any(
-            not bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in self.engine.module.parameters())
+            not bool(torch.isfinite(owned_values(p)).all()) for p in self.engine.module.parameters())
         if any_rank(bad, self.device):
             raise CheckpointError(f"{tag_dir}: not saved: non-finite (NaN/inf) weights in the backbone or head "
                                   f"({'on this rank' if bad else 'on another rank'}); {self.save_dir / LATEST} "

@@ -24,6 +24,17 @@ def is_partitioned(engine) -> bool:
     return any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in engine.module.parameters())
 
 
+def owned_values(param) -> torch.Tensor:
+    """The weights of ``param`` this rank holds. At ZeRO 3 that is its partition without the padding that
+    makes the last rank's partition as long as the others (DeepSpeed allocates it with ``torch.empty`` and
+    never writes it: it may hold any bits, NaN included)."""
+    if not hasattr(param, "ds_tensor"):
+        return param
+    partition = param.ds_tensor.view(-1)
+    start = partition.numel() * torch.distributed.get_rank(group=getattr(param, "ds_process_group", None))
+    return partition.narrow(0, 0, max(0, min(partition.numel(), param.ds_numel - start)))
+
+
 def _flat_partitions(optimizer) -> list[torch.Tensor]:
     """The flat fp32 tensors whose torch-optimizer state holds this rank's partition (one per param group).
     ZeRO 1-2, ZeRO 3 and the bf16 optimizer name them differently."""

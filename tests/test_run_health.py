@@ -67,6 +67,38 @@ def test_a_non_finite_checkpoint_is_never_saved(tmp_path):
         assert "step_6" not in r["dirs"]
 
 
+def _zero3_nan_in(rank, world_size, root, where):
+    """ZeRO 3 on 3 ranks: the last rank's partitions are padded (DeepSpeed leaves the padding unwritten, so it
+    may hold NaN bits). NaN in that padding is no weight and must not stop a save; NaN in a weight must."""
+    from ds_face.zero_state import owned_values
+    trainer = make_trainer(world_size, root, stage=3, max_steps=2)
+    padded = [p for p in trainer.engine.module.parameters() if owned_values(p).numel() < p.ds_tensor.numel()]
+    if rank == world_size - 1:
+        with torch.no_grad():
+            for p in padded:
+                if where == "padding":
+                    p.ds_tensor.view(-1)[owned_values(p).numel():] = float("nan")
+                else:
+                    owned_values(p)[0] = float("nan")
+    try:
+        trainer.checkpointer.save(0, {})
+        error = None
+    except CheckpointError as err:
+        error = str(err)
+    return {"padded": len(padded), "error": error, "latest": (Path(root) / "checkpoints" / "latest").is_file()}
+
+
+@pytest.mark.parametrize("where", ["padding", "weight"])
+def test_zero3_padding_is_not_a_weight_to_check(tmp_path, where):
+    results = run_ranks(3, _zero3_nan_in, str(tmp_path), where)
+    assert results[-1]["padded"] > 0  # r_tiny has parameters 3 does not divide
+    for r in results:
+        if where == "padding":
+            assert r["error"] is None and r["latest"]
+        else:
+            assert "step_0: not saved: non-finite (NaN/inf) weights" in r["error"] and not r["latest"]
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
