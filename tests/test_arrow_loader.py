@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ds_face.data.arrow import ArrowFaces, DataError, decode_rgb, flip_coin, flip_coins, normalize
+from ds_face.data.arrow import ArrowFaces, DataError, decode_rgb, flip_coin, flip_coins, flip_images, normalize
 from ds_face.data.loader import Loader
 from ds_face.data.order import EpochOrder, Layout
 from ds_face.data.shards import shard_name
@@ -59,6 +59,14 @@ def test_epoch_order_is_a_seeded_permutation_that_mixes_the_streams():
     assert not (EpochOrder(rows, 3, 2, 0).rows(np.arange(86)) == everything).all()
     shard_of = np.searchsorted(np.cumsum(rows), everything, side="right")
     assert len(set(shard_of[:6].tolist())) == 3  # consecutive samples come from the 3 streams' shards in turn
+
+
+def test_flip_images_mirrors_exactly_the_chosen_images():
+    images = np.random.default_rng(0).integers(0, 256, (5, 7, 6, 3), dtype=np.uint8)
+    before = images.copy()
+    flip_images(images, np.array([1, 4]))
+    assert np.array_equal(images[[1, 4]], before[[1, 4], :, ::-1])  # width reversed, each pixel's RGB kept
+    assert np.array_equal(images[[0, 2, 3]], before[[0, 2, 3]])
 
 
 def test_flip_coins_is_flip_coin_for_many():

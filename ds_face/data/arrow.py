@@ -79,6 +79,14 @@ def flip_coins(seed: int, epochs: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return ((x ^ (x >> u(31))) & u(1)).astype(bool)
 
 
+def flip_images(images: np.ndarray, which: np.ndarray) -> None:
+    """Mirror ``images[which]`` (uint8 [B, H, W, 3]) left to right, in place. Each pixel is moved as one 3-byte
+    item (a void view): 5x faster than flipping a gathered copy of the batch and scattering it back."""
+    pixels = images.view(np.dtype((np.void, 3)))[..., 0]  # [B, H, W] of RGB triples
+    for i in which.tolist():
+        pixels[i] = pixels[i, :, ::-1]  # numpy copies through a buffer when source and target overlap
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [-1, 1]: arcface_torch's ToTensor + Normalize(0.5, 0.5)."""
     out = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
@@ -132,7 +140,10 @@ class ArrowFaces:
     def make(self, epochs: np.ndarray, rows: np.ndarray) -> dict:
         """One micro-batch: the images of these dataset rows decoded into one uint8 array, flipped by their coins."""
         size = len(rows)
-        images = np.empty((size, *self.image_size, 3), np.uint8)
+        batch = torch.empty((size, *self.image_size, 3), dtype=torch.uint8)
+        if torch.utils.data.get_worker_info() is not None:  # a DataLoader worker: allocate the batch in shared
+            batch.share_memory_()  # memory now, so that handing it to the trainer copies nothing
+        images = batch.numpy()  # decoded into in place
         labels = np.empty(size, np.int64)
         shards = np.searchsorted(self.shard_start, rows, side="right") - 1
         data = [None] * size
@@ -162,10 +173,8 @@ class ArrowFaces:
         for i in np.flatnonzero(labels < 0):  # corrupt: copy a good sample of this micro-batch
             source = good[i % len(good)]
             images[i], labels[i] = images[source], labels[source]
-        batch = torch.from_numpy(images)
         if self.flip:
-            flipped = torch.from_numpy(np.flatnonzero(flip_coins(self.seed, epochs, rows)))
-            batch[flipped] = batch[flipped].flip(2)  # horizontal: the width axis; torch does it 2x faster than numpy
+            flip_images(images, np.flatnonzero(flip_coins(self.seed, epochs, rows)))
         return {"image": batch, "label": torch.from_numpy(labels), "sample": torch.from_numpy(rows),
                 "corrupt": corrupt}
 
