@@ -8,14 +8,17 @@ Generates (once, cached in --dir) an InsightFace-layout .rec of at least --size-
 --repeat times, each variant once, in this order (so that every repetition sees about the same machine load):
 
     plain read      the .rec read sequentially in 16 MB blocks, nothing else: the disk's (or page cache's) speed
+    plain copy      the .rec read the same way and written to a new file, fsynced: the I/O any conversion that
+                    writes its output durably pays, with no work on the bytes (the floor for rec2arrow)
     mxnet scan      MXIndexedRecordIO read_idx + recordio.unpack of every key, only where mxnet is installed
     rec2arrow       the default conversion (shuffled order, automatic shard count), in this process, fsynced
     verify          data_prep.verify of that output (sha256 of every shard, schema, labels, unique index)
 
 each warm (the .rec read just before) and, with --cold, cold: the page cache dropped (sync; echo 3 >
 /proc/sys/vm/drop_caches, needs root) right before the variant. --shard-sweep and --worker-sweep add warm conversions
-with those shard counts (what the default shard size was chosen from) and thread counts (scaling per core). Ratios are per repetition (a variant against the
-plain read of the same repetition and temperature), then min / median / max over repetitions. CPU is the
+with those shard counts (what the default shard size was chosen from) and thread counts (scaling per core). Ratios
+are per repetition (a variant against the plain read, or copy, of the same repetition and temperature), then min /
+median / max over repetitions. CPU is the
 process's user + system time: a figure the other load on a shared machine disturbs less than wall time.
 """
 from __future__ import annotations
@@ -121,6 +124,19 @@ def plain_read(rec: Path) -> int:
     return total
 
 
+def plain_copy(rec: Path, target: Path) -> int:
+    """``plain_read``, each block also written to ``target``, then fsync: reading plus a durable write."""
+    buf = memoryview(bytearray(16 << 20))
+    total = 0
+    with open(rec, "rb", buffering=0) as f, open(target, "wb", buffering=0) as g:
+        while n := f.readinto(buf):
+            g.write(buf[:n])
+            total += n
+        os.fsync(g.fileno())
+    target.unlink()
+    return total
+
+
 def mxnet_scan(src: Path) -> int | None:
     """mxnet's own reader over every key (read_idx + unpack), as arcface_torch's MXFaceDataset reads; None
     without mxnet (it is not a dependency of ds_face)."""
@@ -168,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         code = rec2arrow.main([str(src), str(out), "--workers", str(args.workers), *extra])
         assert code == 0, f"rec2arrow exited {code}"
 
-    variants = [("plain read", lambda: plain_read(rec))]
+    variants = [("plain read", lambda: plain_read(rec)), ("plain copy", lambda: plain_copy(rec, root / "copy.bin"))]
     if _has_mxnet():
         variants.append(("mxnet scan (read_idx + unpack)", lambda: mxnet_scan(src)))
     variants.append(("rec2arrow (default: shuffled, auto shards)", lambda: convert([])))
@@ -204,16 +220,21 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.repeat} repetitions; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
           f"(1 / 5 / 15 min); MB/s of .rec; ratio = plain read's time / the variant's time, per repetition, "
           f"min / median / max\n")
-    print("| variant | cache | seconds (min-max) | MB/s (median) | CPU s (median) | vs plain read (min / median / max) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| variant | cache | seconds (min-max) | MB/s (median) | CPU s (median) | vs plain read (min / median / max) "
+          "| vs plain copy (median) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+
+    def ratios(baseline: str, temperature: str, walls: list[float]) -> list[float]:  # per repetition, sorted
+        return sorted(b / w for (b, _), w in zip(times[(baseline, temperature)], walls))
+
     for (name, temperature), runs in times.items():
         walls = [w for w, _ in runs]
-        base = [w for w, _ in times[("plain read", temperature)]]
-        ratios = sorted(b / w for b, w in zip(base, walls))
+        vs_read, vs_copy = ratios("plain read", temperature, walls), ratios("plain copy", temperature, walls)
         median = statistics.median(walls)
         cpu = "-" if name.startswith("verify") else f"{statistics.median(c for _, c in runs):.2f}"  # its pool's
         print(f"| {name} | {temperature} | {min(walls):.2f}-{max(walls):.2f} | {rec_bytes / 1e6 / median:,.0f} | "
-              f"{cpu} | {ratios[0]:.2f} / {statistics.median(ratios):.2f} / {ratios[-1]:.2f} |")
+              f"{cpu} | {vs_read[0]:.2f} / {statistics.median(vs_read):.2f} / {vs_read[-1]:.2f} | "
+              f"{statistics.median(vs_copy):.2f} |")
     if not _has_mxnet():
         print("\nmxnet is not installed here: no mxnet scan row (pip install mxnet to compare; it is not a dependency)")
     return 0
