@@ -141,19 +141,6 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     return images, np.asarray(issame, dtype=bool)
 
 
-def image_header_size(data: bytes) -> tuple[int, int]:
-    """(height, width) from an encoded image's header alone (JPEG: simplejpeg; PNG and others: PIL's lazy open)."""
-    import simplejpeg
-    from PIL import Image
-    if data[:3] == b"\xff\xd8\xff":
-        return tuple(simplejpeg.decode_jpeg_header(data)[:2])
-    import warnings
-    with warnings.catch_warnings():  # PIL's own bomb warning: MAX_PIXELS, far lower, decides here
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as image:  # reads the header; pixels are decoded only on access
-            return image.height, image.width
-
-
 def decode_images(images: list[bytes], where: str = "", max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """uint8 [N, 112, 112, 3] RGB; an image of another size is resized to 112x112 (arcface_torch resizes too).
 
@@ -161,22 +148,18 @@ def decode_images(images: list[bytes], where: str = "", max_pixels: int = MAX_PI
     before any of its pixels are decoded."""
     from PIL import Image
 
-    from ds_face.data.arrow import decode_rgb
+    from ds_face.images import ImageTooLarge, decode_bounded
     out = np.empty((len(images), *IMAGE_SIZE, 3), np.uint8)
     for i, data in enumerate(images):
         try:
-            height, width = image_header_size(data)
-        except Image.DecompressionBombError as err:  # over twice PIL's limit: PIL refuses to open it at all
-            raise BinError(f"{where}: image {i}: {err}; refused without decoding it") from None
-        except Exception as err:
-            raise BinError(f"{where}: image {i} cannot be decoded ({type(err).__name__}: {err})") from None
-        if height * width > max_pixels:
-            raise BinError(f"{where}: image {i} is {width}x{height}, more than the {max_pixels} pixels allowed "
-                           f"(16x {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}); refused without decoding it")
-        try:
-            pixels = decode_rgb(data)
+            pixels = decode_bounded(data, max_pixels)
             if pixels.shape[:2] != IMAGE_SIZE:
                 pixels = np.asarray(Image.fromarray(pixels).resize(IMAGE_SIZE[::-1], Image.BILINEAR))
+        except ImageTooLarge as err:
+            raise BinError(f"{where}: image {i} {err} (16x {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}); refused without "
+                           f"decoding it") from None
+        except Image.DecompressionBombError as err:  # over twice PIL's limit: PIL refuses to open it at all
+            raise BinError(f"{where}: image {i}: {err}; refused without decoding it") from None
         except Exception as err:
             raise BinError(f"{where}: image {i} cannot be decoded ({type(err).__name__}: {err})") from None
         out[i] = pixels

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import os
 import sys
 import time
@@ -47,6 +46,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ds_face.ijb_layout import check_layout, meta_files  # noqa: F401 - also part of this module's API
+from ds_face.images import decode  # noqa: F401 - ds_face.bench.ijb times the decode alone
 
 # The ArcFace 112x112 five-point template (left eye, right eye, nose tip, left and right mouth corners):
 # InsightFace's 96x112 template shifted 8 px right.
@@ -295,53 +295,23 @@ def align(image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     return warp_affine(image, umeyama(landmarks, ARCFACE_TEMPLATE))
 
 
-def header_size(data: bytes) -> tuple[int, int]:
-    """(height, width) from the header alone."""
-    if data[:3] == b"\xff\xd8\xff":
-        import simplejpeg
-        return tuple(simplejpeg.decode_jpeg_header(data)[:2])
-    import warnings
-
-    from PIL import Image
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as image:
-            return image.height, image.width
-
-
-def decode(data: bytes) -> np.ndarray:
-    """HxWx3 uint8 RGB: libjpeg-turbo (simplejpeg) for JPEG, PIL for the rest and for JPEGs it cannot convert."""
-    if data[:3] == b"\xff\xd8\xff":
-        import simplejpeg
-        try:
-            return simplejpeg.decode_jpeg(data, colorspace="RGB")
-        except ValueError:
-            pass  # e.g. CMYK: PIL converts it
-    from PIL import Image
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 def load_aligned(path: Path, landmarks: np.ndarray, where: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Read, check the size from the header, decode, align. ``where``: 'file line N' for errors."""
+    from PIL import UnidentifiedImageError
+
+    from ds_face.images import ImageTooLarge, decode_bounded
     try:
         data = path.read_bytes()
     except OSError as err:
         raise IJBError(f"{where}: image {path}: cannot read ({err.strerror})") from None
     try:
-        height, width = header_size(data)
-    except Exception as err:  # noqa: BLE001 - not an image, truncated header, PIL's own bomb refusal
-        from PIL import UnidentifiedImageError
+        pixels = decode_bounded(data, max_pixels)
+    except ImageTooLarge as err:
+        raise IJBError(f"{where}: image {path} {err} (--max-pixels); refused without decoding it") from None
+    except Exception as err:  # noqa: BLE001 - not an image, truncated, PIL's own bomb refusal
         why = ("not an image format PIL or libjpeg-turbo can read" if isinstance(err, UnidentifiedImageError)
                else f"{type(err).__name__}: {err}")
         raise IJBError(f"{where}: image {path} cannot be decoded ({why})") from None
-    if height * width > max_pixels:
-        raise IJBError(f"{where}: image {path} is {width}x{height}, more than the {max_pixels} pixels allowed "
-                       f"(--max-pixels); refused without decoding it")
-    try:
-        pixels = decode(data)
-    except Exception as err:  # noqa: BLE001
-        raise IJBError(f"{where}: image {path} cannot be decoded ({type(err).__name__}: {err})") from None
     try:
         return align(pixels, landmarks)
     except (ValueError, np.linalg.LinAlgError) as err:
