@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import logging
 import os
-import re
 import sys
 import warnings
 import zipfile
@@ -47,8 +46,9 @@ def _looks_like_tag_dir(path: Path) -> bool:
 
 
 def _tags_in(save_dir: Path) -> list[str]:
-    return sorted((p.name for p in save_dir.iterdir() if p.is_dir() and _looks_like_tag_dir(p)),
-                  key=lambda t: [int(c) if c.isdigit() else c for c in re.split(r"(\d+)", t)])
+    """The save_dir's tags (``checkpoint_tags``, oldest first) that hold checkpoint files."""
+    from ds_face.checkpoint import checkpoint_tags
+    return [tag for tag in checkpoint_tags(save_dir) if _looks_like_tag_dir(save_dir / tag)]
 
 
 def resolve_tag_dir(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Path:
