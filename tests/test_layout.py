@@ -8,9 +8,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# ds_face modules that still import data_prep, being moved off it; the list may only shrink
-KNOWN_DATA_PREP_IMPORTERS = {"ds_face.embed", "ds_face.bench.loader"}
-
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
@@ -81,8 +78,7 @@ def test_the_cycle_finder_finds_one():
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
 
 
-def test_ds_face_does_not_import_data_prep_beyond_the_known_exceptions():
+def test_ds_face_does_not_import_data_prep():
     importers = {name for name, path in modules("ds_face").items()
                  if any(m == "data_prep" or m.startswith("data_prep.") for m in imported_names(name, path))}
-    assert importers - KNOWN_DATA_PREP_IMPORTERS == set(), \
-        f"new ds_face modules importing data_prep: {sorted(importers - KNOWN_DATA_PREP_IMPORTERS)}"
+    assert importers == set(), f"ds_face modules importing data_prep: {sorted(importers)}"
