@@ -19,7 +19,8 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from data_prep.convert import Chunk, Source, SourceError, add_common_args, image_problem, run_cli, source_error
+from data_prep.convert import add_common_args, run_cli
+from data_prep.source import Chunk, Source, SourceError, image_problem, source_error
 from ds_face.data.folder import FolderError, list_image_folder
 
 CLASSES = "classes.json"
