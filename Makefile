@@ -61,7 +61,7 @@ bench-data: setup
 	$(PY) -m data_prep.bench_convert --size-gb 1.0 --cold --repeat 3 --shard-sweep 4,16,64,960 --worker-sweep 1,2
 	rm -rf /tmp/ds_face_bench_loader
 	$(PY) -m data_prep.rec2arrow /tmp/ds_face_bench_convert/rec-1gb /tmp/ds_face_bench_loader
-	$(PY) -m ds_face.bench.loader --rec-dir /tmp/ds_face_bench_convert/rec-1gb --arrow-dir /tmp/ds_face_bench_loader
+	$(PY) -m data_prep.bench_loader --rec-dir /tmp/ds_face_bench_convert/rec-1gb --arrow-dir /tmp/ds_face_bench_loader
 
 clean:
 	rm -rf work_dirs .pytest_cache

@@ -3,27 +3,26 @@
     python -m data_prep.folder2arrow /data/my_faces /data/my_faces-arrow
 
 Labels 0..K-1 follow the sorted identity folder names; images are the .jpg/.jpeg/.png files (any case) directly
-inside each folder, sorted by name; `index` is an image's position in that sorted listing. Files are stored
-byte for byte (PNG too: the loader decodes it). classes.json in the output lists the folder name of each label.
+inside each folder, sorted by name (`ds_face.data.folder`, which `ds_face.embed --folder` lists too); `index` is
+an image's position in that sorted listing. Files are stored byte for byte (PNG too: the loader decodes it).
+classes.json in the output lists the folder name of each label.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
-from hashlib import sha256
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from data_prep.convert import Chunk, Source, SourceError, add_common_args, image_problem, run_cli, source_error
+from data_prep.convert import add_common_args, run_cli
+from data_prep.source import Chunk, Source, SourceError, image_problem, source_error
+from ds_face.data.folder import FolderError, list_image_folder
 
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CLASSES = "classes.json"
 
 
@@ -68,37 +67,17 @@ class FolderSource(Source):
 
 def open_folder_source(src: str | Path) -> FolderSource:
     """List the identities and their images (no image is read here: workers check each one as they copy it)."""
-    root = Path(src)
-    if not root.is_dir():
-        raise SourceError(f"{root}: not a directory (expected one sub-directory per identity)")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise SourceError(f"{root}: no identity folders (expected one sub-directory per identity)")
-    paths: list[str] = []
-    labels: list[int] = []
-    sizes: list[int] = []
-    listing = sha256()  # pins names, sizes and mtimes in plan.json without listing every file there
-    total = 0
-    for label, name in enumerate(classes):
-        files = sorted((e for e in os.scandir(root / name)
-                        if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)), key=lambda e: e.name)
-        if not files:
-            raise SourceError(f"{root / name}: no .jpg/.jpeg/.png images; every identity folder needs at least one "
-                              f"(labels are contiguous: remove the folder or add images)")
-        for entry in files:
-            stat = entry.stat()
-            paths.append(entry.path)
-            labels.append(label)
-            sizes.append(stat.st_size)
-            listing.update(f"{name}/{entry.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-            total += stat.st_size
-    files_info = [{"file": str(root.resolve()), "bytes": total, "images": len(paths),
-                   "listing_sha256": listing.hexdigest()}]
-    return FolderSource(converter="data_prep.folder2arrow", indexes=np.arange(len(paths), dtype=np.int64),
-                        num_classes=len(classes), image_size=[112, 112], files=files_info,
-                        carried={CLASSES: (json.dumps(classes, indent=0) + "\n").encode()}, nbytes=total,
-                        reader=FolderRows(), paths=paths, labels=np.asarray(labels, dtype=np.int64),
-                        sizes=np.asarray(sizes, dtype=np.int64))
+    try:
+        folder = list_image_folder(src)
+    except FolderError as err:
+        raise SourceError(str(err)) from None
+    files_info = [{"file": str(folder.root.resolve()), "bytes": folder.nbytes, "images": len(folder.paths),
+                   "listing_sha256": folder.listing_sha256}]
+    return FolderSource(converter="data_prep.folder2arrow", indexes=np.arange(len(folder.paths), dtype=np.int64),
+                        num_classes=len(folder.classes), image_size=[112, 112], files=files_info,
+                        carried={CLASSES: (json.dumps(folder.classes, indent=0) + "\n").encode()},
+                        nbytes=folder.nbytes, reader=FolderRows(), paths=folder.paths, labels=folder.labels,
+                        sizes=folder.sizes)
 
 
 def main(argv: list[str] | None = None, on_shard_done=None) -> int:

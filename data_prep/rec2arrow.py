@@ -20,10 +20,9 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from data_prep.convert import (
-    Chunk, Source, SourceError, add_common_args, image_problem, run_cli, source_error,
-)
+from data_prep.convert import add_common_args, run_cli
 from data_prep.recordio import RecordReader, detect_layout, parse_image_records, read_idx_arrays, read_property
+from data_prep.source import Chunk, Source, SourceError, image_problem, source_error
 
 _JPEG_SOI_WORD = 0xFFD8FF  # b"\xff\xd8\xff" as the low 3 bytes of a little-endian uint32
 _PNG_WORDS = np.frombuffer(b"\x89PNG\r\n\x1a\n", "<u4")

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from data_prep.convert import Source, SourceError, default_workers, mp_context
+from data_prep.convert import default_workers, mp_context
 from data_prep.recordio import RecordIOError
+from data_prep.source import Source, SourceError
 from ds_face.data.shards import (
     ROWS_PER_RECORD_BATCH, SCHEMA, Manifest, ShardError, ShardInfo, read_manifest, rows_per_shard, sha256_of,
 )

@@ -5,10 +5,10 @@
 
 Writes ``emb.npy`` (row i = sample i) and ``emb.labels.npy`` (int64). Order: for ``--arrow``, the manifest's
 shard order and the rows within each shard (no shuffle); for ``--folder``, identity folders sorted by name
-(labels 0..K-1) and the .jpg/.jpeg/.png files in each sorted by name, exactly as ``data_prep.folder2arrow``.
-Both files are written under temporary names beside the output and renamed when complete (labels first,
-then the embeddings), so ``emb.npy`` appears only when finished; an existing output is kept unless
-``--overwrite``. Bad input exits 2 with ``ds_face.embed: error: ...`` naming the file (and shard row).
+(labels 0..K-1) and the .jpg/.jpeg/.png files in each sorted by name (``ds_face.data.folder``, as
+``data_prep.folder2arrow``). Both files are written under temporary names beside the output and renamed when
+complete (labels first, then the embeddings), so ``emb.npy`` appears only when finished; an existing output is
+kept unless ``--overwrite``. Bad input exits 2 with ``ds_face.embed: error: ...`` naming the file (and shard row).
 """
 from __future__ import annotations
 
@@ -59,21 +59,20 @@ def arrow_source(directory: str) -> tuple[int, Iterator[tuple[bytes, int, str]]]
 
 
 def folder_source(directory: str) -> tuple[int, Iterator[tuple[bytes, int, str]]]:
-    from data_prep.convert import SourceError
-    from data_prep.folder2arrow import open_folder_source
+    from ds_face.data.folder import FolderError, list_image_folder
     try:
-        source = open_folder_source(directory)
-    except SourceError as err:
+        folder = list_image_folder(directory)
+    except FolderError as err:
         raise EmbedError(str(err)) from None
 
     def rows():
-        for path, label in zip(source.paths, source.labels.tolist()):
+        for path, label in zip(folder.paths, folder.labels.tolist()):
             try:
                 data = Path(path).read_bytes()
             except OSError as err:
                 raise EmbedError(f"{path}: cannot read ({err.strerror})") from None
             yield data, label, path
-    return len(source.paths), rows()
+    return len(folder.paths), rows()
 
 
 def embed_rows(model, count: int, rows, out_path: Path, batch_size: int, device=None,

@@ -232,7 +232,7 @@ class Trainer:
         if self.rank == 0:
             tb_dir = self.output_dir / "tensorboard" if cfg.output.tensorboard else None
             progress = Progress(last_step, G, cfg.output.log_every, tb_dir, position.step)
-        from ds_face.eval import TrainingEvaluator
+        from ds_face.callbacks import TrainingEvaluator
         evaluate = TrainingEvaluator(self, progress)  # eval.sets on rank 0, every eval.every_steps and at the end
         step_losses: list[torch.Tensor] = []
         last_loss = float("nan")

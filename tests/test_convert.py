@@ -15,11 +15,11 @@ import pyarrow as pa
 import pytest
 
 from data_prep import convert, folder2arrow, rec2arrow, verify
-from data_prep.convert import (
+from data_prep.plan import (
     MAX_AUTO_SHARDS, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, MIN_ROWS_PER_SHARD, TARGET_SHARD_BYTES, choose_num_shards,
     chunk_bytes_for,
 )
-from data_prep.convert import SourceError
+from data_prep.source import SourceError
 from data_prep.recordio import (
     MAGIC_BYTES, RecordReader, detect_layout, pack_image_record, read_idx, write_insightface_rec, write_plain_rec,
     write_recordio,

@@ -18,6 +18,8 @@ from PIL import Image
 
 from ds_face import embed as embed_cli
 from ds_face import eval as ev
+from ds_face.images import header_size
+from ds_face.inference import l2_normalize
 from tests.conftest import encode, face
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +101,7 @@ def test_verify_equals_arcface_torch_reference_on_noisy_embeddings():
     issame = rng.random(203) < 0.5
     base = rng.normal(size=(203, 16))
     other = np.where(issame[:, None], base + rng.normal(0, 0.9, base.shape), rng.normal(size=base.shape))
-    emb = ev.l2_normalize(np.stack([base, other], 1).reshape(-1, 16))
+    emb = l2_normalize(np.stack([base, other], 1).reshape(-1, 16))
     acc, thr = arcface_calculate_roc(ev.THRESHOLDS, emb[0::2], emb[1::2], issame)
     r = ev.verify(emb, issame)
     assert r["accuracies"] == pytest.approx(acc.tolist(), abs=0) and r["thresholds"] == thr
@@ -242,7 +244,7 @@ def test_an_oversized_image_is_refused_from_its_header_without_decoding(tmp_path
     rng = np.random.default_rng(0)
     bins = [encode(face(i, rng)) for i in range(20)]
     bins[7] = huge_jpeg(10000, 10000) if kind == "jpeg" else huge_png(10000, 10000)
-    assert ev.image_header_size(bins[7]) == (10000, 10000)
+    assert header_size(bins[7]) == (10000, 10000)
     if kind == "jpeg":
         assert simplejpeg.decode_jpeg_header(bins[7])[:2] == (10000, 10000)
     path = tmp_path / "bomb.bin"

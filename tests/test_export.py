@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_face import export
+from ds_face import export, export_weights
 from ds_face.backbones import get_backbone
 from ds_face.config import ModelConfig
 from ds_face.init_backbone import BackboneFileError, check_backbone_file, load_backbone_file
@@ -206,9 +206,9 @@ BAD = {
                                                                r"\(tags in .*: step_1\)"),
     "latest names a missing tag": (lambda d: (d / "latest").write_text("step_9") and d,
                                    r"checkpoints/latest names tag 'step_9', but .*checkpoints/step_9 does not exist"),
-    "missing model states": (lambda d: (d / TAG / export.MODEL_STATES).unlink() or d,
+    "missing model states": (lambda d: (d / TAG / export_weights.MODEL_STATES).unlink() or d,
                              r"step_1/mp_rank_00_model_states\.pt is missing"),
-    "corrupt model states": (lambda d: _garble(d / TAG / export.MODEL_STATES) or d,
+    "corrupt model states": (lambda d: _garble(d / TAG / export_weights.MODEL_STATES) or d,
                              r"step_1/mp_rank_00_model_states\.pt: not a readable torch file"),
     "corrupt optimizer shard": (lambda d: _garble(next((d / TAG).glob("*optim_states.pt"))) or d,
                                 r"step_1/zero_pp_rank_0_mp_rank_00_optim_states\.pt: not a readable torch file"),

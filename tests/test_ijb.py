@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from ds_face import eval as ev
+from ds_face.inference import l2_normalize
 from ds_face import ijb
 
 IDENTITIES, TEMPLATES_PER_ID = 11, 4
@@ -201,7 +202,7 @@ def test_template_aggregation_equals_the_protocol_restated():
 
 def test_pair_scores_equal_direct_cosines_across_gram_blocks():
     rng = np.random.default_rng(4)
-    f = ev.l2_normalize(rng.normal(size=(97, 24))).astype(np.float32)
+    f = l2_normalize(rng.normal(size=(97, 24))).astype(np.float32)
     i1, i2 = rng.integers(0, 97, 5000), rng.integers(0, 97, 5000)
     direct = np.einsum("ij,ij->i", f[i1].astype(np.float64), f[i2].astype(np.float64))
     for gram_bytes in (1, 4 * 97 * 10, 1 << 30):  # one row per block, 10 rows, everything at once
@@ -293,7 +294,7 @@ def test_val_at_far_equals_the_restated_calculate_val_and_survives_repeated_fars
     assert ev.far_threshold(far_train, thresholds, 1e-3) == pytest.approx(np.interp(1e-3, far_train, thresholds))
     assert ev.far_threshold(np.array([0, 0, 1e-3, 1e-3, 0.2]), thresholds, 1e-3) == 0.4  # plateau at the target
     assert ev.far_threshold(np.array([0, 0, 0, 0, 1e-4]), thresholds, 1e-3) == 0.0  # never reached
-    r = ev.verify(ev.l2_normalize(rng.normal(size=(200, 8))), rng.random(100) < 0.5)
+    r = ev.verify(l2_normalize(rng.normal(size=(200, 8))), rng.random(100) < 0.5)
     assert {"val", "val_std", "far"} <= set(r) and 0 <= r["val"] <= 1
 
 

@@ -1,5 +1,7 @@
 """The package's import graph, read from the source (nothing is imported): no circle inside ds_face, and
 ds_face does not depend on data_prep (the converters depend on ds_face's shard format, not the reverse).
+The README's "Layout" section names every module of ds_face/ and data_prep/, in an order the imports follow,
+and nothing that does not exist.
 
 Every import counts, also one inside a function: a lazy import still ties the two modules together.
 """
@@ -7,9 +9,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-# ds_face modules that still import data_prep, being moved off it; the list may only shrink
-KNOWN_DATA_PREP_IMPORTERS = {"ds_face.embed", "ds_face.bench.loader"}
+PACKAGES = ("ds_face", "data_prep")
 
 
 def module_name(path: Path) -> str:
@@ -21,9 +21,13 @@ def modules(package: str) -> dict[str, Path]:
     return {module_name(p): p for p in sorted((ROOT / package).rglob("*.py"))}
 
 
+def all_modules() -> dict[str, Path]:
+    return {name: path for package in PACKAGES for name, path in modules(package).items()}
+
+
 def imported_names(name: str, path: Path) -> set[str]:
     """Every module ``name`` imports: ``from a.b import c`` is a.b.c where that is a module, else a.b."""
-    known = modules("ds_face")
+    known = all_modules()
     is_package = path.name == "__init__.py"
     out = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -81,8 +85,33 @@ def test_the_cycle_finder_finds_one():
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
 
 
-def test_ds_face_does_not_import_data_prep_beyond_the_known_exceptions():
+def test_ds_face_does_not_import_data_prep():
     importers = {name for name, path in modules("ds_face").items()
                  if any(m == "data_prep" or m.startswith("data_prep.") for m in imported_names(name, path))}
-    assert importers - KNOWN_DATA_PREP_IMPORTERS == set(), \
-        f"new ds_face modules importing data_prep: {sorted(importers - KNOWN_DATA_PREP_IMPORTERS)}"
+    assert importers == set(), f"ds_face modules importing data_prep: {sorted(importers)}"
+
+
+def layout_entries() -> list[str]:
+    """The paths the README's "Layout" section lists, in order: the first word of each line of its code block."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("\n## Layout\n") + 1:]
+    section = section[:section.find("\n## ")] if "\n## " in section else section
+    block = section.split("```")[1]
+    return [line.split()[0] for line in block.splitlines() if line.strip()]
+
+
+def test_the_readme_layout_names_every_module_and_nothing_that_does_not_exist():
+    listed = layout_entries()
+    assert len(listed) == len(set(listed)), "listed twice: " + ", ".join(p for p in listed if listed.count(p) > 1)
+    assert [p for p in listed if not (ROOT / p).exists()] == [], "named in README Layout, not in the tree"
+    tree = {str(path.relative_to(ROOT)) for path in all_modules().values()}
+    assert sorted(tree - set(listed)) == [], "modules missing from README Layout"
+
+
+def test_the_readme_layout_is_in_import_order():
+    known = all_modules()
+    position = {module_name(ROOT / p): i for i, p in enumerate(layout_entries()) if module_name(ROOT / p) in known}
+    late = [f"{name} imports {other}, listed below it" for name, i in position.items()
+            for other in sorted(imported_names(name, known[name]))
+            if other in position and other != name and position[other] > i]
+    assert late == []

@@ -2,7 +2,6 @@
 
 * ``ds_face.bench.head``: the Partial FC head alone, model parallel (sample_rate 1.0) vs Partial FC 0.1.
 * ``ds_face.bench.engine_overhead``: a full training step under the DeepSpeed engine (ZeRO 0 / 2) vs plain DDP.
-* ``ds_face.bench.loader``: the Arrow training loader vs a naive PIL loop.
 * ``python -m ds_face.bench memory``: memory per device, FC inside ZeRO 0-3 vs model parallel vs Partial FC,
   estimated (``estimator.py``) and, with ``--measure``, measured on local ranks (``cells.py``); the options
   it shares with ``speed`` are ``cli.py``.
@@ -10,9 +9,10 @@
 * ``python -m ds_face.bench report``: a per-machine training-speed report (markdown + PNG).
 
 The head and engine benchmarks run under the deepspeed launcher; the ``python -m ds_face.bench`` commands
-start their own ranks. See BENCHMARKS.md for commands and measured tables.
+start their own ranks. See BENCHMARKS.md for commands and measured tables. The loader benchmark reads the
+.rec it compares against, so it lives with the converters: ``data_prep.bench_loader``.
 
-Imports run one way: the commands (memory, speed, report, head, engine_overhead, loader) -> cli -> cells ->
+Imports run one way: the commands (memory, speed, report, head, engine_overhead) -> cli -> cells ->
 estimator, configs -> this package's helpers; nothing here imports a command.
 """
 

@@ -1,6 +1,7 @@
 """Data: sources of rows (Arrow shards, synthetic), the run's sample order, and the per-rank loader.
 
     ds_face.data.shards   the shard format data_prep writes (no torch needed)
+    ds_face.data.folder   an image folder (one sub-directory per identity) listed: embed and folder2arrow
     ds_face.data.order    run position -> (epoch, dataset row): one global order, whatever the world size
     ds_face.data.arrow    ArrowFaces: rows from memory-mapped shards, decoded and flipped
     ds_face.data.synthetic  SyntheticFaces: rows from a formula

@@ -1,7 +1,7 @@
 """Training-loader throughput, side by side in one run: ds_face's Arrow loader against decoding alone, against
 itself with more workers, and against a naive one-record-at-a-time PIL loop, on the same images.
 
-    python -m ds_face.bench.loader --rec-dir DIR --arrow-dir DIR [--samples 40000] [--batch 128] [--workers 2]
+    python -m data_prep.bench_loader --rec-dir DIR --arrow-dir DIR [--samples 40000] [--batch 128] [--workers 2]
 
 * decode only (simplejpeg / PIL): the JPEG decode alone of the same records into one preallocated array, in
   this process: the ceiling a loader on one core can reach.
@@ -105,7 +105,7 @@ def warm(paths) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="ds_face.bench.loader", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="data_prep.bench_loader", description=__doc__.splitlines()[0])
     p.add_argument("--rec-dir", type=Path, required=True, help="holds train.rec, train.idx")
     p.add_argument("--arrow-dir", type=Path, required=True, help="the same data converted by data_prep")
     p.add_argument("--samples", type=int, default=40_000, help="samples per variant")

@@ -1,0 +1,156 @@
+"""Training callbacks: what the training loop calls between steps, apart from the protocols they run
+(arcface_torch keeps its callbacks apart from ``eval/verification.py`` too)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from ds_face.bin_sets import VerificationSet
+from ds_face.eval import evaluate, set_names
+from ds_face.fileio import write_json_atomic
+from ds_face.inference import EvalTimeout
+
+
+class TrainingEvaluator:
+    """The ``eval:`` block of the run YAML during training: every ``eval.every_steps`` optimizer steps and at
+    the last step, rank 0 evaluates the backbone on each set while the other ranks wait.
+
+    The wait is a broadcast from rank 0 (a collective under the process-group timeout, DS_FACE_TIMEOUT_MIN,
+    default 30 min), which also carries "rank 0 failed", so that every rank stops instead of hanging. To stay
+    under that timeout, rank 0 gives up on the remaining sets (warning) once half of it has passed.
+    Unsupported under ZeRO-3 (parameters partitioned; ``check_together`` refuses the combination)."""
+
+    def __init__(self, trainer, progress=None):
+        import torch
+        self.cfg = trainer.cfg.eval
+        self.trainer, self.rank = trainer, trainer.rank
+        self.writer = getattr(progress, "writer", None)
+        self.enabled = bool(self.cfg.sets) or bool(self.cfg.ijb.root)
+        self.sets: list[VerificationSet] = []
+        self.ijb = None  # ds_face.ijb.IJBMeta: eval.ijb, parsed once, evaluated at the last step
+        self.best: dict[str, float] = {}
+        self.dir = trainer.output_dir / "eval"
+        self.budget = 0.5 * 60 * int(os.environ.get("DS_FACE_TIMEOUT_MIN", 30))
+        self._device = trainer.engine.device
+        self._torch = torch
+        if not self.enabled:
+            return
+        error = None
+        if self.rank == 0:
+            try:  # decoded once, kept for every evaluation
+                self.sets = [VerificationSet.load(path, name)
+                             for name, path in zip(set_names(self.cfg.sets), self.cfg.sets)]
+                self._restore_best(trainer.global_step)
+                from ds_face.progress import log
+                if self.sets:
+                    log.info("evaluation every " + (f"{self.cfg.every_steps} steps" if self.cfg.every_steps else
+                             "run end") + ": " + ", ".join(f"{s.name} ({s.pairs} pairs)" for s in self.sets))
+                if self.cfg.ijb.root:  # parsed and checked now (every image present), not after hours of training
+                    from ds_face.ijb import read_meta
+                    self.ijb = read_meta(self.cfg.ijb.root, self.cfg.ijb.target)
+                    log.info(f"IJB evaluation at the end of the run: {self.ijb.target} ({self.ijb.images} images, "
+                             f"{len(self.ijb.labels)} pairs) from {self.ijb.root}")
+            except Exception as err:
+                error = err
+        self._agree(error)
+
+    def _agree(self, error: Exception | None) -> None:
+        """All ranks wait for rank 0; if it failed, every rank raises."""
+        torch = self._torch
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self._device)
+            torch.distributed.broadcast(flag, src=0)
+            failed = bool(flag.item())
+        else:
+            failed = error is not None
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError("evaluation failed on rank 0 (see its log); stopping this rank too")
+
+    def _restore_best(self, step: int) -> None:
+        """After a resume: the best accuracies of evaluations up to ``step`` (from eval/step_*.json)."""
+        for path in sorted(self.dir.glob("step_*.json")) if self.dir.is_dir() else []:
+            try:
+                report = json.loads(path.read_text())
+                if report["step"] > step:
+                    continue
+                for name, r in report["sets"].items():
+                    self.best[name] = max(self.best.get(name, 0.0), float(r["accuracy"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+
+    def due(self, step: int, last: bool) -> bool:
+        """.bin sets: every eval.every_steps and at the last step; IJB: at the last step only."""
+        return self.enabled and (last or bool(self.cfg.sets and self.cfg.every_steps
+                                              and step % self.cfg.every_steps == 0))
+
+    def __call__(self, step: int, last: bool = False) -> dict | None:
+        if not self.due(step, last):
+            return None
+        error, results = None, None
+        if self.rank == 0:
+            try:
+                results = self._run(step, last)
+            except Exception as err:
+                error = err
+        self._agree(error)
+        return results
+
+    def _run(self, step: int, last: bool = False) -> dict:
+        from ds_face.progress import log
+        model = self.trainer.engine.module
+        deadline = time.monotonic() + self.budget
+        results = {}
+        sets_due = last or bool(self.cfg.every_steps and step % self.cfg.every_steps == 0)
+        for vset in self.sets if sets_due else []:
+            try:
+                r = evaluate(model, vset, self.cfg.batch_size, deadline=deadline)
+            except EvalTimeout as err:
+                log.warning(f"[{vset.name}][{step}] evaluation skipped ({err}): half of the process-group "
+                            f"timeout DS_FACE_TIMEOUT_MIN has passed and the other ranks are waiting")
+                continue
+            self.best[vset.name] = max(self.best.get(vset.name, 0.0), r["accuracy"])
+            r.update(best_accuracy=self.best[vset.name], path=vset.path)
+            results[vset.name] = r
+            log.info(f"[{vset.name}][{step}]XNorm: {r['xnorm']:f}")
+            log.info(f"[{vset.name}][{step}]Accuracy-Flip: {r['accuracy']:1.5f}+-{r['std']:1.5f}")
+            log.info(f"[{vset.name}][{step}]Accuracy-Highest: {self.best[vset.name]:1.5f}")
+            if self.writer is not None:
+                for key in ("accuracy", "std", "threshold", "xnorm", "best_accuracy"):
+                    self.writer.add_scalar(f"eval/{vset.name}/{key}", r[key], step)
+        ijb = self._run_ijb(model, step, deadline) if last and self.ijb is not None else None
+        if self.writer is not None:
+            self.writer.flush()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.dir / f"step_{step}.json",
+                          {"step": step, "sets": results, **({"ijb": ijb} if ijb else {})})
+        return {**results, **({ijb["target"]: ijb} if ijb else {})}
+
+    def _run_ijb(self, model, step: int, deadline: float) -> dict | None:
+        """eval.ijb at the last step, under the same deadline as the .bin sets; also eval/<target>_step_<N>.png."""
+        from ds_face import ijb
+        from ds_face.progress import log
+        meta = self.ijb
+        started = time.perf_counter()
+        try:
+            feats = ijb.image_features(meta, model, self.cfg.batch_size, self._device,
+                                       workers=min(8, os.cpu_count() or 1), deadline=deadline)
+        except EvalTimeout as err:
+            log.warning(f"[{meta.target}][{step}] IJB evaluation skipped ({err}): half of the process-group "
+                        f"timeout DS_FACE_TIMEOUT_MIN has passed and the other ranks are waiting")
+            return None
+        features_seconds = time.perf_counter() - started
+        report, curve = ijb.evaluate_features(meta, feats)
+        report["seconds"]["features"] = features_seconds
+        for key, point in report["tar_at_far"].items():
+            log.info(f"[{meta.target}][{step}]TAR@FAR={key}: {point['tar']:1.5f} (at FPR {point['fpr']:.2e})")
+            if self.writer is not None:
+                self.writer.add_scalar(f"eval/{meta.target}/tar@far={key}", point["tar"], step)
+        log.info(f"[{meta.target}][{step}]AUC: {report['auc']:1.5f}")
+        if self.writer is not None:
+            self.writer.add_scalar(f"eval/{meta.target}/auc", report["auc"], step)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ijb.plot_roc(self.dir / f"{meta.target}_step_{step}.png", curve, report, f"{meta.target} step {step}")
+        return report
