@@ -7,10 +7,8 @@ import math
 
 import pytest
 
-from ds_face.bench.cells import Setting
 from tests.gpu import check
-from tests.gpu.checks import CHECKS, SPEED_HEADER, Context, speed_text
-from tests.gpu.speed import measure_pair
+from tests.gpu.checks import CHECKS, SPEED_HEADER, Context
 
 ISSUE_CHECKS = ["nccl", "engine", "head", "resume", "export", "launch", "speed", "bench", "parent"]
 
@@ -53,13 +51,17 @@ def test_bad_options(argv, message, capsys):
     assert err.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_plain_loop_baseline_and_report_writer_on_cpu(tmp_path):
-    """CPU, 1 gloo rank, r_tiny, fp32, tiny: the code of the speed check runs; the figures mean nothing for a GPU.
-    Both loops start from the same weights on the same batches, so their first losses agree: the baseline trains
-    the same backbone with the same head maths."""
-    setting = Setting(backbone="r_tiny", embedding=32, world_size=1, micro_batch=4, precision="fp32", steps=1,
-                      warmup=1, clipping=5.0)
-    result = measure_pair(setting, classes=100, rate=0.5)
+def test_speed_check_and_report_writer_on_cpu(tmp_path):
+    """CPU, 1 gloo rank, r_tiny, fp32, tiny: the speed check's code runs (plain loop and ds_face's cell on real
+    ranks), then the runner and the report writer; the figures mean nothing for a GPU. Both loops start from the
+    same weights on the same batches, so their first losses agree: the baseline trains the same backbone with the
+    same head maths."""
+    ctx = Context(world_size=1, workdir=tmp_path, classes=100, batch=4, backbones=("r_tiny",), precisions=("fp32",),
+                  rates=(0.5,), warmup=1, steps=1)
+    outcomes = check.run(ctx, ["nccl", "speed"])  # nccl fails on CPU ranks (gloo, no GPU): reported, not raised
+    assert outcomes[0][:2] == ("nccl", "FAILED") and "Traceback" in outcomes[0][3]
+    assert outcomes[1][:2] == ("speed", "passed"), outcomes[1][3]
+    (backbone, precision, rate, result), = ctx.results["speed"]
     assert result["device"] == "cpu"
     for name in ("plain", "ds_face"):
         assert result[name]["samples_per_s"] > 0 and all(math.isfinite(x) for x in result[name]["losses"])
@@ -68,11 +70,6 @@ def test_plain_loop_baseline_and_report_writer_on_cpu(tmp_path):
     assert result["ratio"] == pytest.approx(result["ds_face"]["samples_per_s"] / result["plain"]["samples_per_s"])
     assert result["estimate_mib"] > 0
 
-    ctx = Context(world_size=1, workdir=tmp_path, classes=100, batch=4, warmup=1, steps=1)
-    outcomes = check.run(ctx, ["nccl"])  # on CPU ranks it fails (gloo, no GPU): reported, not raised
-    assert outcomes[0][:2] == ("nccl", "FAILED") and "Traceback" in outcomes[0][3]
-    body = speed_text([("r_tiny", "fp32", 0.5, result)], ctx)
-    outcomes.append(("speed", "passed", 1.0, body))
     text = check.render([("CPU", "test"), ("Memory", "-"), ("GPU", "none (CPU ranks)")], ctx, outcomes, 60.0,
                         "cpu (tests/test_gpu_check.py: the report writer on CPU, not a GPU run)")
     assert text.startswith("# GPU check: cpu (tests/test_gpu_check.py: the report writer on CPU, not a GPU run)")

@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 
 from ds_face.bench import DefaultsHelpFormatter
-from tests.gpu.checks import BY_NAME, CHECKS, ROOT, Context
+from tests.gpu.checks import BY_NAME, CHECKS, ROOT, CheckFailed, Context
 
 DEFAULT_OUT = f"reports/gpu-check-{socket.gethostname()}.md"
 
@@ -102,6 +102,8 @@ def run(ctx: Context, names: list[str]) -> list[tuple[str, str, float, str]]:
             body, status = BY_NAME[name].run(ctx), "passed"
         except Exception as err:  # noqa: BLE001  (any failure is this check's, reported; the others still run)
             body = f"```\n{''.join(traceback.format_exception(err)[-12:]).strip()}\n```"
+            if isinstance(err, CheckFailed):  # what it measured before it failed, then why
+                body = f"{err.body}\n\n{body}"
             status = "FAILED"
         seconds = time.perf_counter() - started
         print(f"gpu-check: {name}: {status} ({seconds:.0f} s)", file=sys.stderr, flush=True)

@@ -21,12 +21,20 @@ from pathlib import Path
 import torch
 
 from ds_face.bench import markdown_table
-from ds_face.spawn import free_port, run_ranks
+from ds_face.spawn import RankFailed, free_port, run_ranks
 from tests import conftest
 
 ROOT = Path(__file__).resolve().parents[2]
 LR = 0.1
 CLASSES, EMBEDDING = 11, 32
+
+
+class CheckFailed(AssertionError):
+    """A check that failed after measuring something worth reporting: ``body`` goes into the report."""
+
+    def __init__(self, message: str, body: str):
+        super().__init__(message)
+        self.body = body
 
 
 @dataclass
@@ -422,6 +430,10 @@ def check_launch(ctx: Context) -> str:
 def speed_rows(results: list[tuple[str, str, float, dict]], world_size: int, batch: int) -> list[list]:
     rows = []
     for backbone, precision, rate, r in results:
+        if "error" in r:  # e.g. out of memory on a small GPU: the row says so, the check fails
+            rows.append([backbone, precision, "Model parallel" if rate >= 1 else f"Partial FC {rate:g}",
+                         f"{batch} x {world_size}", f"failed: {r['error']}"] + ["-"] * 5)
+            continue
         rows.append([backbone, precision, "Model parallel" if rate >= 1 else f"Partial FC {rate:g}",
                      f"{batch} x {world_size}", f"{r['ds_face']['samples_per_s']:,.0f}",
                      f"{r['plain']['samples_per_s']:,.0f}", f"**{r['ratio']:.2f}**",
@@ -444,13 +456,22 @@ def check_speed(ctx: Context) -> str:
                 setting = Setting(backbone=backbone, embedding=512, world_size=ctx.world_size,
                                   micro_batch=ctx.batch, precision=precision, steps=ctx.steps,
                                   warmup=ctx.warmup, clipping=5.0)
-                results.append((backbone, precision, rate, measure_pair(setting, ctx.classes, rate)))
+                try:
+                    result = measure_pair(setting, ctx.classes, rate)
+                except RankFailed as failed:  # the first failed rank's last line; the other cells still run
+                    rank, text = min(failed.errors.items())
+                    result = {"error": f"rank {rank}: {(text.strip().splitlines() or ['?'])[-1]}"}
+                results.append((backbone, precision, rate, result))
     ctx.results["speed"] = results
-    return speed_text(results, ctx)
+    text = speed_text(results, ctx)
+    failed = [f"{b} {p} rate {r:g}" for b, p, r, result in results if "error" in result]
+    if failed:
+        raise CheckFailed(f"{len(failed)} speed cell(s) failed: {', '.join(failed)}", text)
+    return text
 
 
 def speed_text(results, ctx: Context) -> str:
-    device = results[0][3]["device"] if results else "-"
+    device = next((r["device"] for _, _, _, r in results if "device" in r), "-")
     return (f"{ctx.classes:,} classes, embedding 512, synthetic batches staged on the device before timing, "
             f"{ctx.warmup} warm-up + {ctx.steps} timed steps per loop, both loops in the same processes on the same "
             f"batches ({device} on rank 0), gradient clipping 5, SGD, cudnn.benchmark on in both. ds_face: the "
