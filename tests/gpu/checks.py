@@ -474,7 +474,8 @@ def speed_text(results, ctx: Context) -> str:
     device = next((r["device"] for _, _, _, r in results if "device" in r), "-")
     return (f"{ctx.classes:,} classes, embedding 512, synthetic batches staged on the device before timing, "
             f"{ctx.warmup} warm-up + {ctx.steps} timed steps per loop, both loops in the same processes on the same "
-            f"batches ({device} on rank 0), gradient clipping 5, SGD, cudnn.benchmark on in both. ds_face: the "
+            f"batches ({device} on rank 0), gradient clipping 5, SGD, cudnn.benchmark on in both (arcface_torch sets "
+            f"it; `ds_face.train` does not). ds_face: the "
             f"DeepSpeed engine at ZeRO 0 + Partial FC (`ds_face.train.micro_step`, the `bench speed` cell); plain: "
             f"arcface_torch train_v2.py's loop (DDP, torch.autocast, GradScaler for fp16) around the same head "
             f"maths (`tests/gpu/speed.py`). samples/s: global batch / the slowest rank's mean step. Peak: "
