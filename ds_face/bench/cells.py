@@ -125,7 +125,6 @@ def build_step(cell: str, classes: int, setting: Setting):
 def local_device_facts() -> dict:
     """What this process's accelerator is and can do (DeepSpeed's checks). On a GPU this opens a CUDA context:
     call it in a rank, or on CPU; a parent process asks ``device_facts()``."""
-    import torch
     from deepspeed.accelerator import get_accelerator
     acc = get_accelerator()
     cuda = acc.device_name() == "cuda"
