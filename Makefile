@@ -1,11 +1,12 @@
 # make demo   set up (first time) and train the embedded default: 2 CPU ranks, ZeRO-2, Partial FC 0.1
 # make test   set up (first time) and run the test suite (what CI runs)
 # make test-multinode   a real 2-host launch over pdsh/ssh on this machine (needs sshd, pdsh)
+# make gpu-check   on NVIDIA GPUs: the GPU path in one run (< 10 min on one GPU), reports/gpu-check-<hostname>.md
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test multinode-tools test-multinode bench-head bench-engine bench-data bench-memory bench-report clean
+.PHONY: setup demo test multinode-tools test-multinode gpu-check bench-head bench-engine bench-data bench-memory bench-report clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +40,12 @@ multinode-tools:
 # a real two-host launch (pdsh + a private loopback sshd); needs: apt-get install -y openssh-server pdsh
 test-multinode: setup
 	bash tests/multinode/run_two_hosts.sh
+
+# every check of tests/gpu on every visible GPU (NCCL, ZeRO 0/2/3 fp16/bf16, head, resume, export + ONNX, a launch,
+# speed vs a plain PyTorch loop, bench report/memory), one report: reports/gpu-check-<hostname>.md; exit 1 if a
+# check failed. Without a CUDA device it says so, lists the checks and exits 0. Options: GPU_CHECK_ARGS="--quick"
+gpu-check: setup
+	$(PY) -m tests.gpu.check $(GPU_CHECK_ARGS)
 
 bench-head: setup
 	deepspeed --num_gpus 2 --module ds_face.bench.head --classes 1000000 --embedding 512 --batch 64 --steps 5

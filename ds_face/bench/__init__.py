@@ -22,16 +22,26 @@ import argparse
 import os
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows "(default: X)" after every option that has a default (not after None or a flag's False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def common_args(p: argparse.ArgumentParser, *, classes: int, batch: int, steps: int, warmup: int,
                 batch_help: str) -> argparse.ArgumentParser:
     """The options every benchmark shares, with its own defaults."""
-    p.add_argument("--classes", type=int, default=classes)
-    p.add_argument("--embedding", type=int, default=512)
+    p.formatter_class = DefaultsHelpFormatter  # --help shows every default
+    p.add_argument("--classes", type=int, default=classes, help="identities (class centres) of the head")
+    p.add_argument("--embedding", type=int, default=512, help="embedding size")
     p.add_argument("--batch", type=int, default=batch, help=batch_help)
     p.add_argument("--steps", type=int, default=steps, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=warmup, help="untimed steps first")
     p.add_argument("--sample-rate", type=float, default=0.1, help="the Partial FC rate")
-    p.add_argument("--seed", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=2048, help="seed of the weights and the synthetic data")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")

@@ -10,12 +10,27 @@ import sys
 
 COMMANDS = {"memory": "ds_face.bench.memory", "speed": "ds_face.bench.speed", "report": "ds_face.bench.report"}
 USAGE = f"usage: python -m ds_face.bench {{{','.join(COMMANDS)}}} [options]  (--help after a command for its options)"
+HELP = f"""{USAGE}
+
+Benchmarks that start their own local ranks (CPU ranks, or one per GPU) and need no launcher:
+
+  memory   memory per device: the FC inside ZeRO 0-3 vs model parallel vs Partial FC, estimated
+           (any backbone, class counts, ranks, precision); --measure also runs real steps per cell;
+           --compare-seed puts the estimator beside the Partial FC benchmark published with InsightFace
+  speed    samples/s of the same cells, measured, and each cell / a baseline cell (same run)
+  report   a per-machine training-speed report (spec table, batch x precision x Partial FC on/off,
+           markdown + PNG), shaped like InsightFace's per-GPU reports
+
+e.g.  python -m ds_face.bench memory --backbone r100 --world-size 8 --classes 2000000 --device-memory 80GB
+      python -m ds_face.bench report --out reports/$(hostname).md
+The head and engine-overhead benchmarks run under the deepspeed launcher (python -m ds_face.bench.head,
+ds_face.bench.engine_overhead --help); commands and measured tables: BENCHMARKS.md."""
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(HELP if argv else USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] not in COMMANDS:
         print(f"{USAGE}\npython -m ds_face.bench: error: unknown command {argv[0]!r}; valid: {', '.join(COMMANDS)}",

@@ -21,16 +21,25 @@ batches, just before the model is built; the peak is
   allocator handed out; nvidia-smi shows more: the CUDA context and the allocator's reserve).
 
 Speed is samples per second over the timed steps: W x micro-batch / the slowest rank's mean step time,
-each step started together after a barrier.
+each step started together after a barrier. The synthetic batches are made and put on the rank's device
+before the clock starts (no host-to-device copy is timed), and the device is synchronised on both sides
+of each timed step (a GPU runs the step's kernels asynchronously).
+
+The parent process never asks the GPU anything itself (``device_facts``): a capability probe there would
+open a CUDA context on GPU 0 that stays beside rank 0's for the whole run.
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +66,7 @@ class Setting:
     steps: int = 3  # timed steps
     warmup: int = 1  # untimed steps first (the first step allocates the optimizer state)
     seed: int = 2048
+    clipping: float = 0.0  # the engine's gradient_clipping (0: off)
 
 
 class DataParallelFC(nn.Module):
@@ -89,7 +99,8 @@ def build_step(cell: str, classes: int, setting: Setting):
     cfg = run_config(setting.backbone, setting.embedding, classes, 1.0 if kind == "dp" else arg, samples,
                      setting.seed, setting.optimizer)
     if kind == "head":
-        trainer = Trainer(cfg, ds_config(setting.micro_batch, setting.zero_stage, precision=setting.precision),
+        trainer = Trainer(cfg, ds_config(setting.micro_batch, setting.zero_stage, precision=setting.precision,
+                                         clipping=setting.clipping),
                           BatchLayout(setting.micro_batch, 1, setting.world_size))
         return lambda images, labels: micro_step(trainer.engine, trainer.head, trainer.head_optimizer,
                                                  {"image": images, "label": labels}, cfg.optimizer.lr).loss
@@ -98,10 +109,11 @@ def build_step(cell: str, classes: int, setting: Setting):
     with torch.device(get_accelerator().current_device_name()):  # on a GPU, not W copies of the FC in host memory
         model = DataParallelFC(get_backbone(setting.backbone, setting.embedding), setting.embedding, classes)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_backbone_optimizer(cfg, model),
-                                           config=ds_config(setting.micro_batch, arg, precision=setting.precision))
+                                           config=ds_config(setting.micro_batch, arg, precision=setting.precision,
+                                                            clipping=setting.clipping))
     dtype = next(p for p in engine.module.parameters()).dtype
 
-    def step(images, labels):
+    def step(images, labels):  # the batches are on the device already (staged_batches): a cast, no copy
         loss = engine(images.to(engine.device, dtype=dtype), labels.to(engine.device))
         engine.backward(loss)
         engine.step()
@@ -110,17 +122,82 @@ def build_step(cell: str, classes: int, setting: Setting):
     return step
 
 
-def unsupported(precision: str) -> str | None:
-    """Why this machine cannot train in ``precision`` (None if it can): DeepSpeed's own checks."""
+def local_device_facts() -> dict:
+    """What this process's accelerator is and can do (DeepSpeed's checks). On a GPU this opens a CUDA context:
+    call it in a rank, or on CPU; a parent process asks ``device_facts()``."""
     from deepspeed.accelerator import get_accelerator
     acc = get_accelerator()
-    if precision == "fp16" and not acc.is_fp16_supported():
-        return f"fp16 is not supported on this {acc.device_name()} accelerator (DeepSpeed's check)"
-    if precision == "bf16" and not acc.is_bf16_supported():
-        return f"bf16 is not supported on this {acc.device_name()} accelerator (DeepSpeed's check)"
-    if precision == "tf32" and not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8):
+    cuda = acc.device_name() == "cuda"
+    props = [torch.cuda.get_device_properties(i) for i in range(acc.device_count())] if cuda else []
+    return {"device": acc.device_name(), "count": acc.device_count() if acc.device_name() != "cpu" else 0,
+            "names": [p.name for p in props], "memory_bytes": [p.total_memory for p in props],
+            "capability": [[p.major, p.minor] for p in props],
+            "fp16": bool(acc.is_fp16_supported()), "bf16": bool(acc.is_bf16_supported())}
+
+
+@functools.lru_cache(maxsize=1)
+def device_facts() -> dict:
+    """``local_device_facts()`` without touching a GPU here: on a GPU machine it is asked in a short-lived
+    child process (the probes, e.g. torch.cuda.get_device_capability, open a CUDA context on GPU 0, which
+    would then sit in GPU 0's memory beside rank 0's for the whole run). On CPU it is asked here."""
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().device_name() == "cpu":  # DeepSpeed found no GPU: nothing to open a context on
+        return local_device_facts()
+    root = str(Path(__file__).resolve().parents[2])  # this checkout's ds_face, whatever the child's cwd
+    probe = (f"import json, sys; sys.path.insert(0, {root!r}); from ds_face.bench.cells import local_device_facts; "
+             "print(json.dumps(local_device_facts()))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        tail = out.stderr.strip().splitlines()[-1:] or [f"exit code {out.returncode}"]
+        raise RuntimeError(f"the accelerator probe (a child process) failed: {tail[0]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def unsupported(precision: str, facts: dict | None = None) -> str | None:
+    """Why this machine cannot train in ``precision`` (None if it can): DeepSpeed's own checks, from ``facts``
+    (default: ``device_facts()``, safe in a parent process)."""
+    facts = device_facts() if facts is None else facts
+    name = facts["device"]
+    if precision == "fp16" and not facts["fp16"]:
+        return f"fp16 is not supported on this {name} accelerator (DeepSpeed's check)"
+    if precision == "bf16" and not facts["bf16"]:
+        return f"bf16 is not supported on this {name} accelerator (DeepSpeed's check)"
+    if precision == "tf32" and not (name == "cuda" and facts["capability"]
+                                    and min(major for major, _ in facts["capability"]) >= 8):
         return "tf32 needs an NVIDIA GPU of compute capability 8.0 (Ampere) or newer"
     return None
+
+
+def staged_batches(setting: Setting, classes: int, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's synthetic (images, labels) for every warm-up and timed step, already on its device:
+    no host-to-device copy happens inside a timed step."""
+    from deepspeed.accelerator import get_accelerator
+    device = get_accelerator().current_device_name()
+    gen = torch.Generator().manual_seed(setting.seed * 100 + rank)
+    batches = [(torch.randn(setting.micro_batch, 3, 112, 112, generator=gen).to(device),
+                torch.randint(0, classes, (setting.micro_batch,), generator=gen).to(device))
+               for _ in range(setting.warmup + setting.steps)]
+    get_accelerator().synchronize()
+    return batches
+
+
+def timed_steps(step, batches: list, warmup: int) -> tuple[list[float], list[float]]:
+    """Run ``step(images, labels)`` on every batch; seconds of each step after ``warmup``, and every loss.
+    The ranks start each step together (a barrier) and the device is synchronised before the clock starts
+    and before it stops."""
+    from deepspeed.accelerator import get_accelerator
+    acc = get_accelerator()
+    times, losses = [], []
+    for i, (images, labels) in enumerate(batches):
+        torch.distributed.barrier()  # start together: a lagging rank would bill its wait to the next step
+        acc.synchronize()
+        start = time.perf_counter()
+        out = step(images, labels)
+        acc.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        losses.append(float(out))
+    return times, losses
 
 
 # -- one rank ------------------------------------------------------------------------------------
@@ -156,27 +233,18 @@ def measure_rank(rank: int, world_size: int, cell: str, classes: int, setting: S
 
     import deepspeed
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    reason = unsupported(setting.precision)
+    reason = unsupported(setting.precision, local_device_facts())  # a rank may ask its own device
     if reason:
         raise RuntimeError(reason)
     if torch.cuda.is_available():  # "fp32" means no TF32 anywhere; "tf32" allows it in matmuls and convolutions
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = setting.precision == "tf32"
-    gen = torch.Generator().manual_seed(setting.seed * 100 + rank)
-    batches = [(torch.randn(setting.micro_batch, 3, 112, 112, generator=gen),
-                torch.randint(0, classes, (setting.micro_batch,), generator=gen))
-               for _ in range(setting.warmup + setting.steps)]
+    batches = staged_batches(setting, classes, rank)  # before the baseline: the batches are not the cell's
     memory = PeakMemory()
     memory.start()
     step = build_step(cell, classes, setting)
-    times, loss = [], float("nan")
-    for i, (images, labels) in enumerate(batches):
-        torch.distributed.barrier()  # start together: a lagging rank would bill its wait to the next step
-        start = time.perf_counter()
-        loss = float(step(images, labels))
-        if i >= setting.warmup:
-            times.append(time.perf_counter() - start)
+    times, losses = timed_steps(step, batches, setting.warmup)
     return {"peak_bytes": memory.peak_bytes(), "baseline_bytes": memory.baseline, "ms_mean": 1000 * statistics.mean(times),
-            "last_loss": loss}
+            "last_loss": losses[-1]}
 
 
 # -- one cell on fresh ranks -----------------------------------------------------------------------

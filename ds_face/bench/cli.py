@@ -6,6 +6,7 @@ import argparse
 import re
 import sys
 
+from ds_face.bench import DefaultsHelpFormatter
 from ds_face.bench.estimator import (MiB, OPTIMIZERS, PRECISIONS, activation_elements_per_sample, dp_cell,
                                      parse_cell, pfc_cell, table)
 
@@ -42,25 +43,33 @@ def parse_rates(text: str) -> list[float]:
     return rates
 
 
+SEED_BENCHMARK = ("the Partial FC benchmark published with InsightFace, table 2 'GPU memory cost of different "
+                  "parallel methods' (8x Tesla V100 32GB, r50, fp16, batch 128 per GPU)")
+
+
 def build_parser(prog: str, description: str, measure_flag: bool = True) -> argparse.ArgumentParser:
-    """The options of ``memory`` and ``speed`` (which always measures: no ``--measure``)."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--backbone", default="r50")
-    p.add_argument("--embedding", type=int, default=512)
+    """The options of ``memory`` and ``speed`` (which always measures: no ``--measure``); --help shows defaults."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--backbone", default="r50", help="backbone name (r_tiny, r18, r34, r50, r100, r200)")
+    p.add_argument("--embedding", type=int, default=512, help="embedding size")
     p.add_argument("--classes", default="125000,1400000,5500000,29000000", help="comma-separated class counts")
-    p.add_argument("--world-size", type=int, default=8)
+    p.add_argument("--world-size", type=int, default=8, help="ranks (devices); measured cells start this many locally")
     p.add_argument("--micro-batch", type=int, default=128, help="samples per rank per micro-step")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp16")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp16", help="the engine's precision")
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="sgd", help="for the engine and the head")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0,
                    help="ZeRO stage of the backbone in the Model parallel / Partial FC cells")
     p.add_argument("--sample-rates", default="0.1", help="Partial FC rates (< 1); 'Model parallel' is always shown")
-    p.add_argument("--cells", help="only these cells, comma-separated (e.g. 'DP ZeRO-0,Model parallel,Partial FC 0.1')")
-    p.add_argument("--device-memory", help="per-device budget (32GB, 24GiB, 32000MB; binary units): '-' above it")
+    p.add_argument("--cells", help="only these cells, comma-separated (e.g. 'DP ZeRO-0,Model parallel,Partial FC 0.1'); "
+                                   "default: DP ZeRO-0..3, Model parallel and a Partial FC cell per --sample-rates")
+    p.add_argument("--device-memory", help="per-device budget (32GB, 24GiB, 32000MB; binary units): '-' above it; "
+                                           "default: no budget")
     p.add_argument("--overhead-mb", type=float, default=400.0, help="fixed per-device overhead (CUDA context)")
-    p.add_argument("--activation-mb-per-sample", type=float, help="override the leaf-module activation estimate")
+    p.add_argument("--activation-mb-per-sample", type=float,
+                   help="override the activation estimate (default: a leaf-module count; measured once with --measure)")
     p.add_argument("--breakdown", action="store_true", help="also print each cell's components (MiB)")
-    p.add_argument("--compare-seed", action="store_true", help="also print the estimator beside seeds/003 table 2")
+    p.add_argument("--compare-seed", action="store_true", help=f"also print the estimator beside {SEED_BENCHMARK}")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON (bytes)")
     p.add_argument("--plot", metavar="PATH.png", help="also draw MiB per device against classes, a line per cell, "
                                                       "the budget dashed (measured figures as dots)")
@@ -106,15 +115,14 @@ def parse_grid(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[li
     if too_few:
         p.error(f"--classes: {too_few[0]} classes cannot be split over {args.world_size} ranks")
     if getattr(args, "measure", True):  # speed always measures
-        from ds_face.bench.cells import unsupported
-        reason = unsupported(args.precision)
+        from ds_face.bench.cells import device_facts, unsupported
+        reason = unsupported(args.precision)  # asked in a child process on a GPU machine: no CUDA context here
         if reason:
             p.error(f"cannot measure --precision {args.precision} here: {reason}")
-        from deepspeed.accelerator import get_accelerator
-        accelerator = get_accelerator()
-        if accelerator.device_name() != "cpu" and args.world_size > accelerator.device_count():
-            p.error(f"--world-size {args.world_size}: this machine has {accelerator.device_count()} "
-                    f"{accelerator.device_name()} device(s); measured cells run one rank per device")
+        facts = device_facts()
+        if facts["device"] != "cpu" and args.world_size > facts["count"]:
+            p.error(f"--world-size {args.world_size}: this machine has {facts['count']} "
+                    f"{facts['device']} device(s); measured cells run one rank per device")
     act = None if args.activation_mb_per_sample is None else args.activation_mb_per_sample * MiB
     kw = dict(backbone=args.backbone, embedding=args.embedding, world_size=args.world_size,
               micro_batch=args.micro_batch, precision=args.precision, optimizer=args.optimizer,

@@ -28,7 +28,7 @@ from ds_face.fileio import write_json_atomic
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ds_face.bench.engine_overhead", description=__doc__.splitlines()[0])
-    p.add_argument("--backbone", default="r_tiny")
+    p.add_argument("--backbone", default="r_tiny", help="backbone name (r_tiny, r18, r34, r50, r100, r200)")
     p.add_argument("--clip", type=float, default=5.0, help="gradient clipping, as in ds_configs/*.json (0: off)")
     return common_args(p, classes=20000, batch=32, steps=20, warmup=3, batch_help="micro-batch per rank").parse_args(argv)
 
@@ -55,8 +55,9 @@ def deepspeed_variant(cfg, layout, stage: int, args):
     return step
 
 
-def ddp_variant(cfg, total_steps: int, clip: float):
-    """Trainer's wiring with DDP in place of the engine: same init, optimizer, schedule, head."""
+def ddp_variant(cfg, total_steps: int, clip: float, device: str):
+    """Trainer's wiring with DDP in place of the engine: same init, optimizer, schedule, head, on the device the
+    engine uses (the accelerator's: this rank's GPU, or the CPU)."""
     from torch.nn.parallel import DistributedDataParallel
 
     from ds_face.backbones import get_backbone
@@ -66,11 +67,13 @@ def ddp_variant(cfg, total_steps: int, clip: float):
     from ds_face.train import build_backbone_optimizer, seed_everything
 
     seed_everything(cfg.seed)
-    backbone = get_backbone(cfg.model.backbone, cfg.model.embedding_size)
-    model = DistributedDataParallel(backbone)  # after init_distributed: uses its gloo group
+    backbone = get_backbone(cfg.model.backbone, cfg.model.embedding_size).to(device)
+    index = torch.device(device).index
+    # after init_distributed: uses its process group (gloo on CPU, NCCL on GPUs)
+    model = DistributedDataParallel(backbone, device_ids=None if index is None else [index])
     optimizer = build_backbone_optimizer(cfg, backbone)
     scheduler = poly_warmup_scheduler(total_steps, 0, cfg.schedule.power)(optimizer)
-    head, head_optimizer = build_head(cfg, "cpu")
+    head, head_optimizer = build_head(cfg, device)
 
     def step(batch):
         images = batch["image"]
@@ -97,15 +100,23 @@ def main(argv=None) -> int:
     from ds_face.config import BatchLayout
     from ds_face.train import build_loader
 
+    from deepspeed.accelerator import get_accelerator
+    accelerator = get_accelerator()
     torch.set_num_threads(threads_per_rank())
-    init(dist_backend="gloo")  # before deepspeed.initialize and DDP construction
+    if accelerator.device_name() != "cpu":  # one device per rank, chosen before any use (as ds_face.spawn)
+        accelerator.set_device(args.local_rank)
+    # the accelerator's backend (gloo on CPU, NCCL on GPUs), before deepspeed.initialize and DDP construction
+    init(dist_backend=accelerator.communication_backend_name())
+    device = accelerator.current_device_name()
     deepspeed.utils.logger.setLevel(logging.WARNING)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     total = args.warmup + args.steps
     cfg, layout = run_config(args, total, world), BatchLayout(args.batch, 1, world)
-    batches = list(build_loader(cfg, layout, rank).micro_batches(0, total * layout.per_step))  # once, untimed
+    # once, untimed, and on the device before the clock starts: no host-to-device copy is timed
+    batches = [{k: v.to(device) for k, v in batch.items()}
+               for batch in build_loader(cfg, layout, rank).micro_batches(0, total * layout.per_step)]
 
-    builders = {"DDP": lambda: ddp_variant(cfg, total, args.clip),
+    builders = {"DDP": lambda: ddp_variant(cfg, total, args.clip, device),
                 "DeepSpeed ZeRO 0": lambda: deepspeed_variant(cfg, layout, 0, args),
                 "DeepSpeed ZeRO 2": lambda: deepspeed_variant(cfg, layout, 2, args)}
     steps = {name: build() for name, build in builders.items()}  # all alive at once
@@ -115,10 +126,13 @@ def main(argv=None) -> int:
     for i, batch in enumerate(batches):
         for name, step in steps.items():
             torch.distributed.barrier()  # start together, so one rank's lag isn't billed to the next step
+            accelerator.synchronize()  # a GPU runs kernels asynchronously: time from an idle device ...
             start = time.perf_counter()
-            losses[name] = float(step(batch))
+            loss = step(batch)
+            accelerator.synchronize()  # ... to the step's last kernel
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
+            losses[name] = float(loss)
     results = {}
     for name, mine in times.items():
         per_rank = [None] * world

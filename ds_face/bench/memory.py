@@ -55,8 +55,8 @@ def main(argv=None) -> int:
            "results": {str(c): r for c, r in results.items()}}
     if args.compare_seed:
         seed_text, seed_data = seed_comparison(args.overhead_mb * MiB, act)
-        print("\nSeed comparison (seeds/003 table 2: 8x V100 32GB, r50, fp16, batch 128/GPU; MiB per GPU; "
-              "estimates in parentheses exceed 32510 MiB):\n\n" + seed_text + "\n\n"
+        print(f"\nSeed comparison ({cli.SEED_BENCHMARK}; MiB per GPU; estimates in parentheses exceed "
+              "32510 MiB):\n\n" + seed_text + "\n\n"
               + textwrap.fill(" ".join(SEED_NOTE.split()), 110))
         out["seed_comparison"] = {str(c): d for c, d in seed_data.items()}
     if args.measure:

@@ -23,7 +23,7 @@ import platform
 import sys
 from pathlib import Path
 
-from ds_face.bench import markdown_table
+from ds_face.bench import DefaultsHelpFormatter, markdown_table
 
 PRECISION_ORDER = ("fp32", "tf32", "fp16", "bf16")
 
@@ -60,10 +60,15 @@ def machine_spec() -> list[tuple[str, str]]:
     import deepspeed
     import psutil
     import torch
-    if torch.cuda.is_available():
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+
+    from ds_face.bench.cells import device_facts
+    facts = device_facts()  # a GPU is asked in a child process: this one opens no CUDA context
+    names = facts["names"]
+    if names:
+        memory = facts["memory_bytes"][0] / 2**30
         gpu = f"{len(names)} x {names[0]} ({memory:.0f} GiB)" + ("" if len(set(names)) == 1 else f" ({', '.join(names)})")
+    elif facts["device"] != "cpu":
+        gpu = f"{facts['count']} x {facts['device']}"
     else:
         gpu = "none (CPU ranks)"
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
@@ -76,13 +81,14 @@ def machine_spec() -> list[tuple[str, str]]:
 
 # -- the measurements ----------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ds_face.bench report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m ds_face.bench report", description=__doc__.splitlines()[0],
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="the markdown file to write (a .png plot goes beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--backbone", default="r_tiny")
-    p.add_argument("--embedding", type=int, default=512)
-    p.add_argument("--classes", type=int, default=100_000)
-    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--backbone", default="r_tiny", help="backbone name (r_tiny, r18, r34, r50, r100, r200)")
+    p.add_argument("--embedding", type=int, default=512, help="embedding size")
+    p.add_argument("--classes", type=int, default=100_000, help="identities in the synthetic data")
+    p.add_argument("--world-size", type=int, default=2, help="local ranks (one per device on a GPU machine)")
     p.add_argument("--batch-sizes", default="16,32", help="micro-batch per rank, comma-separated")
     p.add_argument("--precisions", default="fp32,tf32,fp16,bf16", help=f"any of {', '.join(PRECISION_ORDER)}")
     p.add_argument("--sample-rate", type=float, default=0.1, help="Partial FC 'on'; 'off' is model parallel (1.0)")
