@@ -55,6 +55,16 @@ def _state_keys(optimizer) -> tuple[list[str], torch.Tensor | None]:
     return sorted(keys), step
 
 
+def _link_loaded_state(optimizer) -> None:
+    """ZeRO 1-2 link each parameter to its slice of the optimizer state only at the first step; a state that
+    DeepSpeed loaded from its own files is unlinked until then, and ``safe_get_full_optimizer_state`` fails on it.
+    Link it now, but only when there is state to link: linking an empty one would stop the first step's."""
+    if getattr(optimizer, "_hp_optimizer_states_linked", True):
+        return
+    if all(optimizer.optimizer.state.get(flat) for flat in _flat_partitions(optimizer)):
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
 def full_state(engine, keep: bool) -> dict | None:
     """Collective (every rank, same order). The gathered state, kept on ranks where ``keep`` (e.g. rank 0);
     None where not kept or the engine is not partitioned."""
@@ -62,6 +72,7 @@ def full_state(engine, keep: bool) -> dict | None:
     if not is_partitioned(engine):
         return None
     optimizer = engine.optimizer
+    _link_loaded_state(optimizer)
     keys, step = _state_keys(optimizer)
     params = {}
     for name, param in engine.module.named_parameters():

@@ -60,6 +60,7 @@ def _resume(rank, world_size, root, stage, optimizer, precision):
 
 CASES = [(stage, old, new, "sgd", "fp32") for stage in (0, 2, 3) for old, new in ((2, 3), (3, 2), (2, 1))]
 CASES += [(2, 2, 3, "adamw", "fp32"), (3, 3, 2, "adamw", "fp32"), (2, 2, 1, "sgd", "fp16")]
+CASES += [(2, 2, 2, "sgd", "fp32")]  # no resize: the state DeepSpeed loads itself, read before any step
 
 
 @pytest.mark.parametrize("stage,old,new,optimizer,precision", CASES)
