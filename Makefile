@@ -49,10 +49,12 @@ bench-head: setup
 bench-engine: setup
 	deepspeed --num_gpus 2 --module ds_face.bench.engine_overhead --backbone r_tiny --classes 20000 --batch 32 --steps 20
 
-# measured memory per rank (and samples/s): FC inside ZeRO 0-3 vs model parallel vs Partial FC; ~15 min on 2 cores
+# measured memory per rank (and samples/s): FC inside ZeRO 0-3 vs model parallel vs Partial FC; ~15 min on 2 cores.
+# The figures go to the .json too: `python -m ds_face.bench.plots reports/memory-cpu-2ranks.json OUT.png` re-draws.
 bench-memory: setup
 	$(PY) -m ds_face.bench memory --backbone r_tiny --world-size 2 --micro-batch 32 --precision fp32 \
-	    --classes 200000,500000,1000000 --device-memory 3GB --overhead-mb 0 --measure --plot reports/memory-cpu-2ranks.png
+	    --classes 200000,500000,1000000 --device-memory 3GB --overhead-mb 0 --measure \
+	    --plot reports/memory-cpu-2ranks.png --json reports/memory-cpu-2ranks.json
 
 # a training-speed report for this machine (markdown + PNG) under reports/; ~3 min on 2 cores
 bench-report: setup
