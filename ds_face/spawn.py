@@ -65,7 +65,7 @@ class Deadline:
     collective looks like: a rank blocked in gloo uses ~0.1% of a core). So a machine whose load leaves a rank a
     quarter of a core stretches the wall-clock deadline four-fold, while a deadlock, or a rank spinning on a whole
     core, still fails after ``seconds``. (What made ``make test`` hit the old wall-clock 300 s: DeepSpeed's shm
-    op compiled inside the first ranks, 1-3.5 min, on a machine busy with other work; it is now built at set-up,
+    op compiled inside the first ranks, 0.5-3.5 min, on a machine busy with other work; it is now built at set-up,
     ds_face/build_ops.py.)
     """
     IDLE = 0.02  # of a core: below it for every process, the second counts in full
