@@ -11,12 +11,15 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 setup: $(VENV)/.installed
 
 # torch first, pinned (on a GPU machine install the CUDA build of the same version first, then `make setup`);
-# then ds_face itself, editable (the ds-face-* commands run this checkout), with the ONNX export and test extras.
+# then ds_face itself, editable (the ds-face-* commands run this checkout), with the ONNX export and test extras;
+# last, on a CPU machine, DeepSpeed's shared-memory op, compiled into $(VENV)/torch_extensions (ds_face/op_cache.py)
+# so that no rank compiles it at its first launch (on a GPU machine it says there is nothing to build).
 $(VENV)/.installed: pyproject.toml requirements.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e ".[onnx,test]"
+	$(PY) -m ds_face.build_ops
 	touch $@
 
 demo: setup
@@ -53,10 +56,12 @@ bench-head: setup
 bench-engine: setup
 	deepspeed --num_gpus 2 --module ds_face.bench.engine_overhead --backbone r_tiny --classes 20000 --batch 32 --steps 20
 
-# measured memory per rank (and samples/s): FC inside ZeRO 0-3 vs model parallel vs Partial FC; ~15 min on 2 cores
+# measured memory per rank (and samples/s): FC inside ZeRO 0-3 vs model parallel vs Partial FC; ~15 min on 2 cores.
+# The figures go to the .json too: `python -m ds_face.bench.plots reports/memory-cpu-2ranks.json OUT.png` re-draws.
 bench-memory: setup
 	$(PY) -m ds_face.bench memory --backbone r_tiny --world-size 2 --micro-batch 32 --precision fp32 \
-	    --classes 200000,500000,1000000 --device-memory 3GB --overhead-mb 0 --measure --plot reports/memory-cpu-2ranks.png
+	    --classes 200000,500000,1000000 --device-memory 3GB --overhead-mb 0 --measure \
+	    --plot reports/memory-cpu-2ranks.png --json reports/memory-cpu-2ranks.json
 
 # a training-speed report for this machine (markdown + PNG) under reports/; ~3 min on 2 cores
 bench-report: setup

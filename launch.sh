@@ -12,10 +12,11 @@
 # Before DeepSpeed starts anything, python -m ds_face.preflight checks both configs and output.dir; on a
 # single node the master port (a busy --master_port stops the launch; a busy default 29500 is replaced
 # by a free port, said on stderr); with a hostfile every value that DeepSpeed's pdsh runner would pass
-# through the nodes' shell (refused unless it arrives verbatim).
+# through the nodes' shell (refused unless it arrives verbatim). Without a GPU, DeepSpeed's shm op for CPU ranks
+# is built first if `make setup` has not (python -m ds_face.build_ops --if-missing: milliseconds when built).
 set -euo pipefail
 
-usage() { sed -n '2,16p' "$0"; }
+usage() { sed -n '2,/^[^#]/{/^#/p;}' "$0"; }  # the comment block above
 case ${1:-} in -h|--help) usage; exit 0 ;; esac
 if [ $# -lt 2 ]; then
     usage >&2
@@ -61,6 +62,9 @@ if [ -z "$hostfile" ]; then
     port=$("${preflight[@]}" --port "${master_port:-29500}" ${port_given:+--port-given} \
            -- "${trainer[@]+"${trainer[@]}"}") || exit 2
     [ -n "$port_given" ] || [ "$port" = 29500 ] || runner+=(--master_port "$port")
+    # No GPU: the CPU ranks load DeepSpeed's shm op. `make setup` built it into the venv; if it is missing (an
+    # older venv, a pip install), build it here once, in one line, rather than silently inside the first rank.
+    command -v nvidia-smi >/dev/null 2>&1 || "$python_bin" -m ds_face.build_ops --if-missing || exit 2
     exec "$deepspeed_bin" "${runner[@]}" --module ds_face.train \
         --config "$run_config" --deepspeed_config "$ds_config" "${trainer[@]+"${trainer[@]}"}"
 fi

@@ -61,25 +61,65 @@ def flip_embeddings(model, images: np.ndarray, batch_size: int = 128, device=Non
     return l2_normalize(plain + flipped).astype(np.float32), xnorm
 
 
-def load_model(path: str, backbone: str = "r50", embedding: int = 512, device=None):
-    """A backbone built by name with ``path``'s weights (``ds_face.init_backbone`` rules), in eval mode."""
+def weights_architecture(path: str, state: dict | None = None) -> tuple[str, int]:
+    """(backbone name, embedding size) of the weights in ``path``, read from their key names and shapes; raises
+    BackboneFileError (a ValueError naming the file) when the file is not a backbone's weights or its layout is
+    not one of ``ds_face.backbones.BACKBONES``. The names have distinct (blocks, widths), so a match is unique."""
+    from ds_face.init_backbone import BackboneFileError, architecture, read_backbone_file
+    state = read_backbone_file(path, mmap=True) if state is None else state
+    layers, widths, embedding, names = architecture(state)
+    if not names or embedding is None:
+        from ds_face.backbones import BACKBONES
+        raise BackboneFileError(f"{path}: cannot tell the backbone from the weights (layers {layers}, widths "
+                                f"{widths}, embedding {embedding}; known: {', '.join(BACKBONES)}); pass --backbone "
+                                f"and --embedding")
+    return names[0], embedding
+
+
+def load_model(path: str, backbone: str | None = None, embedding: int | None = None, device=None):
+    """A backbone built by name with ``path``'s weights (``ds_face.init_backbone`` rules), in eval mode.
+    ``backbone`` / ``embedding`` None: read from the weights (``weights_architecture``); given, they must fit."""
     from ds_face.backbones import get_backbone
-    from ds_face.init_backbone import load_backbone_file
+    from ds_face.init_backbone import load_backbone_file, read_backbone_file
+    state = read_backbone_file(path)
+    if backbone is None or embedding is None:
+        found_backbone, found_embedding = weights_architecture(path, state)
+        backbone = backbone or found_backbone
+        embedding = embedding or found_embedding
     model = get_backbone(backbone, embedding)
-    load_backbone_file(path, model, backbone)
+    load_backbone_file(path, model, backbone, state=state)
     if device is None:  # the device DeepSpeed's accelerator picks, as in training (cuda, cpu, ...)
         from deepspeed.accelerator import get_accelerator
         device = get_accelerator().device_name()
     return model.to(device).eval()
 
 
+class _ModelAndArchitecture(argparse.Action):
+    """``--model PATH``, and the ``--backbone`` / ``--embedding`` its weights have where the command line gives
+    none (a later ``--backbone`` still wins), so that the namespace, and what a command records from it (eval's
+    ``--json``, IJB's report), names the backbone that ran. A file that cannot tell is left to ``load_model``,
+    which says why."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.model = value
+        if getattr(namespace, "backbone", None) is not None and getattr(namespace, "embedding", None) is not None:
+            return
+        try:
+            backbone, embedding = weights_architecture(value)
+        except (ValueError, OSError):
+            return
+        if getattr(namespace, "backbone", None) is None:
+            namespace.backbone = backbone
+        if getattr(namespace, "embedding", None) is None:
+            namespace.embedding = embedding
+
+
 def add_model_args(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
     from ds_face.backbones import BACKBONES
-    parser.add_argument("--model", required=model_required,
+    parser.add_argument("--model", required=model_required, action=_ModelAndArchitecture,
                         help="model.pt (ds_face.export output or arcface_torch model zoo)")
-    parser.add_argument("--backbone", default="r50", choices=list(BACKBONES), help="default r50")
-    parser.add_argument("--embedding", type=int, default=512, help="embedding size (default 512)")
+    parser.add_argument("--backbone", choices=list(BACKBONES),
+                        help="default: the one the weights' layers and widths match")
+    parser.add_argument("--embedding", type=int, help="embedding size (default: the weights' fc.weight rows)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
     parser.add_argument("--device", help="torch device (default: the DeepSpeed accelerator's, e.g. cuda, else cpu)")
-
-

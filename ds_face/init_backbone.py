@@ -61,8 +61,9 @@ def _is_state_dict(obj: dict) -> bool:
     return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def describe_backbone(state: dict) -> str:
-    """What a state_dict looks like, e.g. 'layers [3, 4, 14, 3], widths [64, 128, 256, 512], embedding 512 (r50)'."""
+def architecture(state: dict) -> tuple[list[int], list, int | None, list[str]]:
+    """(blocks per stage, stage widths, embedding size, the BACKBONES names with those blocks and widths) of a
+    state_dict, read from its key names and shapes; the embedding is None without ``fc.weight``."""
     layers = []
     for stage in range(1, 5):
         blocks = {int(m.group(1)) for k in state if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
@@ -73,6 +74,12 @@ def describe_backbone(state: dict) -> str:
     from ds_face.backbones import BACKBONES
     names = [n for n, (blocks, stage_widths) in BACKBONES.items()
              if list(blocks) == layers and list(stage_widths) == widths]
+    return layers, widths, emb, names
+
+
+def describe_backbone(state: dict) -> str:
+    """What a state_dict looks like, e.g. 'layers [3, 4, 14, 3], widths [64, 128, 256, 512], embedding 512 (r50)'."""
+    layers, widths, emb, names = architecture(state)
     return (f"layers {layers}, widths {widths}, embedding {emb}"
             + (f" (looks like {names[0]})" if names else ""))
 
@@ -103,9 +110,11 @@ def check_state_dict(state: dict, reference: dict, path, backbone: str | None = 
                             + f". The file has {describe_backbone(state)}")
 
 
-def load_backbone_file(path: str | os.PathLike, model: nn.Module, backbone: str | None = None) -> nn.Module:
-    """Load ``path`` into ``model`` (strict); raises BackboneFileError naming file and backbone on mismatch."""
-    state = read_backbone_file(path)
+def load_backbone_file(path: str | os.PathLike, model: nn.Module, backbone: str | None = None,
+                       state: dict | None = None) -> nn.Module:
+    """Load ``path`` into ``model`` (strict); raises BackboneFileError naming file and backbone on mismatch.
+    ``state``: ``read_backbone_file(path)`` when the caller has read it already."""
+    state = read_backbone_file(path) if state is None else state
     reference = model.state_dict()
     embedding = tuple(reference["fc.weight"].shape)[0] if "fc.weight" in reference else None
     check_state_dict(state, reference, path, backbone, embedding)

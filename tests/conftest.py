@@ -5,7 +5,6 @@ where fixtures do not reach; import them with ``from tests.conftest import ...``
 """
 import io
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ds_face.spawn import free_port
+from ds_face.spawn import free_port, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -22,7 +21,7 @@ DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 def launch(*args, timeout=300):
     """`deepspeed --num_gpus 2 --module ds_face.train ARGS`, as a user launches it, from the repository."""
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "ds_face.train", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return run_command(cmd, cwd=ROOT, timeout=timeout)  # a deadline a busy machine stretches (ds_face.spawn)
 
 
 # -- trainers ----------------------------------------------------------------------------------------

@@ -73,7 +73,9 @@ def test_sample_rate_outside_unit_interval(tmp_path, rate):
 
 
 def test_wrong_type_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"'head.num_classes' must be int, got '1000'"):
+    with pytest.raises(ConfigError, match=r"'model.embedding_size' must be int, got '512'"):
+        load_run_config(run_yaml(tmp_path, ""), {"model.embedding_size": "512"})
+    with pytest.raises(ConfigError, match=r"'head.num_classes' must be a positive integer or auto, got '1000'"):
         load_run_config(run_yaml(tmp_path, ""), {"head.num_classes": "1000"})
 
 
@@ -145,6 +147,35 @@ def test_arrow_source_checked_against_manifest_and_world_size(tmp_path):
     with pytest.raises(ConfigError, match="'data.path' must name a directory written by data_prep"):
         load_run_config(path, {"head.num_classes": 12, "data.path": "", "data.on_corrupt": "skip",
                                "data.num_workers": 2})
+
+
+def test_num_classes_auto_reads_the_manifest(tmp_path):
+    dataset = write_shards(tmp_path / "ds", 120, 6, num_classes=12)
+    path = write(tmp_path, "run.yaml", f"head:\n  num_classes: auto\ndata:\n  source: arrow\n  path: {dataset}\n")
+    cfg = load_run_config(path)
+    assert cfg.head.num_classes == 12  # the number, as the trainer and the recorded config.yaml see it
+    check_together(cfg, BatchLayout(4, 1, 2), path)
+    assert load_run_config(run_yaml(tmp_path, ""), {"head.num_classes": "auto", "data.source": "arrow",
+                                                    "data.path": str(dataset)}).head.num_classes == 12  # --set
+
+
+def test_num_classes_auto_without_a_manifest_names_it(tmp_path):
+    empty = tmp_path / "not_converted"
+    empty.mkdir()
+    with pytest.raises(ConfigError) as err:
+        load_run_config(run_yaml(tmp_path, ""), {"head.num_classes": "auto", "data.source": "arrow",
+                                                 "data.path": str(empty)})
+    assert (f"'head.num_classes' is auto, but the class count cannot be read: {empty / 'manifest.json'}: not found"
+            in str(err.value))
+    with pytest.raises(ConfigError, match=r"'head.num_classes' is auto, but 'data.path' is empty"):
+        load_run_config(run_yaml(tmp_path, ""), {"head.num_classes": "auto", "data.source": "arrow"})
+
+
+def test_num_classes_auto_refused_for_synthetic_data(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_run_config(run_yaml(tmp_path, ""), {"head.num_classes": "auto"})
+    assert ("'head.num_classes' is auto, which reads the class count from an Arrow dataset's manifest.json "
+            "(data.source: arrow); data.source 'synthetic' has none: give the number of classes") in str(err.value)
 
 
 # -- issue 14: numbers finite and sane, the DeepSpeed JSON typed, --set as meant, output.dir writable ---------

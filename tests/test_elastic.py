@@ -11,14 +11,13 @@ Real DeepSpeed engines on real gloo ranks, real checkpoint files, CPU fp32 unles
 """
 import functools
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from ds_face.config import DataConfig
-from ds_face.spawn import free_port, run_ranks
+from ds_face.spawn import free_port, run_command, run_ranks
 from tests import conftest
 from tests.conftest import DEEPSPEED, RESUMABLE, ROOT
 
@@ -166,7 +165,7 @@ DS_JSON = """{"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps"
 def _launch(ranks, run_yaml, ds_json, *args):
     cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "ds_face.train",
            "--config", str(run_yaml), "--deepspeed_config", str(ds_json), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_command(cmd, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 

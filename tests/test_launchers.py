@@ -1,9 +1,11 @@
-"""torchrun and accelerate launch start the same 2-rank CPU training as the deepspeed runner (real launches)."""
-import subprocess
+"""torchrun and accelerate launch start the same 2-rank CPU training as the deepspeed runner (real launches), and
+neither rebuilds DeepSpeed's shm op that `make setup` built into the venv (ds_face/op_cache.py)."""
+import os
 import sys
 from pathlib import Path
 
-from ds_face.spawn import free_port
+from ds_face.op_cache import built_library
+from ds_face.spawn import free_port, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -12,7 +14,7 @@ TRAIN = ["ds_face.train", "--config", "configs/cpu_demo.yaml", "--deepspeed_conf
 
 
 def run(cmd, out):
-    proc = subprocess.run([*cmd, "--set", f"output.dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = run_command([*cmd, "--set", f"output.dir={out}"], cwd=ROOT, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (out / "training.log").read_text()
     assert "world size 2, ZeRO stage 2, fp32" in log
@@ -31,6 +33,10 @@ def test_torchrun_and_accelerate_launch_run_the_same_two_rank_training(tmp_path)
     accelerate = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                   "--module", *TRAIN]
+    built = built_library()  # None before the first CPU launch of a venv that `make setup` did not set up
+    stamp = built and os.stat(built).st_mtime_ns
     losses = run(torchrun, tmp_path / "torchrun")
     assert len(losses) == 3
     assert run(accelerate, tmp_path / "accelerate") == losses, "same seed, same data: the same losses"
+    if built:
+        assert os.stat(built).st_mtime_ns == stamp, "a launch rebuilt DeepSpeed's shm op"

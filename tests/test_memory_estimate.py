@@ -217,3 +217,20 @@ def test_plot_writes_a_png(capsys, tmp_path):
     code, _ = run_cli(capsys, "--backbone", "r_tiny", "--classes", "1000,100000", "--world-size", "2",
                       "--device-memory", "1GB", "--plot", str(png))
     assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_redrawn_from_the_json_is_the_same_picture(capsys, tmp_path):
+    png, results, again = tmp_path / "m.png", tmp_path / "m.json", tmp_path / "again.png"
+    code, _ = run_cli(capsys, "--backbone", "r_tiny", "--classes", "1000,100000,10000000", "--world-size", "2",
+                      "--device-memory", "1GB", "--plot", str(png), "--json", str(results))
+    assert code == 0
+    from ds_face.bench.plots import replot
+    replot(str(results), str(again))
+    assert again.read_bytes() == png.read_bytes()
+
+
+def test_cells_with_the_same_figures_are_named_as_such():
+    from ds_face.bench.plots import _same_as
+    series = {"DP ZeRO-0": [100.0, 200.0], "DP ZeRO-1": [100.0, 200.0], "DP ZeRO-2": [99.5, 199.0],
+              "DP ZeRO-3": [130.0, 260.0], "Partial FC 0.1": [10.0, 20.0]}
+    assert _same_as(series) == {"DP ZeRO-1": "DP ZeRO-0", "DP ZeRO-2": "DP ZeRO-0"}

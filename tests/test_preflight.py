@@ -12,6 +12,7 @@ import pytest
 
 from ds_face.preflight import check_remote_values, choose_port, enabled_precisions, PreflightError, \
     remote_argument_problem, remote_env_problem
+from ds_face.spawn import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)
@@ -19,8 +20,8 @@ BIN = str(Path(sys.executable).parent)
 
 def launch(*args, env=None, timeout=120):
     environ = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], **(env or {})}
-    return subprocess.run([str(ROOT / "launch.sh"), "configs/cpu_demo.yaml", "ds_configs/cpu_zero2_fp32.json",
-                           *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=environ)
+    return run_command([str(ROOT / "launch.sh"), "configs/cpu_demo.yaml", "ds_configs/cpu_zero2_fp32.json",
+                        *map(str, args)], cwd=ROOT, timeout=timeout, env=environ)
 
 
 def listening():

@@ -1,237 +1,20 @@
-"""The two configuration files, read and checked before any process group starts.
-
-* The **run YAML** (``configs/*.yaml``) names backbone, embedding size, head,
-  optimizer, schedule, data and output.
-* The **DeepSpeed JSON** (``ds_configs/*.json``) alone decides ZeRO stage,
-  precision, micro-batch per device, gradient accumulation and clipping.
-
-Nothing is set in both. Every problem found is collected and reported in one
-``ConfigError`` that names the file and the key.
+"""What the two files must satisfy: the run config's values (ranges, files, the dataset), the DeepSpeed JSON's keys
+and types, and what needs both and the world size. Every problem is returned (or raised) naming its key.
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import json
 import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
-
-import yaml
 
 from ds_face.backbones import BACKBONES
-
-OPTIMIZERS = ("sgd", "adamw")  # for the backbone (torch.optim) and the head (ds_face.head.optim)
-
-
-class ConfigError(ValueError):
-    pass
-
-
-# synthetic: class-dependent generated images (ds_face.data.synthetic);
-# arrow: a directory of shards written by data_prep (ds_face.data.arrow)
-DATA_SOURCES = ("synthetic", "arrow")
-
-
-@dataclass
-class ModelConfig:
-    backbone: str = "r50"
-    embedding_size: int = 512
-    dropout: float = 0.0
-    gradient_checkpointing: bool = False
-
-
-@dataclass
-class HeadConfig:
-    num_classes: int = 0
-    sample_rate: float = 1.0
-    margin: list = field(default_factory=lambda: [1.0, 0.5, 0.0])  # (m1, m2, m3); ArcFace m2=0.5
-    scale: float = 64.0
-
-
-@dataclass
-class OptimizerConfig:
-    name: str = "sgd"  # used for the backbone (inside DeepSpeed) and the head (outside)
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-
-
-@dataclass
-class ScheduleConfig:
-    epochs: int = 20
-    warmup_epochs: float = 0.0  # linear warm-up, then polynomial decay to 0
-    power: float = 2.0
-    max_steps: Optional[int] = None  # stop early after this many optimizer steps (schedule unchanged)
-    max_nonfinite_steps: int = 3  # stop after this many consecutive steps with a NaN/inf loss (fp16 skips excepted)
-
-
-@dataclass
-class DataConfig:
-    source: str = "synthetic"  # one of DATA_SOURCES
-    path: str = ""  # arrow: the directory written by data_prep (holds manifest.json)
-    num_samples: int = 0  # synthetic only: images per epoch
-    num_workers: int = 2  # arrow: DataLoader worker processes per rank (decode, flip)
-    streams: int = 16  # shards read at once and mixed into every micro-batch (ds_face.data.order); fixed for a run
-    flip: bool = True  # arrow: random horizontal flip
-    on_corrupt: str = "skip"  # arrow: an undecodable image is counted and skipped ("skip") or stops the run
-    verify_sha256: bool = False  # arrow: before start, hash every shard against manifest.json (sizes: always)
-
-
-@dataclass
-class OutputConfig:
-    dir: str = "work_dirs/run"
-    log_every: int = 50
-    tensorboard: bool = True
-
-
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 0  # also save every N optimizer steps (0: only at each epoch's end and at the finish)
-    keep_last: int = 3  # complete checkpoints kept in <output.dir>/checkpoints (0: all)
-    keep_global_batch: bool = True  # on a resume with another world size, adjust accumulation to keep it
-
-
-@dataclass
-class IJBEvalConfig:
-    root: str = ""  # an IJB-B/C release directory (loose_crop/, meta/); empty: no IJB evaluation
-    target: str = "IJBC"  # IJBC or IJBB: reads meta/<target lower case>_*.txt
-
-
-@dataclass
-class EvalConfig:
-    sets: list = field(default_factory=list)  # InsightFace verification .bin files (lfw.bin, cfp_fp.bin, ...)
-    every_steps: int = 0  # evaluate every N optimizer steps (0: only at the end of the run); rank 0 only
-    batch_size: int = 128  # images per forward pass during evaluation
-    ijb: IJBEvalConfig = field(default_factory=IJBEvalConfig)  # IJB-B/C 1:1 verification at the end of the run
-
-
-@dataclass
-class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 2048
-
-
-# Sane upper bounds: far above any published setting, low enough to catch a typo or a wrong unit.
-MAX_LR = 10.0
-MAX_WEIGHT_DECAY = 1.0
-MAX_SCALE = 1024.0  # the logit scale s (arcface_torch: 64)
-MAX_M1 = 10.0  # multiplicative angular margin (SphereFace: 4; ArcFace/CosFace: 1)
-MAX_M3 = 1.0  # additive cosine margin (CosFace: 0.35-0.4); cos lies in [-1, 1]
-MAX_POWER = 100.0  # polynomial decay exponent
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """The batch sizes, as DeepSpeed will compute them."""
-    micro_batch: int
-    accumulation: int
-    world_size: int
-    zero_stage: int = 0
-
-    @property
-    def per_step(self) -> int:
-        return self.micro_batch * self.accumulation * self.world_size
-
-
-# A number as people write it. YAML 1.1 (PyYAML) reads `1e-3` and `5E4` as strings (it wants `1.0e-3`);
-# a float field given such a string takes the number it obviously means.
-_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
-_KEY_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def parse_set_overrides(pairs: list[str]) -> dict:
-    """``--set KEY=VALUE`` pairs -> {dotted key: value}; VALUE is YAML (``[1.0, 0.5, 0.0]``, ``true``,
-    ``null``), and a number written ``1e-3`` is a number. Raises ConfigError naming the pair."""
-    overrides = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
-        if not all(_KEY_PART.match(part) for part in key.split(".")):
-            raise ConfigError(f"--set {pair!r}: {key!r} is not a dotted key like optimizer.lr")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
-        if isinstance(value, str) and _NUMBER.match(value.strip()):
-            value = float(value) if any(c in value for c in ".eE") else int(value)
-        overrides[key] = value
-    return overrides
-
-
-# -- reading ----------------------------------------------------------------------------------------
-
-def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    path = Path(path)
-    raw = _read(path, yaml.safe_load, "YAML")
-    raw = {} if raw is None else raw
-    errors: list[str] = []
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at top level, got {type(raw).__name__}")
-    for dotted, value in (overrides or {}).items():
-        problem = _set_dotted(raw, dotted, value)
-        if problem:
-            errors.append(f"--set {dotted}: {problem}")
-    if errors:
-        raise ConfigError(f"{path}: " + "\n  ".join(["invalid run config:"] + errors))
-    cfg = _build(RunConfig, raw, "", errors)
-    if not errors:
-        errors += _check_run(cfg)
-    if errors:
-        raise ConfigError(f"{path}: " + "\n  ".join(["invalid run config:"] + errors))
-    return cfg
-
-
-def load_ds_config(path: str | Path, world_size: int | None) -> tuple[dict, BatchLayout]:
-    """The DeepSpeed JSON, type-checked; ``world_size=None`` (before launch: not known yet) skips the checks
-    that need it."""
-    path = Path(path)
-    ds = _read(path, json.loads, "JSON")
-    if not isinstance(ds, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(ds).__name__}")
-    errors = check_ds_json(ds)
-    if errors:  # the checks below assume the types are right
-        raise ConfigError(f"{path}: " + "\n  ".join(["invalid DeepSpeed config:"] + errors))
-    for key in ("optimizer", "scheduler"):
-        if key in ds:
-            errors.append(f"'{key}': remove it; ds_face builds the optimizer and LR schedule from the run YAML "
-                          "so that the Partial FC head (outside DeepSpeed) uses the same ones")
-    micro = ds.get("train_micro_batch_size_per_gpu")
-    accumulation = ds.get("gradient_accumulation_steps", 1)
-    if not _positive_int(micro):
-        errors.append(f"'train_micro_batch_size_per_gpu' must be a positive integer, got {micro!r}")
-    if not _positive_int(accumulation):
-        errors.append(f"'gradient_accumulation_steps' must be a positive integer, got {accumulation!r}")
-    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
-        errors.append("'fp16' and 'bf16' are both enabled; choose one")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        errors.append(f"'zero_optimization.stage' must be 0, 1, 2 or 3, got {stage!r}")
-    if world_size is not None and world_size < 1:
-        errors.append(f"world size must be >= 1, got {world_size}")
-    if not errors:
-        layout = BatchLayout(micro, accumulation, world_size or 1, stage)
-        total = ds.get("train_batch_size")
-        if total is not None and world_size is not None and total != layout.per_step:
-            errors.append(f"'train_batch_size' is {total}, but train_micro_batch_size_per_gpu ({micro}) x "
-                          f"gradient_accumulation_steps ({accumulation}) x world size ({world_size}) = "
-                          f"{layout.per_step}; fix it or drop it and let DeepSpeed compute it")
-    if errors:
-        raise ConfigError(f"{path}: " + "\n  ".join(["invalid DeepSpeed config:"] + errors))
-    return ds, layout
+from ds_face.config.schema import (
+    DATA_SOURCES, MAX_LR, MAX_M1, MAX_M3, MAX_POWER, MAX_SCALE, MAX_WEIGHT_DECAY, OPTIMIZERS, BatchLayout,
+    ConfigError, EvalConfig, RunConfig, positive_int, type_ok,
+)
 
 
 def check_together(cfg: RunConfig, layout: BatchLayout, run_path: str | Path) -> None:
@@ -259,6 +42,37 @@ def check_together(cfg: RunConfig, layout: BatchLayout, run_path: str | Path) ->
                       "evaluate exported checkpoints with python -m ds_face.eval ijb")
     if errors:
         raise ConfigError(f"{run_path}: " + "\n  ".join(["invalid run config for this launch:"] + errors))
+
+
+def check_ds_layout(ds: dict, world_size: int | None) -> tuple[list[str], BatchLayout | None]:
+    """A type-checked DeepSpeed JSON's problems for ds_face (no optimizer/scheduler, a batch layout DeepSpeed
+    accepts) and that layout; ``world_size=None`` skips the checks that need it."""
+    errors, layout = [], None
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            errors.append(f"'{key}': remove it; ds_face builds the optimizer and LR schedule from the run YAML "
+                          "so that the Partial FC head (outside DeepSpeed) uses the same ones")
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    accumulation = ds.get("gradient_accumulation_steps", 1)
+    if not positive_int(micro):
+        errors.append(f"'train_micro_batch_size_per_gpu' must be a positive integer, got {micro!r}")
+    if not positive_int(accumulation):
+        errors.append(f"'gradient_accumulation_steps' must be a positive integer, got {accumulation!r}")
+    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
+        errors.append("'fp16' and 'bf16' are both enabled; choose one")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        errors.append(f"'zero_optimization.stage' must be 0, 1, 2 or 3, got {stage!r}")
+    if world_size is not None and world_size < 1:
+        errors.append(f"world size must be >= 1, got {world_size}")
+    if not errors:
+        layout = BatchLayout(micro, accumulation, world_size or 1, stage)
+        total = ds.get("train_batch_size")
+        if total is not None and world_size is not None and total != layout.per_step:
+            errors.append(f"'train_batch_size' is {total}, but train_micro_batch_size_per_gpu ({micro}) x "
+                          f"gradient_accumulation_steps ({accumulation}) x world size ({world_size}) = "
+                          f"{layout.per_step}; fix it or drop it and let DeepSpeed compute it")
+    return errors, layout
 
 
 # -- the DeepSpeed JSON's keys and types ----------------------------------------------------------------
@@ -335,92 +149,7 @@ def check_ds_json(ds: dict) -> list[str]:
     return errors
 
 
-# -- helpers ----------------------------------------------------------------------------------------
-
-def _read(path: Path, parse, kind: str) -> Any:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        return parse(path.read_text())
-    except (yaml.YAMLError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path}: not valid {kind}: {err}") from None
-
-
-def _set_dotted(raw: dict, dotted: str, value: Any) -> str | None:
-    """Set raw[a][b][c] = value for "a.b.c"; returns what is wrong instead of raising (a key under a value)."""
-    *parents, last = dotted.split(".")
-    for depth, part in enumerate(parents):
-        node = raw.setdefault(part, {})
-        if not isinstance(node, dict):
-            where = ".".join(parents[:depth + 1])
-            return f"'{where}' is {node!r}, not a mapping: it has no key '{dotted[len(where) + 1:]}'"
-        raw = node
-    raw[last] = value
-    return None
-
-
-def _build(cls, raw: dict, prefix: str, errors: list[str]):
-    """Instantiate dataclass ``cls`` from ``raw``, recording unknown keys and wrong types."""
-    hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for key, value in raw.items():
-        where = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(names)})"
-            errors.append(f"unknown key '{where}'{hint}")
-            continue
-        kind = hints[key]
-        if dataclasses.is_dataclass(kind):
-            if not isinstance(value, dict):
-                errors.append(f"'{where}' must be a mapping, got {value!r}")
-                continue
-            values[key] = _build(kind, value, f"{where}.", errors)
-        else:
-            if isinstance(value, str) and _NUMBER.match(value.strip()) and _accepts_float(kind):
-                value = float(value)  # `lr: 1e-3` (YAML 1.1 reads it as a string)
-            if not _type_ok(value, kind):
-                errors.append(f"'{where}' must be {_type_name(kind)}, got {value!r}")
-                continue
-            if _accepts_float(kind) and isinstance(value, int) and abs(value) > 2**53:
-                value = math.inf  # an absurd integer in a float field: refused below like inf
-            if kind is float or isinstance(value, float):
-                value = float(value)
-                if not math.isfinite(value):  # NaN passes every `x <= 0` check: refuse it here, for every field
-                    errors.append(f"'{where}' must be a finite number, got {raw[key]!r}")
-                    continue
-            values[key] = value
-    return cls(**values)
-
-
-def _type_ok(value: Any, kind) -> bool:
-    if get_origin(kind) is Union:
-        return any(_type_ok(value, k) for k in get_args(kind))
-    if kind is type(None):
-        return value is None
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def _accepts_float(kind) -> bool:
-    return kind is float or (get_origin(kind) is Union and float in get_args(kind))
-
-
-def _type_name(kind) -> str:
-    if get_origin(kind) is Union:
-        return " or ".join(_type_name(k) for k in get_args(kind))
-    return "null" if kind is type(None) else kind.__name__
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _check_run(cfg: RunConfig) -> list[str]:
+def check_run(cfg: RunConfig) -> list[str]:
     errors = []
     if cfg.model.backbone not in BACKBONES:
         errors.append(f"'model.backbone' is {cfg.model.backbone!r}; valid: {', '.join(BACKBONES)}")
@@ -433,7 +162,7 @@ def _check_run(cfg: RunConfig) -> list[str]:
     if not 0.0 < cfg.head.sample_rate <= 1.0:
         errors.append(f"'head.sample_rate' must be in (0, 1], got {cfg.head.sample_rate}")
     margin = cfg.head.margin
-    if not (isinstance(margin, list) and len(margin) == 3 and all(_type_ok(m, float) for m in margin)):
+    if not (isinstance(margin, list) and len(margin) == 3 and all(type_ok(m, float) for m in margin)):
         errors.append(f"'head.margin' must be three numbers [m1, m2, m3], got {margin!r}")
     elif not all(math.isfinite(m) for m in margin):
         errors.append(f"'head.margin' must be three finite numbers, got {margin!r}")
@@ -540,7 +269,7 @@ def _check_arrow(cfg: RunConfig) -> list[str]:
         return errors + [f"'data.path': {err}"]
     if manifest.num_classes != cfg.head.num_classes:
         errors.append(f"'head.num_classes' is {cfg.head.num_classes}, but {d.path} has {manifest.num_classes} "
-                      f"classes (manifest.json); set head.num_classes: {manifest.num_classes}")
+                      f"classes (manifest.json); set head.num_classes: {manifest.num_classes} (or auto)")
     if list(manifest.image_size) != [112, 112]:
         errors.append(f"{d.path} holds {manifest.image_size[1]}x{manifest.image_size[0]} images; the IResNet "
                       f"backbones take 112x112 aligned faces")
