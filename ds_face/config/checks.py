@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ds_face.backbones import BACKBONES
 from ds_face.config.schema import (
-    DATA_SOURCES, MAX_LR, MAX_M1, MAX_M3, MAX_POWER, MAX_SCALE, MAX_WEIGHT_DECAY, OPTIMIZERS, BatchLayout,
+    DATA_SOURCES, MAX_LR, MAX_M1, MAX_M3, MAX_POWER, MAX_SCALE, MAX_WEIGHT_DECAY, ON_CORRUPT, OPTIMIZERS, BatchLayout,
     ConfigError, EvalConfig, RunConfig, positive_int, type_ok,
 )
 
@@ -252,7 +252,6 @@ def _check_eval(e: EvalConfig) -> list[str]:
 
 
 def _check_arrow(cfg: RunConfig) -> list[str]:
-    from ds_face.data.arrow import ON_CORRUPT
     from ds_face.data.shards import ShardError, check_shard_files, read_manifest
     d = cfg.data
     errors = []

@@ -52,6 +52,9 @@ class ScheduleConfig:
     max_nonfinite_steps: int = 3  # stop after this many consecutive steps with a NaN/inf loss (fp16 skips excepted)
 
 
+ON_CORRUPT = ("skip", "fail")  # data.on_corrupt: what an undecodable image does
+
+
 @dataclass
 class DataConfig:
     source: str = "synthetic"  # one of DATA_SOURCES

@@ -22,10 +22,10 @@ import simplejpeg
 import torch
 from PIL import Image
 
+from ds_face.config.schema import ON_CORRUPT
 from ds_face.data.shards import ShardError, read_manifest
 
 log = logging.getLogger("ds_face")
-ON_CORRUPT = ("skip", "fail")
 _JPEG_SOI = b"\xff\xd8\xff"
 
 
