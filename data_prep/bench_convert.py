@@ -125,13 +125,17 @@ def plain_read(rec: Path) -> int:
 
 
 def plain_copy(rec: Path, target: Path) -> int:
-    """``plain_read``, each block also written to ``target``, then fsync: reading plus a durable write."""
+    """``plain_read``, each block also written to ``target``, then fsync: reading plus a durable write. Every
+    64 MB the written pages are handed to the disk and the page cache (POSIX_FADV_DONTNEED), as the converter's
+    shard writer does: without it the copy is dirty-page throttled and pays for reclaim, up to 4x slower here."""
     buf = memoryview(bytearray(16 << 20))
     total = 0
     with open(rec, "rb", buffering=0) as f, open(target, "wb", buffering=0) as g:
         while n := f.readinto(buf):
             g.write(buf[:n])
             total += n
+            if total % (64 << 20) == 0:
+                os.posix_fadvise(g.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         os.fsync(g.fileno())
     target.unlink()
     return total
