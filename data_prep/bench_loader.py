@@ -37,7 +37,7 @@ def naive_pil_batches(rec_dir: Path, samples: int, batch: int):
     from data_prep.recordio import RecordReader, detect_layout, read_idx
     reader = RecordReader(rec_dir / "train.rec")
     idx = read_idx(rec_dir / "train.idx")
-    keys = detect_layout(reader, idx).image_keys[:samples]
+    keys = detect_layout(reader, *zip(*idx)).image_keys[:samples].tolist()
     offsets = dict(idx)
     rng = random.Random(0)
     rng.shuffle(keys)
@@ -72,7 +72,7 @@ def decode_only(rec_dir: Path, samples: int, decoder: str):
     reader = RecordReader(rec_dir / "train.rec")
     idx = read_idx(rec_dir / "train.idx")
     offsets = dict(idx)
-    jpegs = [reader.read_image_record(offsets[key], key)[4] for key in detect_layout(reader, idx).image_keys[:samples]]
+    jpegs = [reader.read_image_record(offsets[key], key)[4] for key in detect_layout(reader, *zip(*idx)).image_keys[:samples].tolist()]
     decode = decode_rgb if decoder == "simplejpeg" else \
         (lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
 

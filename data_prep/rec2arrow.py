@@ -187,13 +187,13 @@ def open_rec_source(src: str | Path, prefix: str = "train") -> RecSource:
     if len(all_keys):  # the record that ends the file: a truncated file fails here, before anything is written
         last = int(np.argmax(all_offsets))
         reader.read_at(int(all_offsets[last]), int(all_keys[last]))
-    layout = detect_layout(reader, list(zip(all_keys.tolist(), all_offsets.tolist())))
-    if not layout.image_keys:
+    layout = detect_layout(reader, all_keys, all_offsets)
+    if not len(layout.image_keys):
         raise SourceError(f"{idx_path}: no image records ({len(all_keys)} keys in the .idx, {layout.style} layout)")
     if num_images is not None and num_images != len(layout.image_keys):
         raise SourceError(f"{prop}, line 2: says {num_images} images, but {idx_path} has {len(layout.image_keys)} "
                           f"image keys")
-    mask = np.isin(all_keys, np.asarray(layout.image_keys, dtype=np.int64))
+    mask = np.isin(all_keys, layout.image_keys)
     keys, offsets = all_keys[mask], all_offsets[mask]
     _check_offsets(reader, keys, offsets)
     record_starts = np.append(np.unique(all_offsets), reader.size)  # every record, header and identities too

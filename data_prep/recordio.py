@@ -297,52 +297,72 @@ def parse_image_records(buf: np.ndarray, starts: np.ndarray, limits: np.ndarray)
 @dataclass(frozen=True)
 class RecLayout:
     style: str  # "insightface": header record 0, images, identity records; "plain": im2rec, every key an image
-    image_keys: list[int]  # taken from the .idx, in .idx order
-    identity_keys: list[int]  # InsightFace identity records (label [img_begin, img_end)); empty when plain
+    image_keys: np.ndarray  # int64, taken from the .idx, in .idx order
+    identity_keys: np.ndarray  # int64: InsightFace identity records (label [img_begin, img_end)); empty when plain
 
 
-def detect_layout(reader: RecordReader, idx: Sequence[tuple[int, int]]) -> RecLayout:
+class _Offsets:
+    """Key -> offset over the .idx's two arrays, by binary search: a dict of WebFace42M's 42M keys would take
+    ~8 GB of Python objects (1 GB per 5M keys, measured)."""
+
+    def __init__(self, keys: np.ndarray, offsets: np.ndarray):
+        self.order = np.argsort(keys, kind="stable")
+        self.sorted_keys, self.offsets = keys[self.order], offsets
+
+    def get(self, key: int) -> int | None:
+        i = int(np.searchsorted(self.sorted_keys, key))
+        if i < len(self.sorted_keys) and self.sorted_keys[i] == key:
+            return int(self.offsets[self.order[i]])
+        return None
+
+
+def detect_layout(reader: RecordReader, keys: np.ndarray, offsets: np.ndarray) -> RecLayout:
     """InsightFace header style (key 0 is a header: flag >= 2, labels [first_identity_key, end_key], no image)
-    or plain im2rec. Image keys come from the .idx and are cross-checked against the header's float range."""
-    offsets = dict(idx)
-    keys = [key for key, _ in idx]
-    if 0 not in offsets:
-        return RecLayout("plain", keys, [])
-    flag, labels, _, _, image = reader.read_image_record(offsets[0], key=0)
+    or plain im2rec, from the .idx as `read_idx_arrays` gives it (unique keys). Image keys come from the .idx
+    and are cross-checked against the header's float range."""
+    keys, offsets = np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+    where = _Offsets(keys, offsets)
+    none = np.zeros(0, dtype=np.int64)
+    header = where.get(0)
+    if header is None:
+        return RecLayout("plain", keys, none)
+    flag, labels, _, _, image = reader.read_image_record(header, key=0)
     if flag == 0 or image:  # an ordinary image, possibly with an array label
-        return RecLayout("plain", keys, [])
+        return RecLayout("plain", keys, none)
     if flag < 2:
         raise RecordIOError(reader.path, f"header record has {flag} label(s); expected "
-                                         f"[first_identity_key, end_key]", record="key 0", offset=offsets[0])
+                                         f"[first_identity_key, end_key]", record="key 0", offset=header)
     if not 1 <= labels[0] <= labels[1]:
         raise RecordIOError(reader.path, f"header labels {list(labels[:2])} are not a [first_identity_key, end_key] "
-                                         f"range", record="key 0", offset=offsets[0])
-    boundary = _first_identity_key(reader, offsets, labels[0])
-    image_keys = [key for key in keys if 0 < key < boundary]
+                                         f"range", record="key 0", offset=header)
+    boundary = _first_identity_key(reader, where, labels[0])
+    image_keys = keys[(keys > 0) & (keys < boundary)]
     if len(image_keys) != boundary - 1:
-        missing = next(k for k in range(1, boundary) if k not in offsets)
+        present = np.sort(image_keys)  # unique: 1, 2, ... up to the first gap
+        gaps = np.flatnonzero(present != np.arange(1, len(present) + 1))
+        missing = int(gaps[0]) + 1 if len(gaps) else len(present) + 1
         raise RecordIOError(reader.path, f"the header says images are keys 1..{boundary - 1}, but the .idx has "
                                          f"{len(image_keys)} keys in that range (first missing: {missing})")
-    return RecLayout("insightface", image_keys, [key for key in keys if key >= boundary])
+    return RecLayout("insightface", image_keys, keys[keys >= boundary])
 
 
-def _is_identity(reader: RecordReader, offsets: dict[int, int], key: int) -> bool:
-    flag, _, _, _, image = reader.read_image_record(offsets[key], key)
+def _is_identity(reader: RecordReader, where: _Offsets, key: int) -> bool:
+    flag, _, _, _, image = reader.read_image_record(where.get(key), key)
     return flag >= 2 and not image
 
 
-def _first_identity_key(reader: RecordReader, offsets: dict[int, int], header_value: float) -> int:
+def _first_identity_key(reader: RecordReader, where: _Offsets, header_value: float) -> int:
     """The exact first identity key. Below 2^24 the header's float is exact and only checked; above, it is
     rounded to a multiple of the float32 spacing, so the records around it are probed for the real boundary."""
     approx = int(header_value)
     if approx < FLOAT32_EXACT:
-        if approx in offsets and not _is_identity(reader, offsets, approx):
+        if where.get(approx) is not None and not _is_identity(reader, where, approx):
             raise RecordIOError(reader.path, f"the header says identity records start at key {approx}, but that "
-                                             f"record is an image", record=f"key {approx}", offset=offsets[approx])
+                                             f"record is an image", record=f"key {approx}", offset=where.get(approx))
         return approx
     spacing = 1 << (approx.bit_length() - 24)
     for key in range(approx - spacing, approx + spacing + 1):
-        if key in offsets and _is_identity(reader, offsets, key):
+        if where.get(key) is not None and _is_identity(reader, where, key):
             return key
     raise RecordIOError(reader.path, f"no identity record within {spacing} keys of the header's (float32-rounded) "
                                      f"first identity key {approx}")

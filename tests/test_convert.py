@@ -467,13 +467,13 @@ def reference_rows(src: Path) -> tuple[list[int], dict[int, tuple[int, bytes]], 
     for every record): the image keys in .idx order, key -> (label, image bytes), key -> .rec offset."""
     idx = read_idx(src / "train.idx")
     with RecordReader(src / "train.rec") as reader:
-        layout = detect_layout(reader, idx)
+        layout = detect_layout(reader, *zip(*idx))
         offsets = dict(idx)
         rows = {}
-        for key in layout.image_keys:
+        for key in layout.image_keys.tolist():
             _, labels, _, _, image = reader.read_image_record(offsets[key], key)
             rows[key] = (int(labels[0]), image)
-    return layout.image_keys, rows, offsets
+    return layout.image_keys.tolist(), rows, offsets
 
 
 def planned_shards(keys: list[int], num_shards: int, order: str, seed: int) -> list[set[int]]:

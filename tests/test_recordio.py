@@ -64,8 +64,8 @@ def test_plain_round_trip(tmp_path, use_mmap, label_as_array):
     assert [key for key, _ in idx] == list(range(len(images)))
     assert read_property(tmp_path / "property") == (3, 112, 112, len(images))
     with RecordReader(rec, use_mmap=use_mmap) as reader:
-        layout = detect_layout(reader, idx)
-        assert (layout.style, layout.image_keys, layout.identity_keys) == ("plain", list(range(9)), [])
+        layout = detect_layout(reader, *zip(*idx))
+        assert (layout.style, layout.image_keys.tolist(), layout.identity_keys.tolist()) == ("plain", list(range(9)), [])
         for (key, offset), (label, jpeg) in zip(idx, images):
             flag, labels, _, _, image = reader.read_image_record(offset, key)
             assert (flag, labels, image) == ((1 if label_as_array else 0), (float(label),), jpeg)
@@ -81,12 +81,12 @@ def test_insightface_round_trip(tmp_path, use_mmap, label_as_array):
     assert read_property(tmp_path / "property") == (4, 112, 112, None)
     with RecordReader(rec, use_mmap=use_mmap) as reader:
         assert reader.read_image_record(offsets[0], 0)[:2] == (2, (11.0, 15.0))
-        layout = detect_layout(reader, idx)
-        assert (layout.style, layout.image_keys, layout.identity_keys) == ("insightface", list(range(1, 11)),
-                                                                          list(range(11, 15)))
-        stored = [reader.read_image_record(offsets[k], k) for k in layout.image_keys]
+        layout = detect_layout(reader, *zip(*idx))
+        assert (layout.style, layout.image_keys.tolist(), layout.identity_keys.tolist()) == (
+            "insightface", list(range(1, 11)), list(range(11, 15)))
+        stored = [reader.read_image_record(offsets[k], k) for k in layout.image_keys.tolist()]
         assert [(int(r[1][0]), r[4]) for r in stored] == sorted(images, key=lambda item: item[0])
-        for class_id, key in enumerate(layout.identity_keys):  # each identity range holds that class's images
+        for class_id, key in enumerate(layout.identity_keys.tolist()):  # each identity range holds that class's images
             begin, end = map(int, reader.read_image_record(offsets[key], key)[1])
             assert {int(stored[k - 1][1][0]) for k in range(begin, end)} <= {class_id}
             assert end - begin == sum(label == class_id for label, _ in images)
@@ -287,7 +287,7 @@ def test_header_range_disagrees_with_idx(tmp_path):
     with RecordReader(rec) as reader, raises(
             r"train\.rec: the header says images are keys 1\.\.6, but the \.idx has 5 keys in that range "
             r"\(first missing: 4\)"):
-        detect_layout(reader, idx)
+        detect_layout(reader, *zip(*idx))
 
 
 def test_header_boundary_on_an_image(tmp_path):
@@ -299,20 +299,20 @@ def test_header_boundary_on_an_image(tmp_path):
     with RecordReader(rec) as reader, raises(
             rf"train\.rec, key 4, byte offset {dict(idx)[4]}: the header says identity records start at key 4, "
             r"but that record is an image"):
-        detect_layout(reader, idx)
+        detect_layout(reader, *zip(*idx))
 
 
 def test_header_with_bad_range(tmp_path):
     idx = write_recordio(tmp_path / "h.rec", tmp_path / "h.idx", [(0, pack_image_record([0, 3], b""))])
     with RecordReader(tmp_path / "h.rec") as reader, raises(
             r"h\.rec, key 0, byte offset 0: header labels \[0\.0, 3\.0\] are not a \[first_identity_key, end_key\]"):
-        detect_layout(reader, idx)
+        detect_layout(reader, *zip(*idx))
 
 
 def test_record0_image_with_array_label_is_plain(tmp_path):
     rec, idx_path = write_plain_rec(tmp_path, make_images(n=4), label_as_array=True)
     with RecordReader(rec) as reader:
-        assert detect_layout(reader, read_idx(idx_path)).style == "plain"
+        assert detect_layout(reader, *zip(*read_idx(idx_path))).style == "plain"
 
 
 def test_boundary_above_float32_exact_range_is_probed(tmp_path):
