@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ds_face import ijb
+from ds_face.images import decode
 
 
 def synthetic_meta(images: int, templates: int, pairs: int, genuine_fraction: float, rng) -> ijb.IJBMeta:
@@ -106,7 +107,7 @@ def bench_decode(args, rng) -> list[dict]:
             meta = write_crops(crop, args.crops, side, rng)
             paths = [crop / n for n in meta.names]
             started = time.perf_counter()
-            decoded = [ijb.decode(p.read_bytes()) for p in paths]
+            decoded = [decode(p.read_bytes()) for p in paths]
             decode_s = time.perf_counter() - started
             started = time.perf_counter()
             for image, m in zip(decoded, meta.landmarks):

@@ -53,7 +53,6 @@ from ds_face.ijb.scoring import (
     template_features, template_index,
 )
 from ds_face.ijb_layout import check_layout, meta_files
-from ds_face.images import decode  # ds_face.bench.ijb times the decode alone
 
 __all__ = [
     "ALIGNED_SIZE", "ARCFACE_TEMPLATE", "align", "umeyama", "warp_affine",
@@ -63,5 +62,5 @@ __all__ = [
     "IJBError", "IJBMeta", "check_images_exist", "read_landmarks", "read_meta", "read_pairs", "read_template_media",
     "FARS", "GRAM_BYTES", "RULE", "auc", "evaluate_features", "format_table", "pair_scores", "plot_roc", "roc_curve",
     "tar_at_far", "template_features", "template_index",
-    "check_layout", "meta_files", "decode",
+    "check_layout", "meta_files",
 ]
