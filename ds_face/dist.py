@@ -23,7 +23,10 @@ def init(**kwargs) -> None:
     memory is freed when the last exits.
     """
     import deepspeed
-    deepspeed.init_distributed(**kwargs)
+
+    from ds_face.quiet import SHM_OP_LOADED, printing_without
+    with printing_without(SHM_OP_LOADED):  # said by every rank at every start, though it only loads the op
+        deepspeed.init_distributed(**kwargs)
     dist.barrier()
     env = os.environ
     Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"

@@ -9,16 +9,24 @@ Each is matched exactly, by message and by the module that emits it; everything 
   (logger ``DeepSpeed``, from ``deepspeed.runtime.engine``): ds_face hands DeepSpeed a plain ``torch.optim``
   SGD/AdamW on purpose (``zero_allow_untested_optimizer`` in every JSON), tested by ``tests/test_engine.py``.
 
+* DeepSpeed's ``DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully``, a bare ``print`` by
+  every CPU rank each time ``init_distributed`` *loads* the op (built once, at set-up: ``ds_face.build_ops``);
+  ``ds_face.dist.init`` runs it inside ``printing_without(SHM_OP_LOADED)``.
+
 Kept on purpose: DeepSpeed's ``Setting accelerator to CPU. If you have GPU ...`` (on a GPU machine it means
 CUDA was not found), and every warning about the user's own data, configs or checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import sys
 import warnings
 
 ALL_GATHER_DEPRECATED = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
 UNTESTED_OPTIMIZER = "You are using ZeRO with an untested optimizer, proceed with caution"
+SHM_OP_LOADED = "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully"
 
 
 class _DropUntestedOptimizer(logging.Filter):
@@ -36,3 +44,17 @@ def quiet() -> None:
     deepspeed_logger = logging.getLogger("DeepSpeed")  # the logger DeepSpeed creates and logs through
     if _FILTER not in deepspeed_logger.filters:
         deepspeed_logger.addFilter(_FILTER)
+
+
+@contextlib.contextmanager
+def printing_without(line: str):
+    """Within the block, what is printed to stdout is held back and written out at its end, less every line
+    that is exactly ``line`` (also when the block raises)."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(held):
+            yield
+    finally:
+        kept = [text for text in held.getvalue().splitlines(keepends=True) if text.rstrip("\n") != line]
+        sys.stdout.write("".join(kept))
+        sys.stdout.flush()

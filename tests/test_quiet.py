@@ -52,3 +52,19 @@ def test_only_deepspeeds_untested_optimizer_line_is_dropped():
     assert log_from(engine, untested) == ""
     assert "something else" in log_from(engine, "something else DeepSpeed says")
     assert "untested optimizer" in log_from("/site-packages/deepspeed/runtime/other.py", untested)
+
+
+def test_only_the_shm_op_line_is_held_back(capsys):
+    from ds_face.quiet import SHM_OP_LOADED, printing_without
+    with printing_without(SHM_OP_LOADED):
+        print("before")
+        print(SHM_OP_LOADED)
+        print(SHM_OP_LOADED + " and more")  # not exactly the line: kept
+    assert capsys.readouterr().out == f"before\n{SHM_OP_LOADED} and more\n"
+    try:
+        with printing_without(SHM_OP_LOADED):
+            print("said before a failure")
+            raise RuntimeError("init failed")
+    except RuntimeError:
+        pass
+    assert capsys.readouterr().out == "said before a failure\n"
