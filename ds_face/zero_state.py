@@ -31,8 +31,14 @@ def owned_values(param) -> torch.Tensor:
     if not hasattr(param, "ds_tensor"):
         return param
     partition = param.ds_tensor.view(-1)
-    start = partition.numel() * torch.distributed.get_rank(group=getattr(param, "ds_process_group", None))
-    return partition.narrow(0, 0, max(0, min(partition.numel(), param.ds_numel - start)))
+    rank = torch.distributed.get_rank(group=getattr(param, "ds_process_group", None))
+    return partition.narrow(0, 0, _unpadded(partition.numel(), param.ds_numel, rank))
+
+
+def _unpadded(partition_numel: int, full_numel: int, rank: int) -> int:
+    """How many of rank ``rank``'s ZeRO-3 partition elements are real: the last partitions are padded so that
+    every rank's is as long, when the world size does not divide the parameter's size."""
+    return max(0, min(partition_numel, full_numel - partition_numel * rank))
 
 
 def _flat_partitions(optimizer) -> list[torch.Tensor]:
@@ -131,11 +137,11 @@ def _set_zero3_partition(optimizer, param, value: torch.Tensor, key: str | None)
     """What ``safe_set_full_*`` does at ZeRO 3, for a parameter whose size the world size does not divide:
     DeepSpeed 0.19.8 narrows the unpadded value past its end there (e.g. 8 elements over 3 ranks of 3)."""
     partition, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
-    start = partition.numel() * optimizer._get_param_partition_rank(param)
-    count = max(0, min(partition.numel(), value.numel() - start))  # the last rank's partition is padded
+    rank = optimizer._get_param_partition_rank(param)
+    count = _unpadded(partition.numel(), value.numel(), rank)
     with torch.no_grad():
         partition.zero_()
-        partition.narrow(0, 0, count).copy_(value.flatten().narrow(0, start, count))
+        partition.narrow(0, 0, count).copy_(value.flatten().narrow(0, partition.numel() * rank, count))
 
 
 def _set_module_weights(engine, fp32: dict[str, torch.Tensor]) -> None:
