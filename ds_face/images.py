@@ -1,14 +1,18 @@
-"""Encoded images from outside the training data (.bin pair sets, IJB crops), decoded with a bound on their size.
+"""Encoded images decoded, the one decoder of ds_face: libjpeg-turbo (simplejpeg) for JPEG, about twice PIL's
+speed (BENCHMARKS.md), and PIL for the rest (PNG from image folders) and for JPEGs simplejpeg cannot convert.
 
-The width and height are read from the header first and an image over the bound is refused before any of its
-pixels are decoded: a 10000x10000 JPEG would otherwise take ~300 MB to decode (65535x65535: ~13 GB). The
-training loader decodes shards with ``ds_face.data.arrow.decode_rgb`` instead, which checks an exact size.
+Images from outside the training data (.bin pair sets, IJB crops) are decoded with a bound on their size
+(``decode_bounded``): the width and height are read from the header first and an image over the bound is
+refused before any of its pixels are decoded: a 10000x10000 JPEG would otherwise take ~300 MB to decode
+(65535x65535: ~13 GB). The training loader checks an exact size the same way (``ds_face.data.arrow.decode_rgb``).
+Imports no torch: IJB's decode workers use it.
 """
 from __future__ import annotations
 
 import io
 
 import numpy as np
+import simplejpeg
 
 JPEG_SOI = b"\xff\xd8\xff"
 
@@ -21,10 +25,14 @@ class ImageTooLarge(ValueError):
         self.width, self.height, self.max_pixels = width, height, max_pixels
 
 
+def is_jpeg(data) -> bool:
+    """JPEG's start-of-image marker; ``data`` is bytes or a memoryview of unsigned bytes."""
+    return bytes(data[:3]) == JPEG_SOI
+
+
 def header_size(data: bytes) -> tuple[int, int]:
     """(height, width) from an encoded image's header alone (JPEG: simplejpeg; PNG and others: PIL's lazy open)."""
-    if data[:3] == JPEG_SOI:
-        import simplejpeg
+    if is_jpeg(data):
         return tuple(simplejpeg.decode_jpeg_header(data)[:2])
     import warnings
 
@@ -35,17 +43,20 @@ def header_size(data: bytes) -> tuple[int, int]:
             return image.height, image.width
 
 
-def decode(data: bytes) -> np.ndarray:
-    """HxWx3 uint8 RGB: libjpeg-turbo (simplejpeg) for JPEG, PIL for the rest and for JPEGs it cannot convert."""
-    if data[:3] == JPEG_SOI:
-        import simplejpeg
+def decode(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
+    """HxWx3 uint8 RGB, written into ``out`` when given (a preallocated batch slot)."""
+    if is_jpeg(data):
         try:
-            return simplejpeg.decode_jpeg(data, colorspace="RGB")
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
         except ValueError:
             pass  # e.g. CMYK: PIL converts it
     from PIL import Image
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        pixels = np.asarray(image.convert("RGB"))
+    if out is None:
+        return pixels
+    out[...] = pixels
+    return out
 
 
 def decode_bounded(data: bytes, max_pixels: int) -> np.ndarray:

@@ -96,7 +96,7 @@ def test_arrow_rows_are_recognised_as_jpeg(tmp_path):
     """Rows reach the decoder as memoryviews over the mapped shard. A plain memoryview of an Arrow buffer is
     of signed chars (0xff reads -1, never equal to the JPEG marker's bytes), which once sent every row to
     PIL instead of libjpeg-turbo's faster path."""
-    from ds_face.data.arrow import is_jpeg
+    from ds_face.images import is_jpeg
     jpeg = io.BytesIO()
     Image.new("RGB", (112, 112), (10, 20, 30)).save(jpeg, format="JPEG")
     directory = write_shards(tmp_path / "ds", 4, 1, images={i: jpeg.getvalue() for i in range(4)})

@@ -13,51 +13,31 @@ node could not continue with exactly the samples it had not seen. Here the order
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 
 import numpy as np
-import simplejpeg
 import torch
-from PIL import Image
 
 from ds_face.config.schema import ON_CORRUPT
 from ds_face.data.shards import ShardError, read_manifest
+from ds_face.images import decode, header_size
 
 log = logging.getLogger("ds_face")
-_JPEG_SOI = b"\xff\xd8\xff"
 
 
 class DataError(ValueError):
     """Training data that cannot be used as configured; the message names the directory, shard or sample."""
 
 
-def is_jpeg(data) -> bool:
-    """JPEG's start-of-image marker; ``data`` is bytes or a memoryview of unsigned bytes."""
-    return bytes(data[:3]) == _JPEG_SOI
-
-
 def decode_rgb(data: bytes, size: tuple[int, int] | None = None, out: np.ndarray | None = None) -> np.ndarray:
-    """HxWx3 uint8 RGB, written into `out` when given; `size` (height, width) is checked from the header first,
-    so an oversized image is refused before it is decoded. simplejpeg (libjpeg-turbo) for JPEG: about twice
-    PIL's speed (BENCHMARKS.md); PIL takes anything else (PNG from image folders)."""
-    if is_jpeg(data):
-        height, width = simplejpeg.decode_jpeg_header(data)[:2]
-        _check_size(height, width, size)
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
-    with Image.open(io.BytesIO(data)) as image:
-        _check_size(image.height, image.width, size)
-        pixels = np.asarray(image.convert("RGB"))
-    if out is None:
-        return pixels
-    out[...] = pixels
-    return out
-
-
-def _check_size(height: int, width: int, size: tuple[int, int] | None) -> None:
-    if size is not None and (height, width) != tuple(size):
-        raise ValueError(f"image is {width}x{height}, expected {size[1]}x{size[0]}")
+    """HxWx3 uint8 RGB (``ds_face.images.decode``), written into `out` when given; `size` (height, width) is
+    checked from the header first, so an image of another size is refused before it is decoded."""
+    if size is not None:
+        height, width = header_size(data)
+        if (height, width) != tuple(size):
+            raise ValueError(f"image is {width}x{height}, expected {size[1]}x{size[0]}")
+    return decode(data, out)
 
 
 def flip_coin(seed: int, epoch: int, index: int) -> bool:
@@ -95,7 +75,7 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 class ArrowFaces:
     """A dataset directory written by `data_prep`, read row by row: ``make(epochs, rows)`` builds one
-    micro-batch ``{"image": uint8 [B, H, W, 3], "label", "sample", "corrupt"}``.
+    micro-batch ``{"image": uint8 tensor [B, H, W, 3], "label", "sample" (int64 numpy), "corrupt" (a count)}``.
     Opened lazily in each process that reads (DataLoader workers included)."""
 
     def __init__(self, directory: str | os.PathLike, *, seed: int = 2048, flip: bool = True,
@@ -175,8 +155,7 @@ class ArrowFaces:
             images[i], labels[i] = images[source], labels[source]
         if self.flip:
             flip_images(images, np.flatnonzero(flip_coins(self.seed, epochs, rows)))
-        return {"image": batch, "label": torch.from_numpy(labels), "sample": torch.from_numpy(rows),
-                "corrupt": corrupt}
+        return {"image": batch, "label": labels, "sample": rows, "corrupt": corrupt}
 
 
 

@@ -47,4 +47,4 @@ class SyntheticFaces:
             noise[i].normal_(generator=generator)
         pixels = (images + self.noise * noise).clamp_(-1.0, 1.0).add_(1.0).mul_(127.5).round_()
         return {"image": pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous(),  # uint8 NHWC, like Arrow rows
-                "label": torch.from_numpy(labels), "sample": torch.from_numpy(rows), "corrupt": 0}
+                "label": labels, "sample": rows, "corrupt": 0}
