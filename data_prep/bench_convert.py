@@ -141,13 +141,10 @@ def plain_copy(rec: Path, target: Path) -> int:
     return total
 
 
-def mxnet_scan(src: Path) -> int | None:
-    """mxnet's own reader over every key (read_idx + unpack), as arcface_torch's MXFaceDataset reads; None
-    without mxnet (it is not a dependency of ds_face)."""
-    try:
-        from mxnet import recordio
-    except ImportError:
-        return None
+def mxnet_scan(src: Path) -> int:
+    """mxnet's own reader over every key (read_idx + unpack), as arcface_torch's MXFaceDataset reads; run only
+    where mxnet is installed (it is not a dependency of ds_face)."""
+    from mxnet import recordio
     rec = recordio.MXIndexedRecordIO(str(src / "train.idx"), str(src / "train.rec"), "r")
     total = 0
     for key in rec.keys:
@@ -189,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         assert code == 0, f"rec2arrow exited {code}"
 
     variants = [("plain read", lambda: plain_read(rec)), ("plain copy", lambda: plain_copy(rec, root / "copy.bin"))]
-    if _has_mxnet():
+    has_mxnet = importlib.util.find_spec("mxnet") is not None
+    if has_mxnet:
         variants.append(("mxnet scan (read_idx + unpack)", lambda: mxnet_scan(src)))
     variants.append(("rec2arrow (default: shuffled, auto shards)", lambda: convert([])))
     variants.append(("verify of rec2arrow's output", lambda: verify.verify(str(out), args.workers)))
@@ -239,13 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {temperature} | {min(walls):.2f}-{max(walls):.2f} | {rec_bytes / 1e6 / median:,.0f} | "
               f"{cpu} | {vs_read[0]:.2f} / {statistics.median(vs_read):.2f} / {vs_read[-1]:.2f} | "
               f"{statistics.median(vs_copy):.2f} |")
-    if not _has_mxnet():
+    if not has_mxnet:
         print("\nmxnet is not installed here: no mxnet scan row (pip install mxnet to compare; it is not a dependency)")
     return 0
-
-
-def _has_mxnet() -> bool:
-    return importlib.util.find_spec("mxnet") is not None
 
 
 if __name__ == "__main__":

@@ -24,9 +24,11 @@ import logging
 import sys
 import warnings
 
+from ds_face.op_cache import SHM_OP
+
 ALL_GATHER_DEPRECATED = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
 UNTESTED_OPTIMIZER = "You are using ZeRO with an untested optimizer, proceed with caution"
-SHM_OP_LOADED = "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully"
+SHM_OP_LOADED = f"DeepSpeed deepspeed.ops.comm.{SHM_OP}_op built successfully"  # deepspeed/comm/torch.py
 
 
 class _DropUntestedOptimizer(logging.Filter):
