@@ -8,6 +8,7 @@ the reader rejoins the parts (cflag 1 start, 2 middle, 3 end) and puts MAGIC bac
 """
 from __future__ import annotations
 
+import math
 import mmap
 import numbers
 import os
@@ -332,7 +333,7 @@ def detect_layout(reader: RecordReader, keys: np.ndarray, offsets: np.ndarray) -
     if flag < 2:
         raise RecordIOError(reader.path, f"header record has {flag} label(s); expected "
                                          f"[first_identity_key, end_key]", record="key 0", offset=header)
-    if not 1 <= labels[0] <= labels[1]:
+    if not (math.isfinite(labels[0]) and math.isfinite(labels[1]) and 1 <= labels[0] <= labels[1]):
         raise RecordIOError(reader.path, f"header labels {list(labels[:2])} are not a [first_identity_key, end_key] "
                                          f"range", record="key 0", offset=header)
     boundary = _first_identity_key(reader, where, labels[0])

@@ -309,6 +309,13 @@ def test_header_with_bad_range(tmp_path):
         detect_layout(reader, *zip(*idx))
 
 
+def test_header_with_infinite_range(tmp_path):
+    idx = write_recordio(tmp_path / "h.rec", tmp_path / "h.idx", [(0, pack_image_record([float("inf")] * 2, b""))])
+    with RecordReader(tmp_path / "h.rec") as reader, raises(
+            r"h\.rec, key 0, byte offset 0: header labels \[inf, inf\] are not a \[first_identity_key, end_key\]"):
+        detect_layout(reader, *zip(*idx))
+
+
 def test_record0_image_with_array_label_is_plain(tmp_path):
     rec, idx_path = write_plain_rec(tmp_path, make_images(n=4), label_as_array=True)
     with RecordReader(rec) as reader:
