@@ -1,7 +1,7 @@
 """The sharded head against a single-process reference, on 1, 2 and 3 real gloo ranks.
 
 Reference: the full weight, the same margin on the target logits, then
-``torch.nn.functional.cross_entropy``. The local embedding gradient a rank gets
+``torch.nn.functional.cross_entropy`` for the gradients and arcface_torch's clamped value for the loss. The local embedding gradient a rank gets
 from the head is W x dLoss/dx: DeepSpeed averages backbone gradients over the W
 ranks, and that factor makes the average exact (checked end to end in test_engine.py).
 """
@@ -30,7 +30,10 @@ def reference(embeddings, labels, weight, margin):
     cos = F.linear(F.normalize(embeddings), F.normalize(weight)).clamp(-1, 1)
     loss = F.cross_entropy(margin.logits(cos, torch.arange(len(labels)), labels), labels)
     loss.backward()
-    return loss.detach(), embeddings.grad, weight.grad
+    # the value compared is the one arcface_torch reports (each sample's loss capped at -ln(1e-30)); the
+    # gradients are the true cross-entropy's
+    return arcface_torch_reported_loss(embeddings.detach(), labels, weight.detach(), margin), embeddings.grad, \
+        weight.grad
 
 
 def build_head(rank, world_size, num_classes, margin, sample_rate, weight):
@@ -170,3 +173,43 @@ def test_sample_rate_outside_range_rejected():
     for rate in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="sample_rate"):
             PartialFC(DIM, 10, rate, MARGINS["arcface"], rank=0, world_size=1)
+
+
+def arcface_torch_reported_loss(embeddings, labels, weight, margin):
+    """The loss value as arcface_torch's DistCrossEntropyFunc computes it: softmax in fp32, the target
+    probability clamped at 1e-30, then -log, averaged."""
+    cos = F.linear(F.normalize(embeddings), F.normalize(weight)).clamp(-1, 1)
+    probs = margin.logits(cos, torch.arange(len(labels)), labels).softmax(dim=1)
+    return -probs[torch.arange(len(labels)), labels].clamp_min(1e-30).log().mean()
+
+
+def _anti_parallel_worker(rank, world_size, margin_name, embeddings, labels, weight):
+    head = build_head(rank, world_size, len(weight), MARGINS[margin_name], 1.0, weight)
+    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    local = embeddings[mine].clone().requires_grad_(True)
+    loss = head(local, labels[mine])
+    loss.backward()
+    rows, weight_grad = head.take_gradients()
+    return {"loss": loss.detach(), "emb_grad": local.grad, "weight_grad": weight_grad, "start": head.class_start,
+            "count": head.num_local}
+
+
+@pytest.mark.parametrize("margin_name", ["arcface", "cosface"])
+def test_reported_loss_is_arcface_torchs_on_an_anti_parallel_sample_and_the_gradient_the_true_one(margin_name):
+    """A sample pointing away from its centre has a target probability below 1e-30: arcface_torch reports its
+    loss as -ln(1e-30) = 69.08; ds_face reports the same value, and still back-propagates the true gradient."""
+    world_size, num_classes = 2, 10
+    embeddings, labels, weight = make_problem(world_size, num_classes, seed=5)
+    embeddings[0] = -weight[labels[0]] * 10  # anti-parallel: theta = pi, theta + m passes pi
+    margin = MARGINS[margin_name]
+    arcface_torch_loss, ref_emb_grad, ref_weight_grad = reference(embeddings, labels, weight, margin)
+    cos = F.linear(F.normalize(embeddings), F.normalize(weight)).clamp(-1, 1)
+    true_loss = F.cross_entropy(margin.logits(cos, torch.arange(len(labels)), labels), labels)
+    assert arcface_torch_loss < true_loss * 0.95, "the case must be one where the clamp changes the value"
+    results = run_ranks(world_size, _anti_parallel_worker, margin_name, embeddings, labels, weight)
+    for rank, got in enumerate(results):
+        torch.testing.assert_close(got["loss"], arcface_torch_loss, atol=1e-4, rtol=1e-5)
+        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        torch.testing.assert_close(got["emb_grad"] / world_size, ref_emb_grad[rows], atol=1e-5, rtol=1e-5)
+        start, count = got["start"], got["count"]
+        torch.testing.assert_close(got["weight_grad"], ref_weight_grad[start:start + count], atol=1e-5, rtol=1e-5)

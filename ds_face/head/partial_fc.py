@@ -19,6 +19,7 @@ then updates exactly those rows (gather, update, scatter).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -183,6 +184,9 @@ def cosine(embeddings: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     return F.linear(F.normalize(embeddings), centres) * inverse_norm
 
 
+LOSS_CAP = -math.log(1e-30)  # arcface_torch's largest per-sample loss (its clamp_min(1e-30) before the log)
+
+
 def distributed_cross_entropy(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Mean softmax cross-entropy over a class dimension split across ranks.
 
@@ -195,4 +199,10 @@ def distributed_cross_entropy(logits: torch.Tensor, rows: torch.Tensor, cols: to
     sum_exp = dist.all_reduce_sum_with_grad(torch.exp(logits - shift[:, None]).sum(dim=1))
     target = torch.zeros_like(shift).index_put((rows,), logits[rows, cols])
     target = dist.all_reduce_sum_with_grad(target)
-    return (torch.log(sum_exp) + shift - target).mean()
+    per_sample = torch.log(sum_exp) + shift - target
+    # The value reported is arcface_torch's: it clamps each target probability at 1e-30 before the log, so a
+    # sample's loss reads at most -ln(1e-30) = 69.08 (reached when theta + m passes pi). The gradient is the
+    # true, unclamped one, as arcface_torch's backward (softmax - one-hot) is too.
+    reported = per_sample.detach().clamp_max(LOSS_CAP).mean()
+    true = per_sample.mean()
+    return true + (reported - true).detach()

@@ -224,12 +224,15 @@ def _head_reference(world_size):
     import torch.nn.functional as F
 
     from ds_face.head import Margin
+    from ds_face.head.partial_fc import LOSS_CAP
     embeddings, labels, weight = (t.double() if t.is_floating_point() else t for t in _head_problem(world_size))
     embeddings.requires_grad_(True)
     w = torch.nn.Parameter(weight.clone())
     cos = F.linear(F.normalize(embeddings), F.normalize(w)).clamp(-1, 1)
-    loss = F.cross_entropy(Margin.arcface().logits(cos, torch.arange(len(labels)), labels), labels)
-    loss.backward()
+    per_sample = F.cross_entropy(Margin.arcface().logits(cos, torch.arange(len(labels)), labels), labels,
+                                 reduction="none")
+    per_sample.mean().backward()  # the true gradient; the value compared is the one reported (capped)
+    loss = per_sample.detach().clamp_max(LOSS_CAP).mean()
     grad = w.grad.clone()
     sgd = torch.optim.SGD([w], lr=LR, momentum=0.9, weight_decay=5e-4)
     sgd.step()
