@@ -71,7 +71,7 @@ def verify(embeddings: np.ndarray, issame: np.ndarray, folds: int = NUM_FOLDS,
     accuracies, chosen = [], []
     for train, test in kfold(len(issame), folds):
         best = int(np.argmax(correct[:, train].sum(axis=1)))  # counts: exact ties, first best as np.argmax
-        chosen.append(float(thresholds[best]))
+        chosen.append(round(float(thresholds[best]), 10))  # a grid value: 0.52, not np.arange's 0.5199999999999999
         accuracies.append(float(correct[best, test].sum()) / len(test))
     acc = np.asarray(accuracies)
     val = val_at_far(dist, issame, folds)

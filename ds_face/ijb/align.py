@@ -1,6 +1,6 @@
 """Face alignment as InsightFace aligns IJB crops: the least-squares similarity transform (Umeyama) from 5
-landmarks to the ArcFace template, applied with cv2.warpAffine's pixel convention (here with PIL), bilinear,
-black border."""
+landmarks to the ArcFace template, warped with OpenCV's cv2.warpAffine (bilinear, black border), as arcface_torch's
+eval_ijbc.py does: the crops are arcface_torch's, byte for byte, given the same decoded image."""
 from __future__ import annotations
 
 import numpy as np
@@ -33,18 +33,16 @@ def umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 def warp_affine(image: np.ndarray, matrix: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
-    """cv2.warpAffine(image, matrix, (size, size)) semantics with PIL: ``matrix`` maps input pixel coordinates
-    (pixel centres at integers) to output ones; bilinear; outside the image: black."""
-    from PIL import Image
-    a, b = matrix[:, :2], matrix[:, 2]
-    ai = np.linalg.inv(a)
-    # PIL samples output pixel (x, y) at (x + 0.5, y + 0.5) and puts input pixel centres at +0.5 too:
-    # input_pil = ai @ (q - 0.5) - ai @ b + 0.5 for an output point q in PIL coordinates.
-    c = -ai @ b + 0.5 - ai @ np.array([0.5, 0.5])
-    data = (ai[0, 0], ai[0, 1], c[0], ai[1, 0], ai[1, 1], c[1])
-    out = Image.fromarray(image).transform((size, size), Image.AFFINE, data, resample=Image.BILINEAR,
-                                           fillcolor=(0, 0, 0))
-    return np.asarray(out)
+    """``cv2.warpAffine(image, matrix, (size, size), borderValue=0.0)``, as arcface_torch's eval_ijbc.py warps:
+    ``matrix`` maps input pixel coordinates (pixel centres at integers) to output ones; bilinear in OpenCV's
+    fixed point (coordinates to 1/32 px, rounded to the nearest grey level); outside the image: black.
+
+    OpenCV itself rather than an emulation: a numpy restatement of its fixed-point arithmetic gave the same
+    bytes on 500 random crops but took 15x as long (2.7 vs 0.17 ms per 112x112 crop, README "IJB-B/C").
+    """
+    import cv2
+    return cv2.warpAffine(np.ascontiguousarray(image), np.asarray(matrix, np.float64), (size, size),
+                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
 
 
 def align(image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:

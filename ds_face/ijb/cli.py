@@ -15,7 +15,7 @@ from ds_face.ijb.scoring import evaluate_features, format_table, plot_roc
 
 def main(argv=None) -> int:
     from ds_face.inference import add_model_args
-    parser = argparse.ArgumentParser(prog="ds_face.eval ijb", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ds_face.eval ijb", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--root", required=True, help="IJB release directory (loose_crop/, meta/)")
     parser.add_argument("--target", default="IJBC", help="IJBC or IJBB: meta/<target lower case>_*.txt (default IJBC)")
     add_model_args(parser, model_required=False)

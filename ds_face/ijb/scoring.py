@@ -139,6 +139,9 @@ def format_table(reports: list[dict]) -> str:
     return "\n".join(lines) + f"\n\nTAR and AUC in %; {RULE}."
 
 
+ROC_FPR_MIN = 1e-6  # the plot's left edge
+
+
 def plot_roc(path: str | os.PathLike, curve: dict, report: dict, label: str = "") -> None:
     """ROC on a log-FPR axis (1e-6 .. 1), the TAR@FAR points marked; written aside and renamed."""
     import matplotlib
@@ -146,21 +149,23 @@ def plot_roc(path: str | os.PathLike, curve: dict, report: dict, label: str = ""
     import matplotlib.pyplot as plt
 
     from ds_face.fileio import write_atomic
-    fpr, tpr = curve["fpr"], curve["tpr"]
-    keep = fpr > 0
+    # A log axis has no 0: points at FPR 0 (and below the axis' 1e-6) are drawn at its left edge, so the curve
+    # starts where the ROC does (the caption says so) instead of silently losing its first points.
+    fpr, tpr = np.maximum(curve["fpr"], ROC_FPR_MIN), curve["tpr"]
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    ax.plot(fpr[keep], tpr[keep], lw=1.2, label=f"{label or report['target']} (AUC = {100 * report['auc']:.2f} %)")
+    ax.plot(fpr, tpr, lw=1.2, label=f"{label or report['target']} (AUC = {100 * report['auc']:.2f} %)")
     points = report["tar_at_far"].values()
-    ax.scatter([p["fpr"] for p in points], [p["tar"] for p in points], s=14, zorder=3, label="TAR@FAR points")
+    ax.scatter([max(p["fpr"], ROC_FPR_MIN) for p in points], [p["tar"] for p in points], s=14, zorder=3,
+               label="TAR@FAR points")
     ax.set_xscale("log")
-    ax.set_xlim(1e-6, 1.0)
+    ax.set_xlim(ROC_FPR_MIN, 1.0)
     low = min([p["tar"] for p in points] + [0.3])
     ax.set_ylim(max(0.0, np.floor(low * 10) / 10), 1.0)
     ax.grid(linestyle="--", linewidth=0.6)
-    ax.set_xlabel("False Positive Rate (log scale)")
+    ax.set_xlabel(f"False Positive Rate (log scale; FPR 0 drawn at {ROC_FPR_MIN:g})")
     ax.set_ylabel("True Positive Rate")
     ax.set_title(f"ROC on {report['target']}: {report['pairs']} pairs, {report['templates']} templates")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
