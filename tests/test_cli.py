@@ -1,6 +1,6 @@
 """The installable commands: every console script of pyproject.toml exists, answers --help (exit 0) without
 importing torch, DeepSpeed or datasets, and launch.sh / ds_face.hostfile speak argparse conventions.
-(The `pip install .` itself and the --help times are measured by hand: README "Install".)"""
+(The `pip install .` itself and the --help times are measured by hand: docs/install.md.)"""
 import subprocess
 import sys
 import tomllib

@@ -1,6 +1,6 @@
 """The package's import graph, read from the source (nothing is imported): no circle inside ds_face, and
 ds_face does not depend on data_prep (the converters depend on ds_face's shard format, not the reverse).
-The README's "Layout" section names every module of ds_face/ and data_prep/, in an order the imports follow,
+docs/layout.md names every module of ds_face/ and data_prep/, in an order the imports follow,
 and nothing that does not exist.
 
 Every import counts, also one inside a function: a lazy import still ties the two modules together.
@@ -92,23 +92,20 @@ def test_ds_face_does_not_import_data_prep():
 
 
 def layout_entries() -> list[str]:
-    """The paths the README's "Layout" section lists, in order: the first word of each line of its code block."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("\n## Layout\n") + 1:]
-    section = section[:section.find("\n## ")] if "\n## " in section else section
-    block = section.split("```")[1]
+    """The paths docs/layout.md lists, in order: the first word of each line of its (first) code block."""
+    block = (ROOT / "docs" / "layout.md").read_text().split("```")[1]
     return [line.split()[0] for line in block.splitlines() if line.strip()]
 
 
-def test_the_readme_layout_names_every_module_and_nothing_that_does_not_exist():
+def test_the_layout_page_names_every_module_and_nothing_that_does_not_exist():
     listed = layout_entries()
     assert len(listed) == len(set(listed)), "listed twice: " + ", ".join(p for p in listed if listed.count(p) > 1)
-    assert [p for p in listed if not (ROOT / p).exists()] == [], "named in README Layout, not in the tree"
+    assert [p for p in listed if not (ROOT / p).exists()] == [], "named in docs/layout.md, not in the tree"
     tree = {str(path.relative_to(ROOT)) for path in all_modules().values()}
-    assert sorted(tree - set(listed)) == [], "modules missing from README Layout"
+    assert sorted(tree - set(listed)) == [], "modules missing from docs/layout.md"
 
 
-def test_the_readme_layout_is_in_import_order():
+def test_the_layout_page_is_in_import_order():
     known = all_modules()
     position = {module_name(ROOT / p): i for i, p in enumerate(layout_entries()) if module_name(ROOT / p) in known}
     late = [f"{name} imports {other}, listed below it" for name, i in position.items()

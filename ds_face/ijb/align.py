@@ -38,7 +38,7 @@ def warp_affine(image: np.ndarray, matrix: np.ndarray, size: int = ALIGNED_SIZE)
     fixed point (coordinates to 1/32 px, rounded to the nearest grey level); outside the image: black.
 
     OpenCV itself rather than an emulation: a numpy restatement of its fixed-point arithmetic gave the same
-    bytes on 500 random crops but took 15x as long (2.7 vs 0.17 ms per 112x112 crop, README "IJB-B/C").
+    bytes on 500 random crops but took 15x as long (2.7 vs 0.17 ms per 112x112 crop, docs/evaluation.md "IJB-B / IJB-C").
     """
     import cv2
     return cv2.warpAffine(np.ascontiguousarray(image), np.asarray(matrix, np.float64), (size, size),
