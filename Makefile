@@ -1,6 +1,6 @@
 # make demo   set up (first time) and train the embedded default: 2 CPU ranks, ZeRO-2, Partial FC 0.1
 # make test   set up (first time) and run the test suite (what CI runs)
-# make test-multinode   a real 2-host launch over pdsh/ssh on this machine (needs sshd, pdsh)
+# make test-multinode   real 2-host launches over ssh on this machine (needs sshd; pdsh for one control run)
 # make gpu-check   on NVIDIA GPUs: the GPU path in one run (< 10 min on one GPU), reports/gpu-check-<hostname>.md
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -29,7 +29,7 @@ demo: setup
 test: setup multinode-tools
 	$(PY) -m pytest -q
 
-# The two-host launch tests (tests/test_multinode.py) need sshd and pdsh. Under CI (CI=true, as root, Debian
+# The two-host launch tests (tests/test_multinode.py) need sshd (pdsh: a control run of DeepSpeed's runner). Under CI (CI=true, as root, Debian
 # packages reachable) they are installed here (2.3 MB, seconds); elsewhere, or if apt fails, those tests
 # skip themselves and say why. Nothing is installed on a developer's machine.
 multinode-tools:
@@ -40,9 +40,11 @@ multinode-tools:
 	    || echo "make: could not install openssh-server/pdsh; the two-host tests will be skipped" >&2; \
 	fi
 
-# a real two-host launch (pdsh + a private loopback sshd); needs: apt-get install -y openssh-server pdsh
-test-multinode: setup
-	bash tests/multinode/run_two_hosts.sh
+# the two-host launch tests: real launches over ssh to a private loopback sshd (train + checkpoint, a killed rank,
+# hostile values arriving verbatim, a stop that ends one launch and not another) and the refusals (no sshd needed);
+# needs: apt-get install -y openssh-server openssh-client (pdsh: only for the control run of DeepSpeed's own runner)
+test-multinode: setup multinode-tools
+	$(PY) -m pytest -q tests/test_multinode.py
 
 # every check of tests/gpu on every visible GPU (NCCL, ZeRO 0/2/3 fp16/bf16, head, resume, export + ONNX, a launch,
 # speed vs a plain PyTorch loop, bench report/memory), one report: reports/gpu-check-<hostname>.md; exit 1 if a

@@ -1,8 +1,7 @@
 """Checks ``launch.sh`` runs before DeepSpeed starts any rank, so that a bad launch fails in a second with one
 clear message instead of on every node after start-up.
 
-    python -m ds_face.preflight RUN.yaml DS.json [--port N [--port-given]]
-                                [--remote [--env-file F ...] [--forward NAME ...]] -- ARGS...
+    python -m ds_face.preflight RUN.yaml DS.json [--port N [--port-given] | --hostfile-launch] -- ARGS...
 
 * **Both config files** (``ARGS`` holds the trainer's ``--set`` pairs): everything ``ds_face.config`` checks
   without the world size, ``output.dir`` included.
@@ -10,33 +9,24 @@ clear message instead of on every node after start-up.
   with DeepSpeed's own probe, ``get_accelerator().is_fp16_supported()`` / ``is_bf16_supported()`` (what the
   engine's sanity check asks after every rank has started, in ``deepspeed.initialize``). Importing DeepSpeed's
   accelerator costs torch + DeepSpeed's imports (~1.5 s warm on 2 cores), so fp32 configs skip it. Launches
-  with a hostfile skip it too: the launching node need not be one of the nodes that run ranks.
+  with a hostfile (``--hostfile-launch``) skip it too: the launching node need not be one that runs ranks.
 * **The master port** (single-node launches): ``--port N --port-given`` (the user's ``--master_port``) must be
   free, or the launch stops naming it; without ``--port-given`` a busy default is replaced by a free port,
   printed on stdout and stated on stderr.
-* **Values sent to remote shells** (``--remote``: a launch with a hostfile). DeepSpeed 0.19.8's pdsh runner
-  builds one shell command line that every node runs: ``export KEY=VALUE; ... cd DIR; python -m
-  deepspeed.launcher.launch ... ARGS``. It wraps an environment value in double quotes when it holds a
-  character outside ``[A-Za-z0-9_@%+=:,./-]`` (escaping nothing), and a trainer argument in double quotes
-  only when it holds a space (escaping only ``"``); any other argument goes in bare. So ``$(...)``, backticks
-  and ``\\`` in a value, or ``;``, ``|``, ``*``, ``[`` in an argument without a space, would be run or
-  expanded by the shell on every node. Such values are refused here, naming them; everything accepted
-  arrives verbatim.
+* **Values for a multi-node launch** (``launch.sh --hostfile`` runs ``ds_face.multinode``, which quotes every
+  value it sends to a node's shell): the values that must be of one kind are allow-listed here, one function
+  per kind (``env_name_problem``, ``port_problem``, ``address_problem``; host names: ``ds_face.hostfile``).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import socket
 import sys
 
-# What DeepSpeed's runner sends unquoted (MultiNodeRunner.add_export's regex): the shell leaves it as it is.
-BARE = re.compile(r"^[\w@%+=:,./-]*$")
-# Still active inside the double quotes the runner adds: parameter/command substitution and escapes.
-ACTIVE_IN_DOUBLE_QUOTES = ("$", "`", "\\")
-# Variables DeepSpeed's runner exports to the nodes from its own environment (runner.EXPORT_ENVS, NCCL too).
-RUNNER_EXPORTS = ("NCCL", "PYTHON", "MV2", "UCX", "MLFLOW")
+from ds_face.hostfile import host_problem, shown
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # what a POSIX shell accepts as a variable name
 DEFAULT_MASTER_PORT = 29500  # deepspeed.constants.TORCH_DISTRIBUTED_DEFAULT_PORT
 
 
@@ -44,69 +34,23 @@ class PreflightError(ValueError):
     pass
 
 
-def remote_argument_problem(arg: str) -> str | None:
-    """Why ``arg`` would not reach the remote ranks verbatim through DeepSpeed's pdsh command line, or None."""
-    if "\n" in arg or "\r" in arg:
-        return "it holds a line break"
-    if " " not in arg:  # sent bare: only characters the shell leaves alone
-        if BARE.match(arg):
-            return None
-        bad = sorted({c for c in arg if not BARE.match(c)})
-        return (f"without a space it reaches the remote shell unquoted, where {' '.join(bad)} would be "
-                f"interpreted; use only letters, digits and _@%+=:,./- (a YAML list can be written with "
-                f"spaces, e.g. 'head.margin=[1.0, 0.5, 0.0]', which DeepSpeed then quotes)")
-    bad = [c for c in ACTIVE_IN_DOUBLE_QUOTES if c in arg]
-    if bad:
-        return f"DeepSpeed puts it in double quotes, where {' '.join(bad)} would still be interpreted"
-    return None
-
-
-def remote_env_problem(value: str) -> str | None:
-    """Why an exported environment value would not reach the nodes verbatim, or None."""
-    if "\n" in value or "\r" in value:
-        return "it holds a line break"
-    if value != value.strip():
-        return "DeepSpeed strips its leading/trailing whitespace"
-    if BARE.match(value):
+def env_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be exported to a node as an environment variable, or None."""
+    if ENV_NAME.fullmatch(name) and len(name) <= 255:
         return None
-    bad = [c for c in ACTIVE_IN_DOUBLE_QUOTES + ('"',) if c in value]
-    if bad:
-        return (f"DeepSpeed puts it in double quotes without escaping, where {' '.join(bad)} would be "
-                f"interpreted by every node's shell")
-    return None
+    return f"{shown(name)} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*, at most 255 characters)"
 
 
-def check_remote_values(args: list[str], env_lines: list[tuple[str, str]], environ: dict) -> None:
-    """Raise PreflightError naming every argument and variable that would not arrive verbatim.
-
-    ``env_lines``: (where, "KEY=VALUE") from the DS_ENV_FILE the runner will read; ``environ``: this
-    process's environment, from which the runner exports the RUNNER_EXPORTS variables itself."""
-    problems = []
-    for arg in args:
-        problem = remote_argument_problem(arg)
-        if problem:
-            problems.append(f"trainer argument {arg!r}: {problem}")
-    for where, line in env_lines:
-        key, sep, value = line.partition("=")
-        if not sep:
-            problems.append(f"{where}: {line!r} is not KEY=VALUE")
-            continue
-        problem = remote_env_problem(value)
-        if problem:
-            problems.append(f"{key.strip()}={value!r} ({where}): {problem}")
-    for key, value in sorted(environ.items()):
-        if key.startswith(RUNNER_EXPORTS):
-            problem = remote_env_problem(value)
-            if problem:
-                problems.append(f"{key}={value!r} (environment, exported by DeepSpeed's runner): {problem}")
-    if problems:
-        raise PreflightError("values that would not reach the other nodes verbatim (DeepSpeed's pdsh runner "
-                             "passes them through a remote shell); nothing was started:\n  " + "\n  ".join(problems))
+def port_problem(value: str) -> str | None:
+    """Why ``value`` is not a TCP port number, or None."""
+    if re.fullmatch(r"[0-9]{1,5}", value) and 0 < int(value) < 65536:
+        return None
+    return f"{shown(value)} is not a TCP port (an integer from 1 to 65535)"
 
 
-def read_env_file(path: str) -> list[tuple[str, str]]:
-    with open(path) as f:
-        return [(path, line.rstrip("\n")) for line in f if line.strip() and not line.lstrip().startswith("#")]
+def address_problem(value: str) -> str | None:
+    """Why ``value`` is neither an IP address nor a host name (the master address), or None."""
+    return None if host_problem(value) is None else f"{shown(value)} is neither an IP address nor a host name"
 
 
 def enabled_precisions(ds_config: dict) -> list[str]:
@@ -188,26 +132,17 @@ def main(argv=None) -> int:
     parser.add_argument("deepspeed_config")
     parser.add_argument("--port", type=int, help="the master port to check (single-node launch)")
     parser.add_argument("--port-given", action="store_true", help="the user chose --port: never replace it")
-    parser.add_argument("--remote", action="store_true", help="a hostfile launch: check values sent to nodes")
-    parser.add_argument("--env-file", action="append", default=[],
-                        help="a .deepspeed_env file whose lines the runner exports (with --remote; repeatable)")
-    parser.add_argument("--forward", action="append", default=[], metavar="NAME",
-                        help="a variable launch.sh forwards from this shell (with --remote; repeatable)")
+    parser.add_argument("--hostfile-launch", action="store_true",
+                        help="a launch with a hostfile: skip the precision probe (this machine may run no rank)")
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     opts = parser.parse_args(argv[:split])  # after "--": the trainer's arguments, as they are
     opts.args = argv[split + 1:]
     from ds_face.config import ConfigError, load_ds_config, load_run_config, parse_set_overrides
     try:
-        if opts.remote:
-            trainer_args = ["--config", opts.config, "--deepspeed_config", opts.deepspeed_config, *opts.args]
-            lines = [line for path in opts.env_file for line in read_env_file(path)]
-            lines += [("this shell, forwarded by launch.sh", f"{name}={os.environ.get(name, '')}")
-                      for name in opts.forward]
-            check_remote_values(trainer_args, lines, dict(os.environ))
         load_run_config(opts.config, parse_set_overrides(set_pairs(opts.args)))
         ds_config, _ = load_ds_config(opts.deepspeed_config, None)
-        if not opts.remote:
+        if not opts.hostfile_launch:
             check_precision(ds_config, opts.deepspeed_config)
         if opts.port is not None:
             print(choose_port(opts.port, opts.port_given))

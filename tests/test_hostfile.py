@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_face.hostfile import HostfileError, main, parse_hostfile
+from ds_face.hostfile import host_problem, HostfileError, main, parse_hostfile, select_slots
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,10 +30,26 @@ def test_the_example_is_well_formed():
 
 @pytest.mark.parametrize("text, line, problem", [
     ("localhost slots=8\nnode-2\n", 2, "expected 'HOST slots=N'"),
-    ("localhost slots=0\n", 1, "slots must be a positive integer, got '0'"),
-    ("localhost slots=-1\n", 1, "slots must be a positive integer, got '-1'"),
-    ("localhost slots=two\n", 1, "slots must be a positive integer, got 'two'"),
-    ("localhost slots=1.5\n", 1, "slots must be a positive integer, got '1.5'"),
+    ("localhost slots=0\n", 1, "slots must be an integer from 1 to 1024, got '0'"),
+    ("localhost slots=-1\n", 1, "slots must be an integer from 1 to 1024, got '-1'"),
+    ("localhost slots=two\n", 1, "slots must be an integer from 1 to 1024, got 'two'"),
+    ("localhost slots=1.5\n", 1, "slots must be an integer from 1 to 1024, got '1.5'"),
+    ("localhost slots=1025\n", 1, "slots must be an integer from 1 to 1024, got '1025'"),
+    ("localhost slots=99999999999999999999\n", 1, "slots must be an integer from 1 to 1024, got '99999999999999999999'"),
+    ("localhost slots=\u0663\n", 1, "slots must be an integer from 1 to 1024, got '\u0663'"),  # an Arabic-Indic 3
+    ("localhost slots=0x8\n", 1, "slots must be an integer from 1 to 1024, got '0x8'"),
+    ("a;touch${IFS}x slots=1\n", 1, "host 'a;touch${IFS}x' is not a host name (RFC 1123"),
+    ("$(touch${IFS}x) slots=1\n", 1, "host '$(touch${IFS}x)' is not a host name"),
+    ("-oProxyCommand=x slots=1\n", 1, "host '-oProxyCommand=x' is not a host name"),
+    ("user@node-1 slots=1\n", 1, "host 'user@node-1' is not a host name"),
+    ("node_1 slots=1\n", 1, "host 'node_1' is not a host name"),
+    ("nöde slots=1\n", 1, "host 'nöde' is not a host name"),
+    ("node-.x slots=1\n", 1, "host 'node-.x' is not a host name"),
+    ("a..b slots=1\n", 1, "host 'a..b' is not a host name"),
+    ("*.example slots=1\n", 1, "host '*.example' is not a host name"),
+    ("%h slots=1\n", 1, "host '%h' is not a host name"),
+    ("a" * 64 + " slots=1\n", 1, "host 'aaaaaaaa"),
+    ("localhost\u00a0slots=1\n", 1, "expected 'HOST slots=N'"),  # a no-break space is not a separator here
     ("localhost slots=\n", 1, "expected 'HOST slots=N'"),
     ("localhost slot=8\n", 1, "expected 'HOST slots=N'"),
     ("localhost slots=8 gpus=2\n", 1, "expected 'HOST slots=N'"),
@@ -47,6 +63,56 @@ def test_bad_line_names_file_line_and_problem(tmp_path, capsys, text, line, prob
     assert main([str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path} line {line}: {problem}"), err
+
+
+@pytest.mark.parametrize("host", ["node-1", "a.b.example.com", "127.0.0.2", "::1", "fe80::1", "N0DE", "1" * 63,
+                                  ".".join(["a" * 63] * 3) + ".b"])
+def test_host_names_and_addresses_that_pass(host):
+    assert host_problem(host) is None
+
+
+def test_a_big_or_binary_hostfile_is_refused(tmp_path):
+    path = write(tmp_path, "localhost slots=1\n" + "# x\n" * 300_000)
+    with pytest.raises(HostfileError, match="larger than 1048576 bytes"):
+        parse_hostfile(str(path))
+    path.write_bytes(b"localhost slots=1\n\xff\n")
+    with pytest.raises(HostfileError, match="not UTF-8 text"):
+        parse_hostfile(str(path))
+
+
+HOSTS = {"a": 4, "b": 2, "c": 1}
+
+
+@pytest.mark.parametrize("options, expect", [
+    ({}, {"a": [0, 1, 2, 3], "b": [0, 1], "c": [0]}),
+    ({"include": "b@a:1,3"}, {"a": [1, 3], "b": [0, 1]}),
+    ({"include": "a:2,2"}, {"a": [2]}),
+    ({"exclude": "a:0@c"}, {"a": [1, 2, 3], "b": [0, 1]}),
+    ({"exclude": "b:0,1"}, {"a": [0, 1, 2, 3], "c": [0]}),
+    ({"num_nodes": 2}, {"a": [0, 1, 2, 3], "b": [0, 1]}),
+    ({"num_gpus": 1}, {"a": [0], "b": [0], "c": [0]}),
+    ({"num_nodes": 2, "num_gpus": 2}, {"a": [0, 1], "b": [0, 1]}),
+])
+def test_select_slots_as_deepspeed(options, expect):
+    assert select_slots(HOSTS, **options) == expect
+
+
+@pytest.mark.parametrize("options, problem", [
+    ({"include": "a", "exclude": "b"}, "--include and --exclude cannot be used together"),
+    ({"include": "a", "num_gpus": 1}, "--num_nodes/--num_gpus cannot be used with --include/--exclude"),
+    ({"include": "d"}, "--include 'd': host 'd' is not in the hostfile"),
+    ({"include": "a;id"}, "--include 'a;id': host 'a;id' is not in the hostfile"),
+    ({"include": "a:4"}, "--include 'a:4': slot '4' of a is not one of 0-3 (slots=4)"),
+    ({"include": "a:x"}, "--include 'a:x': slot 'x' of a is not one of 0-3"),
+    ({"exclude": "a:-1"}, "--exclude 'a:-1': slot '-1' of a is not one of 0-3"),
+    ({"exclude": "a@b@c"}, "no slots left to run on after --include/--exclude"),
+    ({"num_nodes": 4}, "--num_nodes 4: the hostfile has 3 hosts"),
+    ({"num_gpus": 3}, "--num_gpus 3: more than the slots of b, c (slots=1)"),
+])
+def test_select_slots_refusals_name_the_option(options, problem):
+    with pytest.raises(HostfileError) as err:
+        select_slots(HOSTS, **options)
+    assert str(err.value).startswith(problem), str(err.value)
 
 
 @pytest.mark.parametrize("text, message", [(None, "no such hostfile"), ("# only\n\n", "no hosts")])
@@ -89,23 +155,3 @@ def test_launch_sh_stops_on_a_bad_hostfile_before_the_runner(tmp_path, text, pro
     assert proc.returncode == 2
     assert f"error: {bad}{' ' if text else ''}{problem}" in proc.stderr
     assert not (tmp_path / "record").exists(), "deepspeed must not start"
-
-
-def test_launch_sh_forwards_env_through_a_merged_deepspeed_env(tmp_path):
-    env, _ = launch_sh(tmp_path)
-    (tmp_path / "home" / ".deepspeed_env").write_text("NCCL_SOCKET_IFNAME=eth0\n\n# comment\nFOO=bar baz\n")
-    good = write(tmp_path, "localhost slots=1\n127.0.0.1 slots=1\n")
-    env.update(DS_FACE_TIMEOUT_MIN="5", OMP_NUM_THREADS="4", HF_DATASETS_OFFLINE="1", UNRELATED="x")
-    proc = subprocess.run([str(ROOT / "launch.sh"), "configs/cpu_demo.yaml", "ds_configs/cpu_zero2_fp32.json",
-                           f"--hostfile={good}", "--master_addr", "localhost", "--set", "schedule.max_steps=2",
-                           "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    args = (tmp_path / "record").read_text().splitlines()
-    assert args == [f"--hostfile={good}", "--master_addr", "localhost", "--module", "ds_face.train",
-                    "--config", "configs/cpu_demo.yaml", "--deepspeed_config", "ds_configs/cpu_zero2_fp32.json",
-                    "--set", "schedule.max_steps=2", "--resume"]
-    lines = (tmp_path / "record.env").read_text().splitlines()
-    assert lines[:2] == ["NCCL_SOCKET_IFNAME=eth0", "FOO=bar baz"], "the user's lines first, blank/comments dropped"
-    assert set(lines[2:]) == {"DS_FACE_TIMEOUT_MIN=5", "OMP_NUM_THREADS=4", "HF_DATASETS_OFFLINE=1"}
-    assert not list((tmp_path / "tmp").iterdir()), "the merged file is removed afterwards"
-    assert (tmp_path / "home" / ".deepspeed_env").read_text().startswith("NCCL_SOCKET_IFNAME=eth0\n"), "untouched"

@@ -1,5 +1,6 @@
-"""launch.sh's pre-flight (ds_face.preflight): bad settings, a busy port and hostile remote values stop a launch
-before DeepSpeed starts any rank, with one message. Real launch.sh, real sockets."""
+"""launch.sh's pre-flight (ds_face.preflight): bad settings and a busy port stop a launch before DeepSpeed starts
+any rank, with one message; the allow-lists for the values of a multi-node launch (environment variable names,
+ports, the master address). Real launch.sh, real sockets."""
 from __future__ import annotations
 
 import os
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ds_face.preflight import check_remote_values, choose_port, enabled_precisions, PreflightError, \
-    remote_argument_problem, remote_env_problem
+from ds_face.preflight import address_problem, choose_port, enabled_precisions, env_name_problem, port_problem, \
+    PreflightError
 from ds_face.spawn import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,43 +89,38 @@ def test_a_bad_deepspeed_json_stops_launch_sh(tmp_path):
     assert "'gradient_clipping' must be a finite number >= 0 (0: off), got 'abc'" in proc.stderr
 
 
-# -- the remote-shell rules, value by value ------------------------------------------------------------------
+# -- the allow-lists of a multi-node launch, kind by kind ----------------------------------------------------
 
-@pytest.mark.parametrize("arg", ["output.dir=/data/run-1", "schedule.max_steps=100", "--set", "--resume",
-                                 "head.margin=[1.0, 0.5, 0.0]", "output.dir=/tmp/run dir (a;b|c'd)",
-                                 'note=say "hi" there'])
-def test_arguments_that_arrive_verbatim(arg):
-    assert remote_argument_problem(arg) is None
+@pytest.mark.parametrize("name", ["DS_FACE_TIMEOUT_MIN", "_x", "NCCL_IB_HCA", "a1", "A" * 255])
+def test_environment_variable_names_that_pass(name):
+    assert env_name_problem(name) is None
 
 
-@pytest.mark.parametrize("arg,expect", [
-    ("output.dir=$(id)", "unquoted, where $ ( ) would be interpreted"),
-    ("output.dir=$(touch /tmp/x)", "double quotes, where $ would still be interpreted"),
-    ("a=`id`", "unquoted, where `"),
-    ("a=x;id", "unquoted, where ;"),
-    ("head.margin=[1.0,0.5,0.0]", "unquoted, where [ ]"),
-    ("a=b c\\d", "double quotes, where \\"),
-    ("a=b\nc", "line break"),
-])
-def test_arguments_that_would_be_interpreted(arg, expect):
-    assert expect in remote_argument_problem(arg)
+@pytest.mark.parametrize("name", ["", "1A", "A-B", "A B", "A;id", "$(id)", "A=B", "A\nB", "Ä", "A" * 256, "-A",
+                                  "A*", "A\x00"])
+def test_environment_variable_names_refused(name):
+    assert "is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*, at most 255 characters)" in \
+        env_name_problem(name)
 
 
-@pytest.mark.parametrize("value,ok", [("3", True), ("/data/hf cache", True), ("a;b|c'd", True),
-                                      ("10$(touch x)", False), ("`id`", False), ('a"b', False), ("a\\b", False),
-                                      (" 3", False)])
-def test_env_values(value, ok):
-    assert (remote_env_problem(value) is None) == ok
+@pytest.mark.parametrize("port, ok", [("1", True), ("29500", True), ("65535", True), ("0", False), ("65536", False),
+                                      ("-1", False), ("1e3", False), (" 80", False), ("80;id", False),
+                                      ("\u0668\u0660", False), ("0x50", False), ("9" * 30, False)])
+def test_ports(port, ok):
+    assert (port_problem(port) is None) == ok
+    if not ok:
+        assert port_problem(port).endswith("is not a TCP port (an integer from 1 to 65535)")
 
 
-def test_every_problem_is_named_at_once():
-    with pytest.raises(PreflightError) as err:
-        check_remote_values(["--set", "a=$(x)"], [("~/.deepspeed_env", "DS_FACE_X=`id`")],
-                            {"NCCL_DEBUG": "$(id)", "PYTHONHASHSEED": "0", "OTHER": "$(not exported)"})
-    text = str(err.value)
-    assert "trainer argument 'a=$(x)'" in text and "DS_FACE_X='`id`' (~/.deepspeed_env)" in text
-    assert "NCCL_DEBUG='$(id)' (environment, exported by DeepSpeed's runner)" in text
-    assert "PYTHONHASHSEED" not in text and "OTHER" not in text
+@pytest.mark.parametrize("address, ok", [
+    ("127.0.0.1", True), ("10.1.2.3", True), ("::1", True), ("node-1", True), ("node-1.cluster.local", True),
+    ("127.0.0.1;id", False), ("$(id)", False), ("`id`", False), ("a b", False), ("a\nb", False), ("-oX=y", False),
+    ("nöde", False), ("", False), ("a" * 64, False), ("a..b", False), ("node_1", False), ("[::1]", False),
+    ("127.0.0.1:29500", False), ("*", False), ("%h", False)])
+def test_master_addresses(address, ok):
+    assert (address_problem(address) is None) == ok
+    if not ok:
+        assert address_problem(address).endswith("is neither an IP address nor a host name")
 
 
 # -- the precision against this machine (DeepSpeed's own accelerator probe) -------------------------------------

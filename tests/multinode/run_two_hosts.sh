@@ -1,36 +1,44 @@
 #!/usr/bin/env bash
-# A real two-"host" DeepSpeed launch on this machine: pdsh over ssh to 127.0.0.1 and 127.0.0.2.
+# Real two-"host" launches on this machine through launch.sh's multi-node runner (ds_face/multinode.py):
+# one ssh per host to 127.0.0.1 and 127.0.0.2.
 #
 #   tests/multinode/run_two_hosts.sh              (make test-multinode): train 6 steps, checkpoint
 #   tests/multinode/run_two_hosts.sh --kill-rank R  kill -9 global rank R (node R's rank) after step 2:
 #                                                   the launch must exit non-zero within 90 s, naming it
-#   tests/multinode/run_two_hosts.sh --hostile      values with $(...), backticks, ';' for the nodes' shell:
-#                                                   DeepSpeed's runner alone runs them (control), launch.sh
-#                                                   refuses them naming each (no marker file appears), and
-#                                                   values with spaces, quotes and ;|() arrive verbatim
+#   tests/multinode/run_two_hosts.sh --hostile      control (where pdsh is installed): DeepSpeed's pdsh runner
+#                                                   alone runs a $(...) from an exported value; then hostile
+#                                                   arguments, environment values, working directory and venv
+#                                                   script arrive verbatim on both hosts (transport.py, which
+#                                                   also kill -9s a launcher), and a real launch.sh training
+#                                                   started from a directory named with a space and $(...),
+#                                                   with hostile --venv_script, --enable_each_rank_log,
+#                                                   output.dir and env values, runs with no marker file
+#   tests/multinode/run_two_hosts.sh --stop         two launches from the same venv on the same two nodes:
+#                                                   SIGTERM to the first stops all of its processes on both,
+#                                                   the second trains on to its end
 #
 # Starts a private sshd bound to loopback only (127.0.0.1 and 127.0.0.2, a free high port), key
 # authentication only, with a host key, a user key, known_hosts and an ssh_config all generated in a
 # temporary directory; ~/.ssh is never read or written (ssh is a wrapper adding -F that ssh_config).
-# Then ./launch.sh with a two-line hostfile (slots=1 each), --launcher pdsh: one rank per node, world
-# size 2, ZeRO-2 with the Partial FC head sharded across both. Checks the node ranks in the output,
-# the world size in training.log, the env forwarding (DS_FACE_TIMEOUT_MIN) and the final checkpoint.
-# Everything it started (sshd, leftover ranks) is stopped and the directory removed on any exit.
-# Needs: sshd and pdsh (Debian: apt-get install -y openssh-server pdsh), the venv's deepspeed on PATH.
+# The hostfile has two lines (slots=1 each): one rank per node, world size 2, ZeRO-2 with the Partial FC
+# head sharded across both. Everything it started (sshd, leftover ranks) is stopped and the directory
+# removed on any exit. Needs: sshd (Debian: apt-get install -y openssh-server openssh-client; pdsh for the
+# control), the venv's deepspeed on PATH.
 set -euo pipefail
 
-kill_rank= hostile=
+kill_rank= hostile= stop=
 case ${1:-} in
     --kill-rank) kill_rank=${2:?--kill-rank needs 0 or 1} ;;
     --hostile) hostile=1 ;;
+    --stop) stop=1 ;;
     "") ;;
-    *) echo "usage: $0 [--kill-rank 0|1 | --hostile]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--kill-rank 0|1 | --hostile | --stop]" >&2; exit 2 ;;
 esac
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 if [ -x .venv/bin/deepspeed ]; then PATH=$root/.venv/bin:$PATH; fi
 sshd_bin=$(command -v sshd || echo /usr/sbin/sshd)
-for tool in "$sshd_bin" pdsh ssh ssh-keygen deepspeed; do
+for tool in "$sshd_bin" ssh ssh-keygen deepspeed; do
     command -v "$tool" >/dev/null || { echo "run_two_hosts: error: $tool not found" >&2; exit 3; }
 done
 python_bin=$(dirname "$(command -v deepspeed)")/python
@@ -107,62 +115,99 @@ printf '# two "nodes" on this machine\n127.0.0.1 slots=1\n127.0.0.2 slots=1\n' >
 
 if [ -n "$hostile" ]; then
     fail() { echo "run_two_hosts: FAIL: $*" >&2; exit 1; }
-    # Control: DeepSpeed's pdsh runner by itself runs a $(...) from an exported value on every node.
-    printf 'DS_FACE_TIMEOUT_MIN=3$(touch %s/control_marker)\n' "$tmp" > "$tmp/evil_env"
-    DS_ENV_FILE=$tmp/evil_env timeout 120 deepspeed --hostfile "$tmp/hostfile" --launcher pdsh \
-        --master_addr 127.0.0.1 --master_port "$master_port" --no_python --no_local_rank /bin/true \
-        > "$tmp/control.log" 2>&1 || true
-    ls "$tmp"/control_*marker >/dev/null 2>&1 || { cat "$tmp/control.log" >&2; fail "control: the runner did not run \$(...)"; }
-    echo "run_two_hosts: control: DeepSpeed's runner alone ran \$(touch ...) from an exported value"
+    # Control (where pdsh is installed): DeepSpeed's pdsh runner by itself runs a $(...) from an exported value
+    # on every node. launch.sh no longer uses it (ds_face/multinode.py).
+    if command -v pdsh >/dev/null; then
+        printf 'DS_FACE_TIMEOUT_MIN=3$(touch %s/control_marker)\n' "$tmp" > "$tmp/evil_env"
+        DS_ENV_FILE=$tmp/evil_env timeout 120 deepspeed --hostfile "$tmp/hostfile" --launcher pdsh \
+            --master_addr 127.0.0.1 --master_port "$master_port" --no_python --no_local_rank /bin/true \
+            > "$tmp/control.log" 2>&1 || true
+        [ -e "$tmp/control_marker" ] || { cat "$tmp/control.log" >&2; fail "control: the runner did not run \$(...)"; }
+        rm "$tmp/control_marker"
+        echo "run_two_hosts: control: DeepSpeed's runner alone ran \$(touch ...) from an exported value"
+    fi
 
-    # launch.sh: each hostile value is refused, naming it, and nothing runs anywhere.
-    refused=0
-    try_hostile() {  # try_hostile NAME [ENV=VALUE] -- launch.sh arguments...
-        local name=$1; shift
-        local envs=()
-        while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
-        set +e
-        env "${envs[@]+"${envs[@]}"}" timeout 60 "$root/launch.sh" "$root/configs/cpu_demo.yaml" \
-            "$root/ds_configs/cpu_zero2_fp32.json" --hostfile "$tmp/hostfile" --master_addr 127.0.0.1 \
-            --master_port "$master_port" --launcher pdsh --set "output.dir=$tmp/refused" "$@" > "$tmp/h.log" 2>&1
-        local rc=$?
-        set -e
-        [ "$rc" -eq 2 ] || { cat "$tmp/h.log" >&2; fail "$name: launch.sh exited $rc, expected 2"; }
-        grep -q "launch.sh: error: values that would not reach the other nodes verbatim" "$tmp/h.log" \
-            || { cat "$tmp/h.log" >&2; fail "$name: no refusal message"; }
-        ! ls "$tmp"/pwned* >/dev/null 2>&1 || fail "$name: a marker file appeared: $(ls "$tmp"/pwned*)"
-        [ ! -e "$tmp/refused" ] || fail "$name: the run started ($tmp/refused exists)"
-        echo "run_two_hosts: refused $name: $(grep -A3 'launch.sh: error' "$tmp/h.log" | tail -n +2 | head -1 | sed 's/^ *//')"
-        refused=$((refused + 1))
-    }
-    try_hostile "env \$(...)" "DS_FACE_TIMEOUT_MIN=10\$(touch $tmp/pwned1)" --
-    try_hostile "env backticks" "DS_FACE_TIMEOUT_MIN=10\`touch $tmp/pwned2\`" --
-    try_hostile "env double quote" "DS_FACE_NOTE=a\"; touch $tmp/pwned3; echo \"" --
-    try_hostile "NCCL_* env" "NCCL_DEBUG=\$(touch $tmp/pwned4)" --
-    try_hostile "--set \$(...)" -- --set "output.log_every=\$(touch $tmp/pwned5)"
-    try_hostile "--set backticks" -- --set "output.log_every=\`touch $tmp/pwned6\`"
-    try_hostile "--set ;" -- --set "output.dir=x;touch>$tmp/pwned7"
-    try_hostile "--set glob" -- --set "head.margin=[1.0,0.5,0.0]"
-    printf 'DS_FACE_X=$(touch %s/pwned8)\n' "$tmp" > "$tmp/user_env"
-    try_hostile "a DS_ENV_FILE line" "DS_ENV_FILE=$tmp/user_env" --
-    echo "run_two_hosts: refused $refused hostile launches, no marker file"
+    # ds_face.multinode's transport: hostile arguments, environment values, working directory and venv script
+    # arrive verbatim on both hosts; kill -9 of a launcher stops its processes only.
+    "$python_bin" "$root/tests/multinode/transport.py" "$tmp" || fail "transport checks"
 
-    # Values that the shell would misread if DeepSpeed's quoting were not enough arrive verbatim:
-    # output.dir with spaces, ; | ( ) and a single quote; a YAML list with spaces; an env value with spaces.
-    out="$tmp/run dir (a;b|c'd)"
+    # A real training launch through launch.sh, started from a directory whose name holds a space, quotes and
+    # $(...), with a hostile --venv_script path, --enable_each_rank_log directory, output.dir, an exported
+    # value, a .deepspeed_env value and a YAML list without spaces (glob characters): all arrive verbatim.
+    # (a name cannot hold '/': these markers are relative, looked for wherever a shell could have run them)
+    here="$tmp/launch dir \$(touch pwned30) 'q'"
+    logs="$tmp/rank logs;\`touch pwned31\`"
+    venv="$tmp/venv script \$(touch pwned32).sh"
+    out="$tmp/run dir (a;b|c'd) \$(touch pwned33)"
+    mkdir -p "$here"
+    printf 'echo "$$" >> %q\n' "$tmp/sourced" > "$venv"
+    printf 'DS_FACE_ENV_FILE_VALUE=$(touch %s/pwned34) `x` "y"\n' "$tmp" > "$here/.deepspeed_env"
     set +e
-    DS_FACE_TIMEOUT_MIN=3 DS_FACE_NOTE="two words; and 'quotes'" timeout -k 10 "${TWO_HOSTS_TIMEOUT_S:-300}" \
-        "$root/launch.sh" "$root/configs/cpu_demo.yaml" "$root/ds_configs/cpu_zero2_fp32.json" \
-        --hostfile "$tmp/hostfile" --master_addr 127.0.0.1 --master_port "$master_port" --launcher pdsh \
-        --set schedule.max_steps=2 --set output.log_every=1 --set "head.margin=[1.0, 0.4, 0.0]" \
-        --set "output.dir=$out" > "$tmp/verbatim.log" 2>&1
+    (cd "$here" && DS_FACE_TIMEOUT_MIN=3 DS_FACE_NOTE="two words; \$(touch $tmp/pwned35) and 'quotes'" \
+        timeout -k 10 "${TWO_HOSTS_TIMEOUT_S:-300}" "$root/launch.sh" "$root/configs/cpu_demo.yaml" \
+        "$root/ds_configs/cpu_zero2_fp32.json" --hostfile "$tmp/hostfile" --master_addr 127.0.0.1 \
+        --master_port "$master_port" --launcher pdsh --venv_script "$venv" --enable_each_rank_log "$logs" \
+        --set schedule.max_steps=2 --set output.log_every=1 --set "head.margin=[1.0,0.4,0.0]" \
+        --set "output.dir=$out") > "$tmp/verbatim.log" 2>&1
     rc=$?
     set -e
     [ "$rc" -eq 0 ] || { tail -n 40 "$tmp/verbatim.log" >&2; fail "verbatim launch exited $rc"; }
     grep -q 'Global Step: 2/2' "$out/training.log" || fail "no training.log in '$out'"
-    grep -q "export DS_FACE_NOTE=\"two words; and 'quotes'\";" "$tmp/verbatim.log" || fail "DS_FACE_NOTE not sent quoted"
-    ! ls "$tmp"/pwned* >/dev/null 2>&1 || fail "a marker file appeared"
-    echo "run_two_hosts: OK: hostile values refused ($refused), control ran, values with spaces/quotes arrived verbatim"
+    grep -q 'world size 2' "$out/training.log" || fail "not 2 ranks"
+    grep -q '^127\.0\.0\.2: .*node_rank=1' "$tmp/verbatim.log" || fail "no node_rank=1 from 127.0.0.2"
+    [ "$(ls "$logs" | grep -c '_rank[01]\.log$')" = 2 ] || fail "no per-rank logs in '$logs': $(ls "$logs")"
+    [ "$(wc -l < "$tmp/sourced")" = 2 ] || fail "the venv script was not sourced once per node"
+    grep -q 'exporting .*DS_FACE_ENV_FILE_VALUE' "$tmp/verbatim.log" || fail ".deepspeed_env line not exported"
+    markers=$(ls -d "$tmp"/pwned* "$here"/pwned* "$HOME"/pwned* "$root"/pwned* "$logs"/pwned* 2>/dev/null || true)
+    [ -z "$markers" ] || fail "a marker file appeared: $markers"
+    echo "run_two_hosts: OK: launch from '$here' with hostile venv script, rank-log dir, output.dir and env arrived verbatim, no marker"
+    exit 0
+fi
+
+if [ -n "$stop" ]; then
+    fail() { tail -n 40 "$tmp/first.log" "$tmp/second.log" >&2; echo "run_two_hosts: FAIL: $*" >&2; exit 1; }
+    # Two two-host launches from the same venv on the same two nodes; SIGTERM to the first launch.sh stops all
+    # of its processes on both nodes, and only them: the second trains on to its end.
+    second_port=$("$python_bin" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    start_launch() {  # start_launch NAME PORT STEPS
+        DS_FACE_TIMEOUT_MIN=3 timeout -k 10 "${TWO_HOSTS_TIMEOUT_S:-400}" ./launch.sh configs/cpu_demo.yaml \
+            ds_configs/cpu_zero2_fp32.json --hostfile "$tmp/hostfile" --master_addr 127.0.0.1 --master_port "$2" \
+            --set schedule.max_steps="$3" --set output.log_every=1 --set "output.dir=$tmp/$1" > "$tmp/$1.log" 2>&1 &
+    }
+    wait_step() {  # wait_step NAME PID STEP
+        until grep -q "Global Step: $3/" "$tmp/$1/training.log" 2>/dev/null; do
+            kill -0 "$2" 2>/dev/null || fail "$1 ended before step $3"
+            sleep 0.5
+        done
+    }
+    start_launch first "$master_port" 300
+    first_pid=$!
+    wait_step first "$first_pid" 1
+    start_launch second "$second_port" 8
+    second_pid=$!
+    wait_step second "$second_pid" 1
+    [ "$(pgrep -f -- "output.dir=$tmp/first" | wc -l)" -ge 6 ] || fail "the first launch's processes not found"
+    # SIGTERM to launch.sh itself (it exec'd ds_face.multinode), not to `timeout`, whose -k would SIGKILL it
+    # 10 s later while it is still stopping the nodes
+    runner_pid=$(pgrep -P "$first_pid")
+    tr '\0' ' ' < "/proc/$runner_pid/cmdline" | grep -q -- '-m ds_face.multinode' || fail "launch.sh's runner not found"
+    kill -TERM "$runner_pid"
+    stopped=$(date +%s)
+    set +e
+    wait "$first_pid"; first_rc=$?
+    set -e
+    took=$(( $(date +%s) - stopped ))
+    [ "$first_rc" -ne 0 ] || fail "the stopped launch exited 0"
+    left=$(pgrep -f -- "output.dir=$tmp/first" || true)
+    [ -z "$left" ] || fail "the first launch left processes: $(ps -o pid,args -p "$(echo $left | tr ' ' ,)")"
+    kill -0 "$second_pid" 2>/dev/null || fail "the second launch died with the first"
+    set +e
+    wait "$second_pid"; second_rc=$?
+    set -e
+    [ "$second_rc" -eq 0 ] || fail "the second launch exited $second_rc"
+    grep -q 'Global Step: 8/8' "$tmp/second/training.log" || fail "the second launch did not reach step 8"
+    [ "$(cat "$tmp/second/checkpoints/latest")" = step_8 ] || fail "the second launch saved no step_8"
+    echo "run_two_hosts: OK: SIGTERM stopped the first launch on both nodes in $took s (exit $first_rc), none of its processes left; the second finished step 8"
     exit 0
 fi
 out=$tmp/run
@@ -177,7 +222,7 @@ DS_FACE_TIMEOUT_MIN=3 timeout -k 10 "${TWO_HOSTS_TIMEOUT_S:-300}" \
         --set schedule.max_steps=$steps --set output.log_every=1 --set "output.dir=$out" > "$log" 2>&1 &
 launch_pid=$!
 set -e
-fail() { echo "run_two_hosts: FAIL: $*" >&2; tail -n 60 "$log" >&2; exit 1; }
+fail() { tail -n 60 "$log" >&2; echo "run_two_hosts: FAIL: $*" >&2; exit 1; }
 
 if [ -n "$kill_rank" ]; then
     until grep -q 'Global Step: 2/' "$out/training.log" 2>/dev/null; do
@@ -217,7 +262,8 @@ fi
 [ "$rc" -eq 0 ] || fail "launch exit status $rc"
 grep -q '^127\.0\.0\.1: .*node_rank=0' "$log" || fail "no node_rank=0 line from host 127.0.0.1"
 grep -q '^127\.0\.0\.2: .*node_rank=1' "$log" || fail "no node_rank=1 line from host 127.0.0.2"
-grep -q 'export DS_FACE_TIMEOUT_MIN=3;' "$log" || fail "DS_FACE_TIMEOUT_MIN not forwarded to the nodes"
+grep -q '^ds_face.multinode: 2 host(s): 127.0.0.1, 127.0.0.2 (one ssh each); exporting .*DS_FACE_TIMEOUT_MIN' "$log" \
+    || fail "DS_FACE_TIMEOUT_MIN not forwarded to the nodes"
 grep -q 'world size 2, ZeRO stage 2, fp32' "$out/training.log" || fail "training.log: no 'world size 2'"
 grep -q 'Global Step: 6/6' "$out/training.log" || fail "training.log: step 6 not reached"
 [ -f "$out/checkpoints/latest" ] || fail "no checkpoint ($out/checkpoints/latest)"
