@@ -22,6 +22,7 @@ import pyarrow as pa
 from data_prep.convert import add_common_args, run_cli
 from data_prep.source import Chunk, Source, SourceError, image_problem, source_error
 from ds_face.data.folder import FolderError, list_image_folder
+from ds_face.data.shards import MAX_IMAGE_BYTES
 
 CLASSES = "classes.json"
 
@@ -33,7 +34,8 @@ class FolderRows:
     def rows(self, items: list[tuple[str, int, int]]) -> Iterator[tuple[bytes, int, int]]:
         for path, label, index in items:
             try:
-                image = Path(path).read_bytes()
+                with open(path, "rb") as f:
+                    image = f.read(MAX_IMAGE_BYTES + 1)  # bounded: image_problem names one that is larger
             except OSError as e:
                 raise source_error(path, f"cannot read ({e.strerror})", index) from None
             if problem := image_problem(image):
@@ -71,6 +73,10 @@ def open_folder_source(src: str | Path) -> FolderSource:
         folder = list_image_folder(src)
     except FolderError as err:
         raise SourceError(str(err)) from None
+    big = np.flatnonzero(folder.sizes > MAX_IMAGE_BYTES)
+    if len(big):  # before anything is written: the trainer refuses a shard that holds one
+        raise source_error(folder.paths[big[0]], f"an image of {folder.sizes[big[0]]} bytes, more than the "
+                                                 f"{MAX_IMAGE_BYTES >> 20} MiB an image may take", int(big[0]), 0)
     files_info = [{"file": str(folder.root.resolve()), "bytes": folder.nbytes, "images": len(folder.paths),
                    "listing_sha256": folder.listing_sha256}]
     return FolderSource(converter="data_prep.folder2arrow", indexes=np.arange(len(folder.paths), dtype=np.int64),

@@ -23,6 +23,7 @@ import pyarrow as pa
 from data_prep.convert import add_common_args, run_cli
 from data_prep.recordio import RecordReader, detect_layout, parse_image_records, read_idx_arrays, read_property
 from data_prep.source import Chunk, Source, SourceError, image_problem, source_error
+from ds_face.data.shards import MAX_IMAGE_BYTES
 
 _JPEG_SOI_WORD = 0xFFD8FF  # b"\xff\xd8\xff" as the low 3 bytes of a little-endian uint32
 _PNG_WORDS = np.frombuffer(b"\x89PNG\r\n\x1a\n", "<u4")
@@ -108,7 +109,7 @@ class RecSource(Source):
         png = (length >= 8) & (words[head] == _PNG_WORDS[0]) & (words[head + 1] == _PNG_WORDS[1])
         with np.errstate(invalid="ignore"):
             ok = (recs.ok & np.isfinite(label) & (label == np.floor(label)) & (label >= 0)
-                  & (label < self.num_classes) & (jpeg | png))
+                  & (label < self.num_classes) & (jpeg | png) & (length <= MAX_IMAGE_BYTES))
         labels = np.where(ok, label, 0).astype(np.int64)
         which = np.zeros(len(positions), dtype=np.int64)  # data buffer 0: the chunk; 1: the slow path's images
         start, length = recs.image_start.copy(), length.copy()

@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 
 from data_prep.recordio import RecordIOError
+from ds_face.data.shards import MAX_IMAGE_BYTES
+from ds_face.images import FORMATS
 
-JPEG_SOI = b"\xff\xd8\xff"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class SourceError(ValueError):
@@ -27,8 +27,11 @@ def source_error(path: str | os.PathLike, msg: str, key: int | None = None, offs
 
 
 def image_problem(image: bytes) -> str | None:
-    """Why `image` is not a JPEG or PNG file (checked by magic only: the loader decodes), or None."""
-    if image.startswith(JPEG_SOI) or image.startswith(PNG_SIGNATURE):
+    """Why `image` is not a JPEG or PNG file (checked by magic only: the loader decodes) of at most
+    MAX_IMAGE_BYTES (the trainer refuses a shard holding a larger one), or None."""
+    if len(image) > MAX_IMAGE_BYTES:
+        return f"an image of {len(image)} bytes, more than the {MAX_IMAGE_BYTES >> 20} MiB an image may take"
+    if any(image.startswith(magic) for magic in FORMATS.values()):
         return None
     if not image:
         return "empty image payload"

@@ -2,8 +2,10 @@
 
     python -m data_prep.verify /data/ms1m-arrow [--workers 8] [--source /data/ms1m-retinaface-t1]
 
-Every shard: present, size and sha256 as in the manifest, the shard schema, record batches of at most
-ROWS_PER_RECORD_BATCH rows, the planned row count, labels in [0, num_classes). All shards: total rows, every
+Every shard: what the trainer checks before a run (`ds_face.data.shards.open_shard`: present, size as in the
+manifest, exactly the shard schema, valid record batches without nulls, labels in [0, num_classes)), and the
+sha256, record batches of at most ROWS_PER_RECORD_BATCH rows, the planned row count, every image a JPEG or a
+PNG by its magic bytes. All shards: total rows, every
 `index` once. --source: every source image exactly once, image bytes and labels identical.
 Exit status 0 when all holds, 1 naming the first bad shard and row otherwise, 2 when the source cannot be read.
 """
@@ -17,29 +19,26 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from data_prep.convert import default_workers, mp_context
 from data_prep.recordio import RecordIOError
 from data_prep.source import Source, SourceError
 from ds_face.data.shards import (
-    ROWS_PER_RECORD_BATCH, SCHEMA, Manifest, ShardError, ShardInfo, read_manifest, rows_per_shard, sha256_of,
+    ROWS_PER_RECORD_BATCH, Manifest, ShardError, ShardInfo, open_shard, read_manifest, rows_per_shard, sha256_of,
 )
+from ds_face.images import ImageFormatError, image_format
 
 
-def _read_shard(path: Path) -> pa.Table:
-    try:
-        with pa.ipc.open_stream(pa.memory_map(str(path))) as reader:
-            if not reader.schema.equals(SCHEMA):
-                raise ShardError(f"{path.name}: schema {reader.schema.to_string(show_schema_metadata=False)!r}, "
-                                 f"expected {SCHEMA.to_string()!r}")
-            batches = list(reader)
-    except pa.ArrowException as e:
-        raise ShardError(f"{path.name}: not a readable Arrow stream ({e})") from None
-    for n, batch in enumerate(batches):
+def _read_shard(directory: str, info: ShardInfo, num_classes: int) -> pa.Table:
+    """The shard through the trainer's own reader (`ds_face.data.shards.open_shard`: size, schema, valid record
+    batches, no nulls, row count, labels in [0, num_classes)), plus what only data_prep's writer promises."""
+    table = open_shard(Path(directory) / info.file, info, num_classes, where=info.file)
+    for n, batch in enumerate(table.to_batches()):
         if batch.num_rows > ROWS_PER_RECORD_BATCH:
-            raise ShardError(f"{path.name}: record batch {n} has {batch.num_rows} rows, more than "
+            raise ShardError(f"{info.file}: record batch {n} has {batch.num_rows} rows, more than "
                              f"{ROWS_PER_RECORD_BATCH}")
-    return pa.Table.from_batches(batches, schema=SCHEMA)
+    return table
 
 
 def check_shard(directory: str, info: ShardInfo, planned_rows: int, num_classes: int) -> tuple[np.ndarray, ...]:
@@ -52,22 +51,23 @@ def check_shard(directory: str, info: ShardInfo, planned_rows: int, num_classes:
     digest = sha256_of(path)
     if digest != info.sha256:
         raise ShardError(f"{info.file}: sha256 {digest}, the manifest says {info.sha256} (corrupt or replaced)")
-    table = _read_shard(path)
-    if not table.num_rows == info.rows == planned_rows:
-        raise ShardError(f"{info.file}: {table.num_rows} rows, the manifest says {info.rows}, the shard plan "
-                         f"(rows_per_shard) {planned_rows}")
-    labels = table.column("label").to_numpy()
-    indexes = table.column("index").to_numpy()
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    if len(bad):
-        r = int(bad[0])
-        raise ShardError(f"{info.file}, row {r} (index {indexes[r]}): label {labels[r]} outside [0, {num_classes})")
+    table = _read_shard(directory, info, num_classes)
+    if table.num_rows != planned_rows:  # the manifest's count (open_shard checked it), not the plan's
+        raise ShardError(f"{info.file}: {table.num_rows} rows, as the manifest says, but the shard plan "
+                         f"(rows_per_shard) says {planned_rows}")
+    labels, indexes = table.column("label").to_numpy(), table.column("index").to_numpy()
+    for r, head in enumerate(pc.binary_slice(table.column("image"), 0, 8).to_pylist()):  # the trainer refuses
+        try:  # any other format (ds_face.images): every image's magic bytes, which only verify reads
+            image_format(head)
+        except ImageFormatError as err:
+            raise ShardError(f"{info.file}, row {r} (index {indexes[r]}): {err}") from None
     return labels, indexes
 
 
-def compare_shard(directory: str, name: str, reader: Any, items: Any) -> None:
+def compare_shard(directory: str, info: ShardInfo, num_classes: int, reader: Any, items: Any) -> None:
     """Every row of the shard equals the source image it came from (`items`: the source rows, in shard order)."""
-    table = _read_shard(Path(directory) / name)
+    table = _read_shard(directory, info, num_classes)
+    name = info.file
     images, labels = table.column("image").to_pylist(), table.column("label").to_pylist()
     try:
         for r, (image, label, index) in enumerate(reader.rows(items)):
@@ -140,7 +140,7 @@ def _compare_with_source(pool, directory: str, manifest: Manifest, source: Sourc
     positions = src_order[found]  # source position of every row, in shard order
     starts = np.concatenate([[0], np.cumsum([s.rows for s in manifest.shards])])
     tasks = [source.items(positions[starts[i]:starts[i + 1]]) for i in range(len(manifest.shards))]
-    list(pool.map(compare_shard, [directory] * len(tasks), [s.file for s in manifest.shards],
+    list(pool.map(compare_shard, [directory] * len(tasks), manifest.shards, [manifest.num_classes] * len(tasks),
                   [source.reader] * len(tasks), tasks))
 
 

@@ -185,7 +185,8 @@ def test_uneven_shards_still_give_every_rank_the_same_batches(tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_image_is_counted_and_replaced(tmp_path, workers):
-    directory = write_shards(tmp_path / "ds", 200, 4, images={7: b"\xff\xd8\xff broken", 150: b"not an image"})
+    broken_png = index_png(150)[:60]  # a PNG cut short: an image of ours, damaged
+    directory = write_shards(tmp_path / "ds", 200, 4, images={7: b"\xff\xd8\xff broken", 150: broken_png})
     loader = make_loader(directory, 20, workers=workers)
     batches = epoch_indices(loader)
     assert len(batches) == 10 and loader.corrupt_images == 2
@@ -197,7 +198,8 @@ def test_corrupt_image_is_counted_and_replaced(tmp_path, workers):
 def test_corrupt_image_fails_when_configured(tmp_path):
     directory = write_shards(tmp_path / "ds", 40, 1, images={3: b"\xff\xd8\xff broken"})
     loader = make_loader(directory, 20, on_corrupt="fail")
-    with pytest.raises(DataError, match=r"dataset row 3 \(label 3\): cannot decode image"):
+    with pytest.raises(DataError, match=r"data-00000-of-00001\.arrow, row 3 \(dataset row 3, label 3\): cannot "
+                                        r"decode image"):
         epoch_indices(loader)
 
 
@@ -224,11 +226,13 @@ def test_bad_directories(tmp_path, dataset_1000):
     short = write_shards(tmp_path / "short", 100, 2)
     manifest = (short / "manifest.json").read_text().replace('"num_samples": 100', '"num_samples": 120', 1)
     (short / "manifest.json").write_text(manifest.replace('"rows": 50', '"rows": 60'))
-    with pytest.raises(DataError, match=r"data-0000[01]-of-00002.arrow: holds 50 rows, the manifest says 60"):
+    with pytest.raises(DataError, match=r"data-0000[01]-of-00002.arrow \(shards\[[01]\] of .*manifest.json\): "
+                                         r"holds 50 rows, the manifest says 60"):
         epoch_indices(make_loader(short, 20))
     empty = write_shards(tmp_path / "empty", 100, 2)
     (empty / shard_name(0, 2)).write_bytes(b"")
-    with pytest.raises(DataError, match=r"data-00000-of-00002.arrow: cannot be read as an Arrow shard"):
+    with pytest.raises(DataError, match=r"data-00000-of-00002.arrow \(shards\[0\] of .*\): 0 bytes, the manifest "
+                                        r"says \d+: empty"):
         epoch_indices(make_loader(empty, 20))
 
 

@@ -432,8 +432,7 @@ def test_verify_detects_damage(tmp_path, capsys):
 
     rewrite_shard(out, 0, shard_table(out / names[0]).slice(0, 7))  # one row short
     assert verify.main([str(out), "--workers", "2"]) == 1
-    assert one_error_line(capsys) == (f"error: {names[0]}: 7 rows, the manifest says 8, the shard plan "
-                                      f"(rows_per_shard) 8")
+    assert one_error_line(capsys) == f"error: {names[0]}: holds 7 rows, the manifest says 8"
     restore()
 
     rewrite_shard(out, 1, shard_table(out / names[0]))  # shard 0's rows twice

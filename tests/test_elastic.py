@@ -6,33 +6,25 @@ Real DeepSpeed engines on real gloo ranks, real checkpoint files, CPU fp32 unles
 * the LR follows samples: every resumed step's LR is the uninterrupted run's at the same sample count, and
   the last step's is 0;
 * a per-sample ledger across a mid-epoch 2 -> 3 resize: every sample of every epoch trained once;
-* a 2 -> 1 resize with the global batch kept continues the uninterrupted run's losses (the real launcher);
+* a 2 -> 1 resize with the global batch kept (the layout from ``plan_resume``, as ``ds_face.train`` resumes):
+  the state bit-identical at the resize, the first resized step's loss within 1e-6 of the uninterrupted run's
+  (how the rounding differences grow after it: ``python -m tests.elastic_drift``, not a test);
 * a crash mid-save, then a resume on another world size that saves the same step: `latest` resumes and exports.
 """
 import functools
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from ds_face.config import DataConfig
-from ds_face.spawn import free_port, run_command, run_ranks
+from ds_face.spawn import run_ranks
 from tests import conftest
-from tests.conftest import DEEPSPEED, RESUMABLE, ROOT
+from tests.conftest import RESUMABLE
+from tests.elastic_drift import gathered as _state  # the whole state, gathered (a collective)
 
 CLASSES, EMBEDDING, MICRO = 50, 32, 8  # 50 classes: 25/25 on 2 ranks, 17/17/16 on 3
 make_trainer = functools.partial(conftest.make_trainer, **RESUMABLE)
-
-
-def _state(trainer):
-    from ds_face.zero_state import gathered_state
-    state = gathered_state(trainer.engine)  # collective
-    scaler = getattr(trainer.engine.optimizer, "loss_scaler", None)
-    return {"params": state["params"], "keys": state["state_keys"],
-            "loss_scale": getattr(scaler, "cur_scale", None),
-            "head": trainer.head.weight.clone(),
-            "head_momentum": {k: v.clone() for k, v in trainer.head_optimizer.state.items()}}
 
 
 def _save(rank, world_size, root, stage, optimizer, precision):
@@ -147,51 +139,41 @@ def test_mid_epoch_2_to_3_resize_trains_every_sample_once_on_the_same_lr_curve(t
         sorted(map(tuple, torch.cat([r["ledger"] for r in whole], dim=1).T.tolist()))
 
 
-# -- the same run: 2 -> 1 ranks with the global batch kept continues the uninterrupted losses -------------------
+# -- 2 -> 1 ranks with the global batch kept: exact at the resize ----------------------------------------------
+# What is exact, and tested: the state at the resize, bit for bit, and the first resized step's loss (its forward
+# pass sees the same weights and the same samples; only the summation order of the loss differs). After it the
+# two runs sum gradients in another order and the rounding differences grow step by step: measured, not tested
+# (python -m tests.elastic_drift).
 
-RUN_YAML = """
-model: {backbone: r_tiny, embedding_size: 32}
-head: {num_classes: 50, sample_rate: 1.0}
-optimizer: {name: sgd, lr: 0.02}
-schedule: {epochs: 1, warmup_epochs: 0.2}
-data: {source: synthetic, num_samples: 480}
-output: {dir: OUT, log_every: 1, tensorboard: false}
-seed: 7
-"""
-DS_JSON = """{"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 5.0,
- "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": true, "steps_per_print": 1000000000}"""
+@pytest.mark.parametrize("stage,lr", [(2, 0.02), (3, 0.1)])
+def test_2_to_1_resize_with_the_global_batch_kept_is_exact_at_the_resize(tmp_path, stage, lr):
+    """At sample_rate 1.0: below it, each micro-step draws its negatives per rank from its own class range for
+    its own micro-batch (16 samples on 2 ranks, 8 on 1 rank accumulating 2), so a resized run draws other
+    negatives: the same objective, another sample of it (the state still carries over exactly, above)."""
+    from tests.elastic_drift import resize_runs
+    cut = 3
+    runs = resize_runs(tmp_path, cut=cut, steps=cut + 2, stage=stage, lr=lr, sample_rate=1.0, threads=1,
+                       want_state=True)
+    saved, resumed = runs["cut"], runs["resumed"]
+    assert resumed["resized"] == (f"resuming step_{cut} with another layout: 2 rank(s) x micro-batch 8 x "
+                                  f"accumulation 1 = 16 -> 1 rank(s) x micro-batch 8 x accumulation 2 = 16 "
+                                  f"(global batch kept)")
+    before, after = saved[0]["state"], resumed["state"]
+    assert after["keys"] == before["keys"] == ["momentum_buffer"]
+    assert after["params"].keys() == before["params"].keys()
+    for name, entry in before["params"].items():
+        for key, value in entry.items():
+            assert torch.equal(after["params"][name][key], value), (name, key)
+    assert after["loss_scale"] == before["loss_scale"]
+    assert torch.equal(after["head"], torch.cat([r["state"]["head"] for r in saved]))
+    for key, value in after["head_momentum"].items():
+        assert torch.equal(value, torch.cat([r["state"]["head_momentum"][key] for r in saved])), key
 
-
-def _launch(ranks, run_yaml, ds_json, *args):
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "ds_face.train",
-           "--config", str(run_yaml), "--deepspeed_config", str(ds_json), *args]
-    proc = run_command(cmd, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
-def _losses(log: str) -> dict[int, float]:
-    return {int(step): float(loss) for loss, step in re.findall(r"Loss ([0-9.]+) .*Global Step: (\d+)/", log)}
-
-
-def test_2_to_1_resize_with_the_global_batch_kept_continues_the_same_run(tmp_path):
-    ds_json = tmp_path / "ds.json"
-    ds_json.write_text(DS_JSON)
-    runs = {}
-    for name in ("whole", "cut"):
-        (tmp_path / f"{name}.yaml").write_text(RUN_YAML.replace("OUT", str(tmp_path / name)))
-    _launch(2, tmp_path / "whole.yaml", ds_json)  # 480 / (2 x 8) = 30 steps
-    _launch(2, tmp_path / "cut.yaml", ds_json, "--set", "schedule.max_steps=8")  # saves step_8
-    out = _launch(1, tmp_path / "cut.yaml", ds_json, "--resume")
-    assert ("resuming step_8 with another layout: 2 rank(s) x micro-batch 8 x accumulation 1 = 16 -> "
-            "1 rank(s) x micro-batch 8 x accumulation 2 = 16 (global batch kept)") in out
-    for name in ("whole", "cut"):
-        runs[name] = _losses((tmp_path / name / "training.log").read_text())
-    assert sorted(runs["whole"]) == list(range(1, 31)) and sorted(runs["cut"]) == list(range(1, 31))
-    for step in range(9, 31):  # 22 steps after the resize, on 1 rank accumulating 2 micro-batches
-        whole, resized = runs["whole"][step], runs["cut"][step]
-        assert abs(resized - whole) <= 1e-4 * whole + 1e-4, (step, whole, resized)  # + the log's rounding
-    assert runs["whole"][30] < runs["whole"][1]  # it learns
+    whole = runs["whole"]
+    assert saved[0]["losses"] == whole[:cut]  # the cut run is the uninterrupted run up to the cut, bit for bit
+    assert resumed["step"] == cut + 2 and len(resumed["losses"]) == 2
+    first = resumed["losses"][0]
+    assert abs(first - whole[cut]) <= 1e-6 * whole[cut], (first, whole[cut])
 
 
 # -- a crash mid-save, then a resume on another world size that saves the same step again --------------------

@@ -63,8 +63,8 @@ def test_shard_names_are_plain_file_names(dataset, name, expect):
 
 
 @pytest.mark.parametrize("key,value,expect", [
-    ("bytes", -1, r"'shards\[0\]\.bytes' must be an integer >= 0, got -1"),
-    ("rows", "6", r"'shards\[0\]\.rows' must be an integer >= 0, got '6'"),
+    ("bytes", -1, r"'shards\[0\]\.bytes' must be an integer in \[0, 2\*\*50\], got -1"),
+    ("rows", "6", r"'shards\[0\]\.rows' must be an integer in \[0, 2\*\*46\], got '6'"),
     ("sha256", "abc", r"'shards\[0\]\.sha256' must be 64 lowercase hex digits, got 'abc'"),
     ("rows", 10**12, r"'shards\[0\]\.rows' is 1000000000000, but the shard's \d+ bytes hold at most \d+ rows"),
 ])

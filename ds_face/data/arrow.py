@@ -1,8 +1,9 @@
 """Arrow shards (written by `data_prep`) as a source of micro-batches: rows read from memory-mapped shards.
 
-`datasets.Dataset.from_file` memory-maps each shard (no copy, no cache files); a micro-batch's rows, chosen by
-`ds_face.data.order` from the run's position alone, are read by random access, decoded straight into the
-batch (simplejpeg; PIL for other formats), flipped by a coin fixed by (seed, epoch, row), and shipped as
+`ds_face.data.shards.open_shard` checks and memory-maps each shard (no copy, no cache files); a micro-batch's
+rows, chosen by `ds_face.data.order` from the run's position alone, are read by random access, decoded
+straight into the batch (`ds_face.images`: JPEG or PNG by their magic bytes, the size from the header first;
+any other format stops the run), flipped by a coin fixed by (seed, epoch, row), and shipped as
 uint8 (4x less to copy than float32, host to device included); the training step normalises to [-1, 1] on
 the device (`normalize`), as arcface_torch does.
 
@@ -20,8 +21,8 @@ import numpy as np
 import torch
 
 from ds_face.config.schema import ON_CORRUPT
-from ds_face.data.shards import ShardError, read_manifest
-from ds_face.images import decode, header_size
+from ds_face.data.shards import ShardError, open_shard, read_manifest, shard_where
+from ds_face.images import ImageFormatError, decode, header_size
 
 log = logging.getLogger("ds_face")
 
@@ -103,18 +104,13 @@ class ArrowFaces:
         return {"source": "arrow", "num_samples": self.manifest.num_samples, "shard_rows_sha": _digest(self.shard_rows)}
 
     def _shard(self, shard: int) -> "_ShardRows":
-        if shard not in self._tables:
-            from datasets import Dataset
-            path = self.paths[shard]
+        if shard not in self._tables:  # the pre-flight's reader and checks (schema, nulls, labels, row count)
             try:
-                table = Dataset.from_file(path).data.table  # memory-mapped: pages are read when touched
-                rows = _ShardRows(table)
-            except Exception as err:  # noqa: BLE001 - pyarrow/datasets errors do not name the file
-                raise DataError(f"{path}: cannot be read as an Arrow shard ({type(err).__name__}: {err})") from None
-            if rows.count != self.shard_rows[shard]:
-                raise DataError(f"{path}: holds {rows.count} rows, the manifest says {self.shard_rows[shard]}; "
-                                f"run python -m data_prep.verify {self.directory}")
-            self._tables[shard] = rows
+                table = open_shard(self.paths[shard], self.manifest.shards[shard], self.num_classes,
+                                   shard_where(self.directory, shard, self.paths[shard]))
+            except ShardError as err:
+                raise DataError(str(err)) from None
+            self._tables[shard] = _ShardRows(table)  # memory-mapped: image pages are read when touched
         return self._tables[shard]
 
     def make(self, epochs: np.ndarray, rows: np.ndarray) -> dict:
@@ -126,24 +122,30 @@ class ArrowFaces:
         images = batch.numpy()  # decoded into in place
         labels = np.empty(size, np.int64)
         shards = np.searchsorted(self.shard_start, rows, side="right") - 1
+        local = rows - self.shard_start[shards]  # row within its shard
         data = [None] * size
         for shard in np.unique(shards).tolist():  # per shard: vectorised lookups, then one slice per image
             at = np.flatnonzero(shards == shard)
             part = self._shard(shard)
-            local = rows[at] - self.shard_start[shard]
-            labels[at] = part.labels[local]
-            for i, view in zip(at.tolist(), part.images(local)):
+            labels[at] = part.labels[local[at]]
+            for i, view in zip(at.tolist(), part.images(local[at])):
                 data[i] = view
         good, corrupt = [], 0
+
+        def where(i: int) -> str:
+            return f"{self.paths[shards[i]]}, row {local[i]} (dataset row {rows[i]}, label {labels[i]})"
+
         for i, image in enumerate(data):
             try:
                 decode_rgb(image, self.image_size, out=images[i])
                 good.append(i)
+            except ImageFormatError as err:  # data_prep writes JPEG and PNG only: not a damaged image of ours
+                raise DataError(f"{where(i)}: {err}; data_prep writes only JPEG and PNG, so this shard was not "
+                                f"written by it (data.on_corrupt skips damaged images, not other formats)") from None
             except Exception as err:  # noqa: BLE001 - any decoder error means this one sample is unusable
-                where = f"{self.directory}: dataset row {rows[i]} (label {labels[i]})"
                 if self.on_corrupt == "fail":
-                    raise DataError(f"{where}: cannot decode image: {err}") from None
-                log.warning(f"skipping {where}: cannot decode image ({err}); a good sample of the same "
+                    raise DataError(f"{where(i)}: cannot decode image: {err}") from None
+                log.warning(f"skipping {where(i)}: cannot decode image ({err}); a good sample of the same "
                             f"micro-batch takes its place, so every rank keeps the same batch size")
                 corrupt += 1
                 labels[i] = -1

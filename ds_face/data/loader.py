@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 
+from ds_face.data.arrow import DataError
 from ds_face.data.order import Layout, SampleStream
 
 log = logging.getLogger("ds_face")
@@ -34,10 +35,14 @@ class _MicroBatches(torch.utils.data.Dataset):
         step, micro_step = divmod(k, self.layout.accumulation)
         slot = self.layout.slot(self.start + step * self.layout.global_batch, micro_step)
         epochs, rows = self.stream.samples(slot)
+        try:
+            batch = self.source.make(epochs, rows)
+        except DataError as err:  # handed over as a message: a DataLoader would re-raise it wrapped in the
+            return {"error": str(err)}  # worker's traceback; the trainer raises it again, one line
         # Only the image (a tensor) crosses through shared memory. Labels, rows and epochs stay numpy, pickled
         # into the message: each shared tensor costs the receiving trainer a file-descriptor hand-over
         # (connect, authenticate, recvmsg), and three more per batch took ~10% of its core.
-        return {**self.source.make(epochs, rows), "epoch": epochs}
+        return {**batch, "epoch": epochs}
 
 
 def _as_they_are(batch: dict) -> dict:
@@ -67,6 +72,8 @@ class Loader:
                                              prefetch_factor=4 if self.num_workers else None, pin_memory=pin,
                                              collate_fn=_as_they_are)
         for batch in loader:
+            if "error" in batch:
+                raise DataError(batch["error"])
             self.corrupt_images += batch["corrupt"]
             yield {"image": batch["image"], **{k: torch.from_numpy(batch[k]) for k in ("label", "sample", "epoch")}}
 
