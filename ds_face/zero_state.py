@@ -97,6 +97,78 @@ def full_state(engine, keep: bool) -> dict | None:
             "zero_stage": engine.zero_optimization_stage()}
 
 
+OPTIMIZER_STATE_KEYS = {"sgd": ("momentum_buffer",), "adamw": ("exp_avg", "exp_avg_sq")}  # per-element states
+FULL_STATE_KEYS = ("params", "state_keys", "step", "loss_scaler", "zero_stage", "engine_counters")
+
+
+def check_full_state(state, engine, optimizer: str) -> None:
+    """A ``full_state`` read back from a file (memory-mapped), checked against this engine before anything is
+    allocated from it: exactly its trainable parameters' names, each holding exactly ``fp32`` and the
+    ``optimizer``'s states, every tensor float32 of the parameter's shape, a plain tensor within its storage (no
+    expanded stride-0 view, no storage shared with another entry), finite; so its size is bounded by the model's
+    by construction. (A file listing 20,001 parameters once drove a resize past 4 GB.) Counters and the loss
+    scaler are range-checked by ``ds_face.checkpoint.check_states``. Raises ValueError saying what is wrong."""
+    if not isinstance(state, dict):
+        raise ValueError(f"not a full optimizer state (a {type(state).__name__}, not a dict)")
+    unknown = sorted(str(k) for k in state if k not in FULL_STATE_KEYS)
+    params = state.get("params")
+    if unknown or not isinstance(params, dict):
+        raise ValueError(f"corrupt: expected the entries {', '.join(FULL_STATE_KEYS)}"
+                         + (f"; unexpected {', '.join(unknown[:5])}" if unknown else "; no 'params'"))
+    expected = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in engine.module.named_parameters()
+                if p.requires_grad}
+    if params.keys() != expected.keys():
+        missing = sorted(set(expected) - set(params))
+        extra = sorted(str(k) for k in set(params) - set(expected))
+        raise ValueError(f"holds state for {len(params)} parameters, this backbone trains {len(expected)} (missing: "
+                         f"{', '.join(missing[:3]) or 'none'}; not in this backbone: {', '.join(extra[:3]) or 'none'})")
+    allowed = OPTIMIZER_STATE_KEYS.get(optimizer, ())
+    keys = state.get("state_keys")
+    if not (isinstance(keys, list) and set(keys) <= set(allowed) and len(set(keys)) == len(keys)):
+        raise ValueError(f"'state_keys' is {keys!r}; the {optimizer} optimizer keeps {list(allowed)}")
+    tensors, storages = [], set()
+    for name, shape in expected.items():
+        entry = params[name]
+        if not isinstance(entry, dict) or set(entry) != {"fp32", *keys}:
+            got = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
+            raise ValueError(f"'params.{name}' must hold exactly {['fp32', *keys]}, got {got}")
+        for key in ("fp32", *keys):
+            tensor, where = entry[key], f"'params.{name}.{key}'"
+            if not torch.is_tensor(tensor) or tensor.dtype != torch.float32 or tuple(tensor.shape) != shape:
+                got = f"{tensor.dtype} {list(tensor.shape)}" if torch.is_tensor(tensor) else type(tensor).__name__
+                raise ValueError(f"{where} must be a float32 tensor of shape {list(shape)}, got {got}")
+            check_plain(tensor, where, storages)
+            tensors.append((where, tensor))
+    for where, tensor in tensors:  # only now are the values read: their size is the model's
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{where} holds NaN or inf")
+    step = state.get("step")
+    if step is not None and not (torch.is_tensor(step) and step.numel() == 1):
+        raise ValueError(f"'step' must be one number (or None), got {type(step).__name__}")
+    scaler = state.get("loss_scaler", {})
+    if not isinstance(scaler, dict) or not set(scaler) <= set(LOSS_SCALER_FIELDS):
+        raise ValueError(f"'loss_scaler' must hold only {', '.join(LOSS_SCALER_FIELDS)}")
+    if state.get("zero_stage") not in (0, 1, 2, 3, None) or isinstance(state.get("zero_stage"), bool):
+        raise ValueError(f"'zero_stage' is {state.get('zero_stage')!r}")
+    counters = state.get("engine_counters", {})
+    if not isinstance(counters, dict) or not all(isinstance(k, str) for k in counters):
+        raise ValueError("'engine_counters' must be a dict of counters")
+
+
+def check_plain(tensor: torch.Tensor, where: str, storages: set) -> None:
+    """A plain tensor within its storage (``ds_face.tensor_checks.layout_problem``: no expanded stride-0 or
+    overlapping view, which would claim more elements than the file holds) that shares its storage with no other
+    tensor in ``storages`` (data pointers seen so far; this one is added). Raises ValueError naming ``where``."""
+    from ds_face.tensor_checks import layout_problem
+    problem = layout_problem(tensor)
+    if problem:
+        raise ValueError(f"{where} is {problem}")
+    storage = tensor.untyped_storage()
+    if tensor.numel() and storage.data_ptr() in storages:
+        raise ValueError(f"{where} shares its storage with another tensor of the file")
+    storages.add(storage.data_ptr())
+
+
 def load_full_state(engine, state: dict) -> None:
     """Collective. Put a ``full_state`` (saved on any world size) into this engine: fp32 master weights, the
     16-/32-bit module weights the ranks compute with, optimizer states, step count and loss scaler."""

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ds_face.backbones import BACKBONES
 from ds_face.config.schema import (
-    DATA_SOURCES, MAX_LR, MAX_M1, MAX_M3, MAX_POWER, MAX_SCALE, MAX_WEIGHT_DECAY, ON_CORRUPT, OPTIMIZERS, BatchLayout,
-    ConfigError, EvalConfig, RunConfig, positive_int, type_ok,
+    DATA_SOURCES, MAX_LR, MAX_M1, MAX_M3, MAX_POWER, MAX_SCALE, MAX_SEED, MAX_WEIGHT_DECAY, ON_CORRUPT, OPTIMIZERS,
+    BatchLayout, ConfigError, EvalConfig, RunConfig, positive_int, type_ok,
 )
 
 
@@ -77,23 +77,72 @@ def check_ds_layout(ds: dict, world_size: int | None) -> tuple[list[str], BatchL
 
 # -- the DeepSpeed JSON's keys and types ----------------------------------------------------------------
 
-# DeepSpeed 0.19.8's top-level keys (docs "Config JSON" and runtime/config.py). A key outside this list is
-# ignored by DeepSpeed without a word, so a typo ("fp_16") silently trains in fp32: refuse it.
-DS_SECTIONS = (  # keys whose value is a JSON object
-    "fp16", "bf16", "bfloat16", "amp", "torch_autocast", "zero_optimization", "aio", "activation_checkpointing",
-    "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger", "autotuning", "elasticity",
-    "data_efficiency", "curriculum_learning", "data_types", "checkpoint", "pipeline", "hybrid_engine",
-    "compression_training", "tensor_parallel", "compile", "nebula", "timers", "sparse_attention", "optimizer",
-    "scheduler", "progressive_layer_drop", "eigenvalue", "quantize_training", "weight_quantization",
-    "expert_parallel")
-DS_BOOLS = ("prescale_gradients", "sparse_gradients", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
-            "wall_clock_breakdown", "dump_state", "memory_breakdown", "dataloader_drop_last", "disable_allgather",
-            "disable_python_gc", "use_data_before_expert_parallelism", "managed_gradient_accumulation")
+# Default deny: the DeepSpeed JSON may hold only these keys, at the top level and inside each section. Every other
+# key is refused by name: a misspelt one (DeepSpeed ignores it without a word, so "fp_16" would train in fp32),
+# and every DeepSpeed feature ds_face does not drive, among them all that make DeepSpeed read or write files or
+# paths of its own (DS_REFUSED). DeepSpeed 0.19.8's names (docs "Config JSON", runtime/config.py, zero/config.py).
+BOOL, COUNT, POSITIVE = "true or false", "a whole number >= 0", "a whole number >= 1"
+OFFLOAD_DEVICE = ("cpu", "none")  # "nvme" reads and writes swap files under nvme_path: refused
+DS_SECTIONS = {  # section -> {key: what its value must be (a dict: a sub-section; None: checked below)}
+    "fp16": {"enabled": BOOL, "loss_scale": None, "initial_scale_power": None, "loss_scale_window": None,
+             "hysteresis": None, "min_loss_scale": None, "consecutive_hysteresis": None},
+    "bf16": {"enabled": BOOL},
+    "zero_optimization": {
+        "stage": None, "contiguous_gradients": BOOL, "overlap_comm": BOOL, "reduce_scatter": BOOL,
+        "allgather_partitions": BOOL, "round_robin_gradients": BOOL, "use_multi_rank_bucket_allreduce": BOOL,
+        "ignore_unused_parameters": BOOL, "reduce_bucket_size": POSITIVE, "allgather_bucket_size": POSITIVE,
+        "sub_group_size": POSITIVE, "stage3_prefetch_bucket_size": COUNT, "stage3_param_persistence_threshold": COUNT,
+        "stage3_model_persistence_threshold": COUNT, "stage3_max_live_parameters": COUNT,
+        "stage3_max_reuse_distance": COUNT,
+        "offload_optimizer": {"device": OFFLOAD_DEVICE, "pin_memory": BOOL},
+        "offload_param": {"device": OFFLOAD_DEVICE, "pin_memory": BOOL}},
+}
+DS_BOOLS = ("prescale_gradients", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+            "wall_clock_breakdown", "memory_breakdown", "disable_allgather")
 DS_POSITIVE_INTS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                     "steps_per_print")
-DS_OTHER = ("gradient_clipping", "gradient_predivide_factor", "communication_data_type",
-            "seq_parallel_communication_data_type", "gradient_allreduce_op", "log_level", "vocabulary_size")
-DS_KEYS = DS_SECTIONS + DS_BOOLS + DS_POSITIVE_INTS + DS_OTHER
+DS_OTHER = ("gradient_clipping", "gradient_predivide_factor")
+DS_KEYS = tuple(DS_SECTIONS) + DS_BOOLS + DS_POSITIVE_INTS + DS_OTHER
+# DeepSpeed keys that exist but are refused, with why (a key in neither list is "unknown")
+_FILES = "refused: it makes DeepSpeed read or write files or paths of its own"
+DS_REFUSED = {
+    "optimizer": "remove it; ds_face builds the optimizer and LR schedule from the run YAML so that the Partial FC "
+                 "head (outside DeepSpeed) uses the same ones",
+    "scheduler": "remove it; ds_face builds the optimizer and LR schedule from the run YAML so that the Partial FC "
+                 "head (outside DeepSpeed) uses the same ones",
+    "checkpoint": f"{_FILES} (load_universal reads zero/<param>/*.pt; node-local storage, writers); ds_face saves "
+                  f"and resumes checkpoints itself (the run YAML's checkpoint section)",
+    "nebula": f"{_FILES} (a checkpoint service with its own persistent storage path)",
+    "aio": f"{_FILES} (asynchronous I/O for NVMe offload, which ds_face does not allow)",
+    "tensorboard": f"{_FILES} (its output_path); ds_face logs to output.dir (output.tensorboard in the run YAML)",
+    "wandb": f"{_FILES} (and the network); ds_face logs to output.dir",
+    "csv_monitor": f"{_FILES} (its output_path); ds_face logs to output.dir",
+    "comet": f"{_FILES} (and the network); ds_face logs to output.dir",
+    "flops_profiler": f"{_FILES} (its output_file)",
+    "autotuning": f"{_FILES} (results and experiment directories) and launches runs of its own",
+    "elasticity": "refused: changes the batch size and world size behind ds_face's back; ds_face resumes on any "
+                  "world size itself",
+    "data_efficiency": f"{_FILES} (data sampling and routing state); ds_face's loader owns the data order",
+    "curriculum_learning": "refused: changes the data behind ds_face's loader; ds_face's loader owns the data order",
+    "compression_training": "refused: rewrites the model's layers; not supported by ds_face",
+    "activation_checkpointing": "refused: not used by ds_face's backbones; set model.gradient_checkpointing in the "
+                                "run YAML",
+    "bfloat16": "refused: an old spelling; use 'bf16'",
+    "amp": "refused: not supported by ds_face; use 'fp16' or 'bf16'",
+    "torch_autocast": "refused: not supported by ds_face; use 'fp16' or 'bf16'",
+}
+for _name in ("comms_logger", "pipeline", "hybrid_engine", "tensor_parallel", "compile", "timers", "data_types",
+              "sparse_attention", "progressive_layer_drop", "eigenvalue", "quantize_training", "weight_quantization",
+              "expert_parallel", "sparse_gradients", "dump_state", "dataloader_drop_last", "disable_python_gc",
+              "use_data_before_expert_parallelism", "managed_gradient_accumulation", "communication_data_type",
+              "seq_parallel_communication_data_type", "gradient_allreduce_op", "log_level", "vocabulary_size"):
+    DS_REFUSED.setdefault(_name, "refused: a DeepSpeed feature ds_face does not drive or test")
+_ZERO_REFUSED = {"nvme_path": f"{_FILES} (NVMe swap files); offload only to \"cpu\"",
+                 "elastic_checkpoint": "refused: changes how DeepSpeed reads its checkpoints; ds_face resumes on "
+                                       "any world size itself",
+                 "load_from_fp32_weights": "refused: changes how DeepSpeed reads its checkpoints",
+                 "pipeline_loading_checkpoint": "refused: changes how DeepSpeed reads its checkpoints",
+                 "cpu_offload": "refused: an old spelling; use offload_optimizer: {\"device\": \"cpu\"}"}
 
 
 def _is_number(value) -> bool:
@@ -104,19 +153,51 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _not_allowed(key: str, where: str, allowed, refused: dict) -> str:
+    """One line for a key outside the allow-list: why, if DeepSpeed knows it; else the closest allowed key."""
+    if key in refused:
+        return f"'{where}{key}': {refused[key]}"
+    close = difflib.get_close_matches(str(key), list(allowed), n=1, cutoff=0.6)
+    hint = f"did you mean '{where}{close[0]}'?" if close else f"allowed: {', '.join(allowed)}"
+    return f"unknown key '{where}{key}' ({hint})"
+
+
+def _check_section(section: dict, allowed: dict, where: str, errors: list[str]) -> None:
+    """The keys of one section against its allow-list and the kind of value each takes (recursive)."""
+    for key, value in section.items():
+        if key not in allowed:
+            errors.append(_not_allowed(key, where, allowed, _ZERO_REFUSED if where.startswith("zero") else {}))
+            continue
+        kind, name = allowed[key], f"{where}{key}"
+        if isinstance(kind, dict):
+            if not isinstance(value, dict):
+                errors.append(f"'{name}' must be a JSON object {{...}}, got {value!r}")
+            else:
+                _check_section(value, kind, f"{name}.", errors)
+        elif isinstance(kind, tuple) and value not in kind:
+            errors.append(f"'{name}' must be one of {', '.join(repr(v) for v in kind)}, got {value!r}")
+        elif kind == BOOL and not isinstance(value, bool):
+            errors.append(f"'{name}' must be true or false, got {value!r}")
+        elif kind in (COUNT, POSITIVE) and not (_is_number(value) and value == int(value)
+                                                and value >= (1 if kind == POSITIVE else 0)):
+            errors.append(f"'{name}' must be {kind}, got {value!r}")
+
+
 def check_ds_json(ds: dict) -> list[str]:
-    """Problems in a DeepSpeed JSON that DeepSpeed would meet late (an AttributeError after start-up) or never
-    (a misspelt key it ignores): unknown top-level keys, sections that are not objects, wrong types, NaN,
-    numbers out of range. Each names the key."""
+    """Problems in a DeepSpeed JSON: keys outside the allow-list (``DS_SECTIONS`` and the top-level scalars;
+    misspelt ones with a did-you-mean, DeepSpeed features ds_face refuses with why), sections that are not
+    objects, wrong types, NaN, numbers out of range. Each names the key."""
     errors = []
-    for key in ds:
+    for key, value in ds.items():
         if key not in DS_KEYS:
-            close = difflib.get_close_matches(str(key), DS_KEYS, n=1, cutoff=0.6)
-            errors.append(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else
-                                                   " (not a DeepSpeed 0.19.8 config key)"))
-    for key in DS_SECTIONS:
+            given = f" (given: {', '.join(f'{key}.{k}' for k in list(value)[:5])})" \
+                if isinstance(value, dict) and value and key in DS_REFUSED else ""
+            errors.append(_not_allowed(key, "", DS_KEYS, DS_REFUSED) + given)
+    for key, allowed in DS_SECTIONS.items():
         if key in ds and not isinstance(ds[key], dict):
             errors.append(f"'{key}' must be a JSON object {{...}}, got {ds[key]!r}")
+        elif key in ds:
+            _check_section(ds[key], allowed, f"{key}.", errors)
     for key in DS_BOOLS:
         if key in ds and not isinstance(ds[key], bool):
             errors.append(f"'{key}' must be true or false, got {ds[key]!r}")
@@ -129,17 +210,14 @@ def check_ds_json(ds: dict) -> list[str]:
                                                   and ds["gradient_predivide_factor"] > 0):
         errors.append(f"'gradient_predivide_factor' must be a finite number > 0, got "
                       f"{ds['gradient_predivide_factor']!r}")
-    for key in ("fp16", "bf16", "bfloat16", "amp", "torch_autocast"):
-        section = ds.get(key)
-        if isinstance(section, dict) and "enabled" in section and not isinstance(section["enabled"], bool):
-            errors.append(f"'{key}.enabled' must be true or false, got {section['enabled']!r}")
     fp16 = ds.get("fp16") if isinstance(ds.get("fp16"), dict) else {}
     for key, ok, want in (
-            ("loss_scale", lambda v: _is_number(v) and v >= 0, "a finite number >= 0 (0: dynamic)"),
+            ("loss_scale", lambda v: _is_number(v) and 0 <= v <= 2.0 ** 64, "a finite number in [0, 2**64] "
+                                                                            "(0: dynamic)"),
             ("initial_scale_power", lambda v: _is_int(v) and 0 <= v <= 64, "an integer in [0, 64]"),
             ("loss_scale_window", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
             ("hysteresis", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-            ("min_loss_scale", lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+            ("min_loss_scale", lambda v: _is_number(v) and 0 < v <= 2.0 ** 64, "a finite number in (0, 2**64]"),
             ("consecutive_hysteresis", lambda v: isinstance(v, bool), "true or false")):
         if key in fp16 and not ok(fp16[key]):
             errors.append(f"'fp16.{key}' must be {want}, got {fp16[key]!r}")
@@ -189,6 +267,10 @@ def check_run(cfg: RunConfig) -> list[str]:
         errors.append(f"'schedule.max_steps' must be >= 1 or null, got {cfg.schedule.max_steps}")
     if cfg.schedule.max_nonfinite_steps < 1:
         errors.append(f"'schedule.max_nonfinite_steps' must be >= 1, got {cfg.schedule.max_nonfinite_steps}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        errors.append(f"'seed' must be an integer in [0, {MAX_SEED}], got {cfg.seed}")
+    if cfg.schedule.max_skipped_steps < 1:
+        errors.append(f"'schedule.max_skipped_steps' must be >= 1, got {cfg.schedule.max_skipped_steps}")
     if cfg.data.streams < 1:
         errors.append(f"'data.streams' must be >= 1, got {cfg.data.streams}")
     if cfg.data.source not in DATA_SOURCES:

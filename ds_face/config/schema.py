@@ -50,6 +50,7 @@ class ScheduleConfig:
     power: float = 2.0
     max_steps: Optional[int] = None  # stop early after this many optimizer steps (schedule unchanged)
     max_nonfinite_steps: int = 3  # stop after this many consecutive steps with a NaN/inf loss (fp16 skips excepted)
+    max_skipped_steps: int = 20  # stop after more optimizer steps than this in a row were skipped (any precision)
 
 
 ON_CORRUPT = ("skip", "fail")  # data.on_corrupt: what an undecodable image does
@@ -115,6 +116,7 @@ MAX_SCALE = 1024.0  # the logit scale s (arcface_torch: 64)
 MAX_M1 = 10.0  # multiplicative angular margin (SphereFace: 4; ArcFace/CosFace: 1)
 MAX_M3 = 1.0  # additive cosine margin (CosFace: 0.35-0.4); cos lies in [-1, 1]
 MAX_POWER = 100.0  # polynomial decay exponent
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit; torch's and Python's take any such value
 
 
 @dataclass(frozen=True)

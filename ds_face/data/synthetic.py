@@ -43,7 +43,8 @@ class SyntheticFaces:
         noise = torch.empty_like(images)
         generator = torch.Generator()
         for i, (epoch, row) in enumerate(zip(epochs.tolist(), rows.tolist())):
-            generator.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_000_007 + row)
+            # torch takes a 64-bit seed: large run seeds (up to 2**32 - 1 is allowed) wrap rather than overflow
+            generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + row) % 2**64)
             noise[i].normal_(generator=generator)
         pixels = (images + self.noise * noise).clamp_(-1.0, 1.0).add_(1.0).mul_(127.5).round_()
         return {"image": pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous(),  # uint8 NHWC, like Arrow rows
