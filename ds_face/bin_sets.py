@@ -42,8 +42,21 @@ class _Forbidden(pickle.UnpicklingError):
     pass
 
 
+def _plain_dtype(*args):
+    """numpy.dtype for a .bin: numbers and bools only. An object dtype would let numpy allocate whatever shape
+    the pickle declares and fill it from a short list (a 1 KB file asking for 8 GB); other arrays must bring
+    exactly their bytes."""
+    dtype = np.dtype(*args)
+    if dtype.kind not in "biuf" or dtype.hasobject:
+        raise _Forbidden(f"asks for a numpy array of dtype {dtype.name} (numbers and bools only: an object array "
+                         f"is allocated at whatever size the pickle declares)")
+    return dtype
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        if (module, name) == ("numpy", "dtype"):
+            return _plain_dtype
         if (module, name) in ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise _Forbidden(f"references the forbidden global {module}.{name}")
@@ -86,14 +99,18 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
         raise BinError(f"{path}: bins must be a list of encoded images, found a {type(bins).__name__}")
     if not isinstance(flags, (list, tuple, np.ndarray)):
         raise BinError(f"{path}: issame_list must be a list of bools, found a {type(flags).__name__}")
-    images = []
-    for i, item in enumerate(bins):
-        if isinstance(item, (bytes, bytearray)):
-            images.append(bytes(item))
-        elif isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
-            images.append(item.tobytes())
+    size, total = path.stat().st_size, 0
+    for i, item in enumerate(bins):  # sizes first: nothing is copied before the images are known to fit the file
+        if isinstance(item, (bytes, bytearray)) or (isinstance(item, np.ndarray) and item.dtype == np.uint8
+                                                    and item.ndim == 1):
+            length = len(item)
         else:
             raise BinError(f"{path}: image {i} is a {type(item).__name__}, expected encoded image bytes")
+        total += length
+        if total > size:  # the pickle referenced the same bytes again and again: each copy would cost memory
+            raise BinError(f"{path}: images 0..{i} total {total} bytes, more than the file's {size} (the same "
+                           f"image bytes referenced repeatedly?); refused before copying them")
+    images = [item.tobytes() if isinstance(item, np.ndarray) else bytes(item) for item in bins]
     if not images:
         raise BinError(f"{path}: holds no images")
     if len(images) % 2:
@@ -117,7 +134,12 @@ def decode_images(images: list[bytes], where: str = "", max_pixels: int = MAX_PI
     before any of its pixels are decoded."""
     from PIL import Image
 
-    from ds_face.images import ImageTooLarge, decode_bounded
+    from ds_face.images import ImageTooLarge, decode_bounded, header_size
+    for i, data in enumerate(images):  # every header first: the output is allocated for real images only
+        try:
+            header_size(data)
+        except Exception as err:
+            raise BinError(f"{where}: image {i} cannot be decoded ({type(err).__name__}: {err})") from None
     out = np.empty((len(images), *IMAGE_SIZE, 3), np.uint8)
     for i, data in enumerate(images):
         try:

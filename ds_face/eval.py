@@ -178,6 +178,8 @@ def main(argv=None) -> int:
             raise BinError(f"--json {args.json} exists; pass --overwrite to replace it (nothing was done)")
         if args.json and not Path(args.json).resolve().parent.is_dir():
             raise BinError(f"--json {args.json}: directory {Path(args.json).parent} does not exist")
+        if args.json and not os.access(Path(args.json).resolve().parent, os.W_OK | os.X_OK):
+            raise BinError(f"--json {args.json}: directory {Path(args.json).parent} is not writable (nothing was done)")
         encoded = {name: (path, load_bin(path)) for name, path in zip(set_names(args.bin), args.bin)}
         try:
             model = load_model(args.model, args.backbone, args.embedding, args.device)
@@ -194,7 +196,12 @@ def main(argv=None) -> int:
     if args.json:
         report = {"model": args.model, "backbone": args.backbone, "embedding": args.embedding,
                   "sets": {n: {**r, "path": encoded[n][0]} for n, r in results.items()}}
-        write_json_atomic(args.json, report)
+        try:
+            write_json_atomic(args.json, report)
+        except OSError as err:  # the directory changed meanwhile, the disk is full, ...
+            print(f"ds_face.eval: error: cannot write --json {args.json}: {err.strerror or err} (the figures are "
+                  f"above)", file=sys.stderr)
+            return 2
     return 0
 
 

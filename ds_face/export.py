@@ -8,7 +8,6 @@ checkpoint, any ZeRO stage and precision, back to plain fp32 tensors), the ONNX 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -31,6 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _outputs(args) -> dict[str, Path]:
+    """The files to write, checked before any work: distinct, not a directory, not there already (unless
+    --overwrite: nothing the user had is replaced unasked), in a directory that exists (or can be made) and
+    can be written."""
     outputs = {flag: Path(value) for flag, value in (("--out", args.out), ("--head", args.head),
                                                       ("--onnx", args.onnx)) if value}
     if not outputs:
@@ -41,20 +43,25 @@ def _outputs(args) -> dict[str, Path]:
     for flag, path in outputs.items():
         if path.is_dir():
             raise ExportError(f"{flag} {path} is a directory")
-        if path.exists() and not args.overwrite:
+        if os.path.lexists(path) and not args.overwrite:
             raise ExportError(f"{flag} {path} exists; pass --overwrite to replace it")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ExportError(f"{flag} {path}: cannot create its directory {path.parent} "
+                              f"({err.strerror or err})") from None
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise ExportError(f"{flag} {path}: the directory {path.parent} is not writable (nothing was written)")
     return outputs
-
-
-def _staging(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
-    staged: dict[Path, Path] = {}
+
+    from ds_face.fileio import AtomicFile
+    asides: dict[str, AtomicFile] = {}  # each output written aside (fresh, exclusive, no link followed), then renamed
+    writing = None
     try:
         outputs = _outputs(args)
         # The head first: its checks are cheap, rebuilding ZeRO-partitioned weights may not be.
@@ -66,20 +73,22 @@ def main(argv=None) -> int:
               + (f", global step {meta['global_step']}" if "global_step" in meta else ""))
         print(f"weights: {src['weights']}")
 
-        if "--out" in outputs:
-            staged[outputs["--out"]] = tmp = _staging(outputs["--out"])
-            torch.save(state, tmp)
-        if head is not None:
-            staged[outputs["--head"]] = tmp = _staging(outputs["--head"])
-            torch.save({"weight": head}, tmp)
+        for flag, obj in (("--out", state), ("--head", None if head is None else {"weight": head})):
+            if flag in outputs and obj is not None:
+                writing = outputs[flag]
+                asides[flag] = AtomicFile(writing)
+                torch.save(obj, asides[flag].file)
         if "--onnx" in outputs:
-            staged[outputs["--onnx"]] = tmp = _staging(outputs["--onnx"])
-            results = export_onnx(state, meta, tmp, atol=args.atol)
+            writing = outputs["--onnx"]
+            asides["--onnx"] = aside = AtomicFile(writing)
+            results = export_onnx(state, meta, aside.path.parent / aside.temp, atol=args.atol)
             print("ONNX check (onnxruntime vs torch, max abs diff): "
                   + ", ".join(f"batch {b}: {d:.3g}" for b, d in results) + f" (tolerance {args.atol:g})")
-        for final, tmp in staged.items():
-            os.replace(tmp, final)
-        staged.clear()
+        for flag, aside in asides.items():
+            writing = aside.path
+            if os.path.lexists(aside.path) and not args.overwrite:  # appeared while we worked: still not ours
+                raise ExportError(f"{flag} {aside.path} appeared meanwhile; kept (pass --overwrite to replace it)")
+            aside.commit()
         params = sum(v.numel() for k, v in state.items() if v.is_floating_point()
                      and not k.endswith(("running_mean", "running_var")))
         if "--out" in outputs:
@@ -96,10 +105,19 @@ def main(argv=None) -> int:
     except OnnxMismatch as err:
         print(f"ds_face.export: ONNX check failed: {err}; nothing written", file=sys.stderr)
         return 1
+    except (OSError, RuntimeError) as err:  # a write failed (read-only, disk full, ...): torch.save says RuntimeError
+        if writing is None:
+            raise
+        text = (getattr(err, "strerror", None) or str(err).strip().splitlines()[0]) if str(err).strip() else \
+            type(err).__name__
+        done = [str(a.path) for a in asides.values() if a.done]
+        print(f"ds_face.export: error: cannot write {writing}: {text}"
+              + (f" (already written: {', '.join(done)})" if done else "; nothing was written"), file=sys.stderr)
+        return 2
     finally:
-        for tmp in staged.values():
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        for aside in asides.values():
+            if not aside.done:
+                aside.discard()
 
 
 if __name__ == "__main__":

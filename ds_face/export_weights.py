@@ -188,6 +188,13 @@ def _precision(ds_config: dict) -> str:
 def _stage0_fp32(module: dict, optimizer, reference, states_file: Path) -> tuple[dict, str]:
     """ZeRO stage 0: the module itself if fp32, else the fp16/bf16 optimizer's fp32 master copies."""
     import torch
+
+    from ds_face.tensor_checks import dtype_problem
+    for name, ref in reference.state_dict().items():  # int8, bool, complex, float64: not a precision we export
+        problem = name in module and isinstance(module[name], torch.Tensor) and dtype_problem(module[name].dtype,
+                                                                                              ref.dtype)
+        if problem:
+            raise ExportError(f"{states_file}: module.{name} is {problem}")
     trainable = [name for name, p in reference.named_parameters() if p.requires_grad]
     low = [n for n in trainable if n in module and module[n].dtype != torch.float32]
     if not low:
@@ -246,15 +253,15 @@ def _zero_fp32(tag_dir: Path, stage: int, world_size: int, optim_files: list[Pat
 
 
 def _check_against(state: dict, ref_state: dict, meta: dict, tag_dir: Path) -> None:
+    """The weights about to be written: the backbone's keys, shapes and dtypes, dense, finite
+    (``ds_face.tensor_checks.check_state``; views of DeepSpeed's flat buffers are fine, they are cloned)."""
     from ds_face.checkpoint import META
-    missing = [k for k in ref_state if k not in state]
-    unexpected = [k for k in state if k not in ref_state]
-    shapes = [f"{k} {list(state[k].shape)} vs {list(ref_state[k].shape)}" for k in ref_state
-              if k in state and tuple(state[k].shape) != tuple(ref_state[k].shape)]
-    if missing or unexpected or shapes:
-        raise ExportError(f"{tag_dir}: the saved weights do not match backbone {meta['backbone']!r} with embedding "
-                          f"{meta['embedding_size']} ({META}): missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                          f"shape mismatches {shapes[:5]}")
+    from ds_face.tensor_checks import TensorCheckError, check_state
+    try:
+        check_state(state, ref_state, tag_dir, f"backbone {meta['backbone']!r} with embedding "
+                    f"{meta['embedding_size']} ({META})", own_storage=False)
+    except TensorCheckError as err:
+        raise ExportError(str(err)) from None
 
 
 # -- the head ---------------------------------------------------------------------------------------

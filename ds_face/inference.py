@@ -79,19 +79,33 @@ def weights_architecture(path: str, state: dict | None = None) -> tuple[str, int
 def load_model(path: str, backbone: str | None = None, embedding: int | None = None, device=None):
     """A backbone built by name with ``path``'s weights (``ds_face.init_backbone`` rules), in eval mode.
     ``backbone`` / ``embedding`` None: read from the weights (``weights_architecture``); given, they must fit."""
+    import torch
+
     from ds_face.backbones import get_backbone
-    from ds_face.init_backbone import load_backbone_file, read_backbone_file
-    state = read_backbone_file(path)
+    from ds_face.init_backbone import BackboneFileError, check_state_dict, load_backbone_file, read_backbone_file
+    state = read_backbone_file(path, mmap=True)  # mapped: checked before any of it is read or allocated
     if backbone is None or embedding is None:
         found_backbone, found_embedding = weights_architecture(path, state)
         backbone = backbone or found_backbone
         embedding = embedding or found_embedding
+    if isinstance(embedding, bool) or not isinstance(embedding, int) or embedding < 1:
+        raise BackboneFileError(f"--embedding must be a positive integer, got {embedding!r}")
+    with torch.device("meta"):  # the model's keys, shapes and dtypes, no memory: the file is checked first
+        reference = get_backbone(backbone, embedding).state_dict()
+    check_state_dict(state, reference, path, backbone, embedding)
     model = get_backbone(backbone, embedding)
     load_backbone_file(path, model, backbone, state=state)
     if device is None:  # the device DeepSpeed's accelerator picks, as in training (cuda, cpu, ...)
         from deepspeed.accelerator import get_accelerator
         device = get_accelerator().device_name()
-    return model.to(device).eval()
+    from ds_face.config import ConfigError
+    try:
+        if torch.device(device).type == "meta":
+            raise ValueError("the meta device holds no data to compute with")
+        return model.to(device).eval()
+    except (RuntimeError, AssertionError, ValueError) as err:  # a misspelt or absent device: torch's own words
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"--device {device}: cannot put the model there ({first})") from None
 
 
 class _ModelAndArchitecture(argparse.Action):

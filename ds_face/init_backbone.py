@@ -10,7 +10,10 @@ Accepted files (read weights-only by ``ds_face.safe_load.load_weights_only``, no
 
 The keys must match the configured backbone exactly (``load_state_dict(strict=True)``);
 on a mismatch the error names the file, the backbone, the embedding sizes and the first
-missing / unexpected / wrongly shaped keys. A raw DeepSpeed checkpoint file is refused with
+missing / unexpected / wrongly shaped keys. Before anything is allocated from it, every tensor is checked
+(``ds_face.tensor_checks.check_state``): float32, float16 or bfloat16 where the model is float32 (float64,
+integer, bool, complex refused), int64 counters, dense and alone in its storage (no expanded or shared views),
+finite values, BatchNorm variances >= 0; the error names the file and the key. A raw DeepSpeed checkpoint file is refused with
 a pointer to ``ds_face.export`` (its weights may be 16-bit or ZeRO-partitioned).
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import nn
 from ds_face.config import ConfigError
 
 WRAPPER_KEYS = ("state_dict", "model", "module", "state_dict_backbone")
-SHOW = 5  # keys listed per kind of mismatch
+SHOW = 5  # keys listed
 
 
 class BackboneFileError(ConfigError):
@@ -86,7 +89,11 @@ def describe_backbone(state: dict) -> str:
 
 def check_state_dict(state: dict, reference: dict, path, backbone: str | None = None,
                      embedding_size: int | None = None) -> None:
-    """Raise BackboneFileError unless ``state`` has exactly ``reference``'s keys and shapes."""
+    """Raise BackboneFileError unless ``state`` fits ``reference`` (a state_dict, the meta device will do):
+    exactly its keys and shapes, its dtypes (float32, or float16/bfloat16 upcast exactly; int64 counters), dense
+    tensors each in a storage of its own, finite values (``ds_face.tensor_checks.check_state``). Nothing is
+    allocated from ``state`` before this passes."""
+    from ds_face.tensor_checks import TensorCheckError, check_state
     target = f"backbone {backbone!r}" if backbone else "the backbone"
     if embedding_size is not None and "fc.weight" in state and "fc.weight" in reference:
         got = tuple(state["fc.weight"].shape)
@@ -94,27 +101,18 @@ def check_state_dict(state: dict, reference: dict, path, backbone: str | None = 
             raise BackboneFileError(
                 f"{path}: embedding size {got[0]} (fc.weight is {list(got)}), but the run config has "
                 f"model.embedding_size={embedding_size} for {target}")
-    missing = [k for k in reference if k not in state]
-    unexpected = [k for k in state if k not in reference]
-    shapes = [f"{k}: file {list(state[k].shape)} vs model {list(reference[k].shape)}"
-              for k in reference if k in state and tuple(state[k].shape) != tuple(reference[k].shape)]
-    if not (missing or unexpected or shapes):
-        return
-    parts = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-        if items:
-            more = f" ... and {len(items) - SHOW} more" if len(items) > SHOW else ""
-            parts.append(f"{len(items)} {label}: {', '.join(items[:SHOW])}{more}")
     emb = f", embedding {embedding_size}" if embedding_size is not None else ""
-    raise BackboneFileError(f"{path} does not fit {target}{emb}: " + "; ".join(parts)
-                            + f". The file has {describe_backbone(state)}")
+    try:
+        check_state(state, reference, path, f"{target}{emb}", hint=lambda: f"The file has {describe_backbone(state)}")
+    except TensorCheckError as err:
+        raise BackboneFileError(str(err)) from None
 
 
 def load_backbone_file(path: str | os.PathLike, model: nn.Module, backbone: str | None = None,
                        state: dict | None = None) -> nn.Module:
-    """Load ``path`` into ``model`` (strict); raises BackboneFileError naming file and backbone on mismatch.
-    ``state``: ``read_backbone_file(path)`` when the caller has read it already."""
-    state = read_backbone_file(path) if state is None else state
+    """Load ``path`` into ``model`` (strict) after ``check_state_dict``; raises BackboneFileError naming file and
+    backbone on mismatch. ``state``: ``read_backbone_file(path)`` when the caller has read it already."""
+    state = read_backbone_file(path, mmap=True) if state is None else state
     reference = model.state_dict()
     embedding = tuple(reference["fc.weight"].shape)[0] if "fc.weight" in reference else None
     check_state_dict(state, reference, path, backbone, embedding)

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -104,7 +105,8 @@ def test_verify_equals_arcface_torch_reference_on_noisy_embeddings():
     emb = l2_normalize(np.stack([base, other], 1).reshape(-1, 16))
     acc, thr = arcface_calculate_roc(ev.THRESHOLDS, emb[0::2], emb[1::2], issame)
     r = ev.verify(emb, issame)
-    assert r["accuracies"] == pytest.approx(acc.tolist(), abs=0) and r["thresholds"] == thr
+    # the same grid points chosen; the report writes them rounded (0.52, not np.arange's 0.5199999999999999)
+    assert r["accuracies"] == pytest.approx(acc.tolist(), abs=0) and r["thresholds"] == [round(t, 10) for t in thr]
     assert 0.6 < r["accuracy"] < 1.0
 
 
@@ -264,8 +266,8 @@ def test_an_image_pil_itself_refuses_to_open_is_named(tmp_path):
     bins[5] = huge_png(20000, 20000)  # over twice PIL's bomb limit: PIL raises on open
     path = tmp_path / "bomb.bin"
     path.write_bytes(pickle.dumps((bins, [True] * 10)))
-    with pytest.raises(ev.BinError, match=rf"{path}: image 5: Image size \(400000000 pixels\) exceeds limit .*"
-                                          r"refused without decoding it"):
+    with pytest.raises(ev.BinError, match=rf"{path}: image 5(: Image size \(400000000 pixels\) exceeds limit| is "
+                                          r"20000x20000, more than).*refused without decoding it"):
         ev.VerificationSet.load(path)
 
 
@@ -438,3 +440,48 @@ def test_eval_json_is_not_replaced_without_overwrite(tmp_path, tiny_model, bin40
     assert ev.main(common + ["--json", str(report), "--overwrite"]) == 0
     assert json.loads(report.read_text())["sets"]["synth"]["pairs"] == 40
     assert not list(tmp_path.glob("*.partial"))
+
+
+# -- .bin files that would cost more memory than they hold -------------------------------------------------
+
+class _ObjectArray:
+    """numpy's own pickle of an object array declaring 10**9 elements and holding two: numpy would allocate 8 GB."""
+
+    def __reduce__(self):
+        core = getattr(np, "_core", None) or np.core
+        return (core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+                (1, (10**9,), np.dtype("O"), False, [1, 2]))
+
+
+def _peak_of(code: str, *args) -> tuple[int, str, int]:
+    """(exit code, stderr, peak resident bytes) of ``python -c code args`` (measured as tests/test_hostile_models
+    measures: from a small launcher, so that pytest's own memory does not count)."""
+    from tests.test_hostile_models import run_measured
+    return run_measured([sys.executable, "-c", code, *map(str, args)], None)
+
+
+LOAD_BIN = ("import sys\nfrom ds_face.bin_sets import load_bin, BinError\ntry:\n    load_bin(sys.argv[1])\n"
+            "except BinError as e:\n    sys.exit(str(e))")
+
+
+def test_a_bin_referencing_the_same_bytes_again_and_again_is_refused_before_copying(tmp_path):
+    """A 1 MB .bin whose 2000 images are one bytearray referenced 2000 times: each copy would cost 1 MB (2 GB)."""
+    rng = np.random.default_rng(0)
+    image = bytearray(encode(face(0, rng)) + bytes(1 << 20))  # a real PNG, padded to 1 MB
+    path = tmp_path / "shared.bin"
+    path.write_bytes(pickle.dumps(([image] * 2000, [True] * 1000), protocol=5))
+    assert path.stat().st_size < 2 << 20
+    code, err, peak = _peak_of(LOAD_BIN, path)
+    assert code == 1 and re.search(rf"{path}: images 0\.\.1 total \d+ bytes, more than the file's \d+ \(the same "
+                                   r"image bytes referenced repeatedly\?\); refused before copying them", err), err
+    print(f"shared-reference .bin: peak {peak >> 20} MiB")
+    assert peak < 512 << 20
+
+
+def test_a_bin_with_an_object_array_is_refused_before_numpy_allocates_it(tmp_path):
+    path = tmp_path / "objects.bin"
+    path.write_bytes(pickle.dumps(([_ObjectArray(), b"x"], [True]), protocol=2))
+    code, err, peak = _peak_of(LOAD_BIN, path)
+    assert code == 1 and f"{path}: refused to unpickle: it asks for a numpy array of dtype object" in err, err
+    print(f"object-array .bin declaring 10**9 elements: peak {peak >> 20} MiB")
+    assert peak < 512 << 20

@@ -129,7 +129,7 @@ def test_onnx_matches_torch_with_a_dynamic_batch(ckpts, tmp_path):
     (graph_input,) = model.graph.input
     dims = [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim]
     assert graph_input.name == "input" and isinstance(dims[0], str) and dims[1:] == [3, 112, 112]
-    assert not list(tmp_path.glob(".*tmp*")), "no temporary files left behind"
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*tmp*")), "no temporary files left"
 
 
 def test_a_failed_onnx_check_writes_nothing(ckpts, tmp_path):
@@ -329,3 +329,83 @@ def test_train_checks_init_backbone_before_any_process_group(tmp_path, capsys):
     assert main(args + ["--init-backbone", str(wrong)]) == 2
     assert "model.embedding_size=128" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()
+
+
+# -- outputs that cannot be written, and weights that must not be exported ----------------------------------
+
+def export_process(*args):
+    """``python -m ds_face.export ...`` as a real process."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "ds_face.export", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nothing can be written into: mode 555, and immutable (chattr +i) where we are root."""
+    import os
+    import subprocess
+    path = tmp_path / "ro"
+    path.mkdir()
+    path.chmod(0o555)
+    immutable = False
+    if os.access(path, os.W_OK):  # root ignores the mode
+        immutable = subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+        if not immutable:
+            path.chmod(0o755)
+            pytest.skip("root here, and chattr +i is not available: no read-only directory to test with")
+    yield path
+    if immutable:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    path.chmod(0o755)
+
+
+def test_export_into_a_read_only_directory_is_one_line_and_writes_nothing(ckpts, tmp_path, read_only_dir):
+    save_dir, _ = ckpts[1, "z2_fp32"]
+    ro = read_only_dir
+    for args, where, expect in (
+            (["--out", ro / "model.pt"], ro / "model.pt", f"the directory {ro} is not writable"),
+            (["--out", tmp_path / "model.pt", "--head", ro / "head.pt"], ro / "head.pt", "is not writable"),
+            (["--out", ro / "sub" / "model.pt"], ro / "sub" / "model.pt", f"cannot create its directory {ro / 'sub'}")):
+        proc = export_process(save_dir, *args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        line = last_line(proc.stderr)
+        assert line.startswith(f"ds_face.export: error: --") and str(where) in line and expect in line, line
+    assert list(ro.iterdir()) == [] and not (tmp_path / "model.pt").exists()  # nothing, not even the good one
+
+
+def test_an_existing_output_even_a_dangling_link_is_kept(ckpts, tmp_path):
+    save_dir, _ = ckpts[1, "z2_fp32"]
+    link = tmp_path / "model.pt"
+    link.symlink_to(tmp_path / "elsewhere.pt")
+    code, _, err = run_export(save_dir, "--out", link)
+    assert code == 2 and last_line(err) == f"ds_face.export: error: --out {link} exists; pass --overwrite to replace it"
+    assert link.is_symlink() and not (tmp_path / "elsewhere.pt").exists()
+
+
+def _damage_module(states: Path, damage: str) -> None:
+    obj = torch.load(states, weights_only=False)  # our own test checkpoint
+    weight = obj["module"]["conv1.weight"]
+    if damage == "nan":
+        weight.view(-1)[5] = float("nan")
+    elif damage == "int8":
+        obj["module"]["conv1.weight"] = weight.to(torch.int8)
+    elif damage == "expanded":
+        obj["module"]["fc.weight"] = torch.zeros(1, 1).expand(1_000_000, obj["module"]["fc.weight"].shape[1])
+    torch.save(obj, states)
+
+
+@pytest.mark.parametrize("damage,expect", [
+    ("nan", r"conv1\.weight holds 1 non-finite value\(s\) \(first: nan\); backbone 'r_tiny' with embedding 32"),
+    ("int8", r"conv1\.weight is dtype int8, expected float32, float16 or bfloat16"),
+    ("expanded", r"mp_rank_00_model_states\.pt: module\.fc\.weight is an expanded or overlapping view \(shape "
+                 r"\[1000000, 3136\], strides \[0, 0\]"),
+])
+def test_weights_that_must_not_be_exported_are_named(ckpts, tmp_path, damage, expect):
+    save_dir = _copy(ckpts[1, "z0_fp32"][0], tmp_path)
+    _damage_module(save_dir / TAG / export_weights.MODEL_STATES, damage)
+    code, _, err = run_export(save_dir, "--out", tmp_path / "model.pt")
+    assert code == 2 and last_line(err).startswith("ds_face.export: error: ") and "Traceback" not in err, err
+    assert re.search(expect, last_line(err)), last_line(err)
+    assert not (tmp_path / "model.pt").exists()

@@ -67,3 +67,37 @@ def test_a_given_backbone_still_wins_and_a_wrong_one_is_named(tiny_model, tmp_pa
         assert ev.main([*order, "--device", "cpu", "--bin", str(bin10), "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert f"{path} does not fit backbone 'r18'" in err and "(looks like r_tiny)" in err
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--device", "bogus"], "--device bogus: cannot put the model there (Expected one of cpu"),
+    (["--device", "meta"], "--device meta: cannot put the model there (the meta device holds no data"),
+    (["--device", "cpu", "--backbone", "r_tiny", "--embedding", "-3"], "--embedding must be a positive integer, got -3"),
+    (["--device", "cpu", "--backbone", "r_tiny", "--embedding", "100000000"],
+     "embedding size 32 (fc.weight is [32, 3136]), but the run config has model.embedding_size=100000000"),
+])
+def test_bad_model_arguments_are_one_line_before_any_model_is_built(tiny_model, bin10, capsys, flags, expect):
+    path, _ = tiny_model
+    assert ev.main(["--model", str(path), "--bin", str(bin10), "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ds_face.eval: error: ") and expect in err, err
+
+
+def test_eval_json_into_a_read_only_directory_is_one_line(tiny_model, bin10, capsys, tmp_path):
+    import os
+    import subprocess
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    immutable = os.access(ro, os.W_OK) and subprocess.run(["chattr", "+i", str(ro)]).returncode == 0
+    if os.access(ro, os.W_OK):
+        pytest.skip("root here, and chattr +i is not available: no read-only directory to test with")
+    try:
+        args = ["--model", str(tiny_model[0]), "--bin", str(bin10), "--no-progress", "--device", "cpu"]
+        assert ev.main([*args, "--json", str(ro / "r.json")]) == 2
+        err = capsys.readouterr().err
+        assert err == f"ds_face.eval: error: --json {ro / 'r.json'}: directory {ro} is not writable (nothing was done)\n"
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(ro)], check=True)
+        ro.chmod(0o755)

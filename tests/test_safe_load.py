@@ -203,7 +203,7 @@ def test_model_pt_is_refused_by_init_backbone_eval_and_embed(tmp_path, payload, 
     for module, extra in (("ds_face.eval", ["--bin", tmp_path / "none.bin"]),
                           ("ds_face.embed", ["--folder", tmp_path / "faces", "--out", tmp_path / "e.npy"])):
         # a valid set and a valid folder, so that only the model can fail
-        (tmp_path / "none.bin").write_bytes(pickle.dumps(([b"x"] * 20, [True] * 10)))
+        (tmp_path / "none.bin").write_bytes(pickle.dumps(([bytes([i]) * 64 for i in range(20)], [True] * 10)))
         (tmp_path / "faces" / "id0").mkdir(parents=True, exist_ok=True)
         (tmp_path / "faces" / "id0" / "a.jpg").write_bytes(b"x")
         proc = subprocess.run([sys.executable, "-m", module, "--model", model_pt, "--backbone", "r_tiny",
