@@ -6,7 +6,8 @@ object per record), and deals each chunk's rows to the shards of `ds_face.data.s
 in; all shards are written at once by a thread pool. On disk, in the output directory:
 
     plan.json                written first: sources (paths, sizes, mtimes) and the options that shape the shards
-    data-*.arrow.partial     a shard being written; renamed to data-*.arrow once complete and fsynced
+    data-*.arrow.*.partial   a shard being written (ds_face.fileio: a fresh name, created exclusively, no link
+                             followed); renamed to data-*.arrow once complete and fsynced
     .done/data-*.arrow.json  written after the rename: rows, bytes, sha256, first/last planned index
     property, *.bin, ...     carried files
     manifest.json            written last; then .done/ is removed
@@ -50,7 +51,7 @@ from data_prep.recordio import RecordIOError
 from data_prep.shard_writer import ShardWriter, kept_shard
 from data_prep.source import Chunk, Source, SourceError
 from ds_face.data.shards import ROWS_PER_RECORD_BATCH, Manifest, ShardInfo, read_manifest, rows_per_shard, shard_name
-from ds_face.fileio import PARTIAL, fsync_path, write_atomic, write_json_atomic
+from ds_face.fileio import PARTIAL, WriteError, fsync_path, real_dir, write_atomic, write_json_atomic
 
 
 class Interrupted(Exception):
@@ -135,10 +136,10 @@ def convert(source: Source, out: str | os.PathLike, *, num_shards: int | None = 
     if mode == "resume":
         print(f"resuming the unfinished conversion in {out} (its {PLAN} matches)")
     out.mkdir(parents=True, exist_ok=True)
-    (out / DONE_DIR).mkdir(exist_ok=True)
+    real_dir(out / DONE_DIR)  # the sidecars go there: a link at its name would send them elsewhere
     for name in os.listdir(out):  # a crash mid-write leaves partials; they are never resumed, only redone
         if name.endswith(PARTIAL):
-            (out / name).unlink()
+            (out / name).unlink()  # a link: the link itself
     if mode != "resume":
         write_json_atomic(out / PLAN, plan)
     try:
@@ -275,7 +276,7 @@ def run_cli(make_source: Callable[[], Source], args: argparse.Namespace,
             raise SourceError(f"--workers {args.workers}: must be at least 1")
         convert(make_source(), args.out, num_shards=args.shards, order=args.order, seed=args.seed,
                 workers=args.workers, overwrite=args.overwrite, on_shard_done=on_shard_done)
-    except (SourceError, RecordIOError, OutputError) as e:
+    except (SourceError, RecordIOError, OutputError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from data_prep.plan import DONE_DIR, read_json
 from ds_face.data.shards import SCHEMA, ShardInfo, sha256_of
-from ds_face.fileio import PARTIAL, write_json_atomic
+from ds_face.fileio import AtomicFile, write_json_atomic
 
 
 class _HashingFile:
@@ -35,13 +35,14 @@ class _HashingFile:
 
 
 class ShardWriter:
-    """One shard being written: `data-*.arrow.partial`, an Arrow IPC stream, hashed as it is written.
-    Appends come from one pool thread at a time."""
+    """One shard being written: a fresh `data-*.arrow.<random>.partial` (ds_face.fileio: created exclusively, no
+    link followed), an Arrow IPC stream, hashed as it is written. Appends come from one pool thread at a time."""
 
     def __init__(self, out: Path, name: str, rows: int, first: int, last: int):
         self.out, self.name, self.rows, self.first, self.last = out, name, rows, first, last
-        self.partial = out / (name + PARTIAL)
-        self.file = open(self.partial, "wb", buffering=0)  # Arrow hands over whole buffers: no need to buffer
+        # fsynced and renamed into place by finish(); the directory is fsynced once, before the manifest
+        self.aside = AtomicFile(out / name, durable=True, sync_dir=False)
+        self.file = self.aside.file
         self.sink = _HashingFile(self.file)
         self.writer = pa.ipc.new_stream(self.sink, SCHEMA)
         self.written = 0
@@ -63,10 +64,8 @@ class ShardWriter:
         if self.written != self.rows:
             raise RuntimeError(f"{self.name}: wrote {self.written} rows, planned {self.rows}")
         self.writer.close()  # writes the end-of-stream marker
-        os.fsync(self.file.fileno())
-        self.file.close()
         info = ShardInfo(self.name, self.rows, self.sink.nbytes, self.sink.digest.hexdigest())
-        os.replace(self.partial, self.out / self.name)  # the directory is fsynced once, before the manifest
+        self.aside.commit()  # fsync, rename to the final name
         # Not fsynced: a sidecar lost in a crash only costs rewriting its shard, and a resume checks the shard's
         # sha256 against it anyway.
         write_json_atomic(_sidecar(self.out, self.name),
@@ -74,8 +73,7 @@ class ShardWriter:
         return info
 
     def discard(self) -> None:
-        self.file.close()
-        self.partial.unlink(missing_ok=True)
+        self.aside.discard()
 
 
 def _sidecar(out: Path, name: str) -> Path:

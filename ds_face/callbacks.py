@@ -8,7 +8,7 @@ import time
 
 from ds_face.bin_sets import VerificationSet
 from ds_face.eval import evaluate, set_names
-from ds_face.fileio import write_json_atomic
+from ds_face.fileio import real_dir, write_json_atomic
 from ds_face.inference import EvalTimeout
 
 
@@ -39,6 +39,7 @@ class TrainingEvaluator:
         error = None
         if self.rank == 0:
             try:  # decoded once, kept for every evaluation
+                real_dir(self.dir)  # checked now, not after hours of training: a link there is refused, named
                 self.sets = [VerificationSet.load(path, name)
                              for name, path in zip(set_names(self.cfg.sets), self.cfg.sets)]
                 self._restore_best(trainer.global_step)
@@ -123,7 +124,7 @@ class TrainingEvaluator:
         ijb = self._run_ijb(model, step, deadline) if last and self.ijb is not None else None
         if self.writer is not None:
             self.writer.flush()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        real_dir(self.dir)  # a link at eval/ would send the reports where it points
         write_json_atomic(self.dir / f"step_{step}.json",
                           {"step": step, "sets": results, **({"ijb": ijb} if ijb else {})})
         return {**results, **({ijb["target"]: ijb} if ijb else {})}
@@ -151,6 +152,6 @@ class TrainingEvaluator:
         log.info(f"[{meta.target}][{step}]AUC: {report['auc']:1.5f}")
         if self.writer is not None:
             self.writer.add_scalar(f"eval/{meta.target}/auc", report["auc"], step)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        real_dir(self.dir)
         ijb.plot_roc(self.dir / f"{meta.target}_step_{step}.png", curve, report, f"{meta.target} step {step}")
         return report

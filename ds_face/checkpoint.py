@@ -22,21 +22,25 @@ The checkpointer is handed the run's stateful parts and knows nothing else of th
 
 A save first clears the leftovers of an earlier interrupted save of the same step (never the checkpoint
 `latest` names), writes everything, agrees across ranks that every write succeeded, and only then moves
-`latest`: a crash or a failed write mid-save leaves the previous checkpoint in charge.
+`latest`: a crash or a failed write mid-save leaves the previous checkpoint in charge. Nothing is written through
+a link: DeepSpeed saves into ``.saving/step_N``, made fresh here and renamed into place; ds_face's own files go
+through ds_face.fileio.
 """
 from __future__ import annotations
 
 import errno
-import json
 import logging
+import math
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import torch
 
 from ds_face.dist import any_rank
-from ds_face.fileio import write_atomic, write_json_atomic
+from ds_face.fileio import WriteError, fresh_dir, remove_entry, write_atomic, write_json_atomic
 
 log = logging.getLogger("ds_face")
 LATEST = "latest"
@@ -44,6 +48,7 @@ SAVE_DIR = "checkpoints"  # inside output.dir
 META = "ds_face_meta.json"
 BACKBONE_FULL = "backbone_full.pt"
 TAG_PREFIX = "step_"
+STAGING = ".saving"  # DeepSpeed's save_dir during a save, inside SAVE_DIR (Checkpointer.save)
 ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
 
@@ -73,47 +78,67 @@ class Checkpointer:
     # -- saving --------------------------------------------------------------------------------------------
     def save(self, step: int, meta: dict) -> str:
         """Collective: every rank calls it at the same optimizer step. ``meta``: rank 0's ds_face_meta.json
-        (step, layout, config...). Returns the tag."""
+        (step, layout, config...). Returns the tag.
+
+        DeepSpeed writes where it is told and follows links (``copyfile``, ``torch.save(path)``), also outside the
+        tag directory (its recovery scripts go into its save_dir). So it is given a save_dir made fresh here,
+        ``checkpoints/.saving/``, holding a fresh ``step_N/``; once every rank's files are in, rank 0 renames that
+        into ``checkpoints/step_N``, and everything ds_face writes itself goes through ds_face.fileio."""
         tag = f"{TAG_PREFIX}{step}"
-        tag_dir = self.save_dir / tag
+        tag_dir, staging = self.save_dir / tag, self.save_dir / STAGING
         self._refuse_non_finite(tag_dir)
+        error = None
         if self.rank == 0:
-            self._clear_leftovers(tag_dir)
-        torch.distributed.barrier()  # nobody writes into the directory before it is clean
+            try:
+                self._clear_leftovers(tag_dir, staging)
+            except (OSError, CheckpointError) as err:
+                error = str(err) if isinstance(err, (CheckpointError, WriteError)) else _write_failure(err, staging)
+        if any_rank(error is not None, self.device):  # nobody writes before the directories are made
+            raise CheckpointError(f"{tag_dir}: checkpoint not saved ({error or 'rank 0 could not prepare it: its message says why'}); "
+                                  f"nothing was written")
         from ds_face.zero_state import full_state
         backbone = full_state(self.engine, keep=self.rank == 0)  # collective: gathers every rank's partition
-        error = None
         try:
-            self.engine.save_checkpoint(str(self.save_dir), tag=tag, save_latest=False)
+            self.engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
         except (OSError, RuntimeError) as err:  # its own writes failed (a full disk: RuntimeError from torch.save)
             error = _write_failure(err, tag_dir, "DeepSpeed's files")
             torch.distributed.barrier()  # the other ranks wait in the barrier that ends DeepSpeed's save
+        if error is None and self.rank == 0:  # DeepSpeed's save ends in a barrier: every rank's files are in
+            try:
+                os.rename(staging / tag, tag_dir)
+            except OSError as err:
+                error = _write_failure(err, tag_dir)
         path = tag_dir / head_file(self.rank, self.world_size)
-        try:
-            if error is None:
+        if not any_rank(error is not None, self.device):  # and a barrier: tag_dir is in place on every rank
+            try:
                 state = {"rank": self.rank, "world_size": self.world_size, **self.sharded["head"].shard_state(),
                          "sharded": {n: part.shard_state() for n, part in self.sharded.items() if n != "head"},
                          "replicated": {n: part.state_dict() for n, part in self.replicated.items()},
                          "per_rank": {n: part.state_dict() for n, part in self.per_rank.items()}}
-                write_atomic(path, lambda p: torch.save(state, p))
+                write_atomic(path, lambda f: torch.save(state, f))
                 if self.rank == 0:
                     if backbone is not None:
                         backbone["engine_counters"] = {n: int(getattr(self.engine, n)) for n in ENGINE_COUNTERS}
                         path = tag_dir / BACKBONE_FULL
-                        write_atomic(path, lambda p: torch.save(backbone, p))
+                        write_atomic(path, lambda f: torch.save(backbone, f))
                     path = tag_dir / META
                     write_json_atomic(path, {"tag": tag, "global_step": step, "world_size": self.world_size, **meta})
-        except (OSError, RuntimeError) as err:
-            error = _write_failure(err, path)
+            except (OSError, RuntimeError) as err:
+                error = _write_failure(err, path)
         if any_rank(error is not None, self.device):  # every rank learns that the save failed
             if self.rank == 0:  # its files are of no use and may fill the disk: `latest` names an older one
-                shutil.rmtree(tag_dir, ignore_errors=True)
+                for leftover in (tag_dir, staging):
+                    try:
+                        remove_entry(leftover)
+                    except OSError:
+                        pass
             raise CheckpointError(f"{tag_dir}: checkpoint not saved"
                                   + (f" (rank {self.rank}: {error})" if error else " (another rank failed to write)")
                                   + f"; {self.save_dir / LATEST} still names the previous one")
         torch.distributed.barrier()  # every rank's files are in place before `latest` names them
         if self.rank == 0:
             write_atomic(self.save_dir / LATEST, tag.encode())
+            remove_entry(staging)  # only DeepSpeed's recovery scripts are left in it
             self._prune(keep=tag)
         torch.distributed.barrier()
         return tag
@@ -129,19 +154,33 @@ class Checkpointer:
                                   f"({'on this rank' if bad else 'on another rank'}); {self.save_dir / LATEST} "
                                   f"still names the previous checkpoint")
 
-    def _clear_leftovers(self, tag_dir: Path) -> None:
-        """A directory for this step from a save that never completed (a crash, maybe on another world size):
-        start from nothing, so that one checkpoint never mixes two saves' files."""
-        latest = self.save_dir / LATEST
-        if tag_dir.exists() and not (latest.is_file() and latest.read_text().strip() == tag_dir.name):
-            log.warning(f"{tag_dir}: left by an interrupted save; removing it before saving this step again")
-            shutil.rmtree(tag_dir)
+    def _clear_leftovers(self, tag_dir: Path, staging: Path) -> None:
+        """Rank 0, before a save: the save_dir a real directory (made if missing); whatever is at ``step_N`` (a
+        directory from a save that never completed, maybe on another world size, or a planted link: the link
+        itself goes, never what it points to) removed, unless `latest` names it; DeepSpeed's save_dir made fresh."""
+        if os.path.islink(self.save_dir):
+            raise CheckpointError(f"{self.save_dir}: a symbolic link (to {os.readlink(self.save_dir)}); checkpoints "
+                                  f"are written and pruned only in a directory ds_face made: remove the link or set "
+                                  f"another output.dir")
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        if os.path.lexists(tag_dir):
+            if _latest_or_none(self.save_dir) == tag_dir.name:
+                raise CheckpointError(f"{tag_dir}: {self.save_dir / LATEST} names it, so it is not overwritten")
+            what = (f"a symbolic link (to {os.readlink(tag_dir)}); removing the link, its target untouched,"
+                    if os.path.islink(tag_dir) else "left by an interrupted save; removing it")
+            log.warning(f"{tag_dir}: {what} before saving this step")
+            remove_entry(tag_dir)
+        fresh_dir(staging)
+        fresh_dir(staging / tag_dir.name)
 
     def _prune(self, keep: str) -> None:
         tags = checkpoint_tags(self.save_dir)
         for old in tags[:-self.keep_last] if self.keep_last > 0 else []:
             if old != keep:
-                shutil.rmtree(self.save_dir / old, ignore_errors=True)
+                try:
+                    remove_entry(self.save_dir / old)  # a link: the link, never its target
+                except OSError as err:
+                    log.warning(f"{self.save_dir / old}: not pruned ({err})")
 
     # -- loading -------------------------------------------------------------------------------------------
     def load(self, cfg) -> dict:
@@ -151,12 +190,14 @@ class Checkpointer:
         try:  # every file checked before DeepSpeed's collectives, and every rank told if one rank failed
             tag = latest_tag(self.save_dir)
             tag_dir = self.save_dir / tag
-            meta = read_meta(tag_dir)
-            check_fits(meta, cfg, tag_dir / META)
+            meta = check_resume(self.save_dir, cfg, engine_kind(self.engine.config))
+            # every file, at any depth, weights-only and its counters and loss scales range-checked, before
+            # DeepSpeed unpickles any of them with weights_only=False
+            _check_deepspeed_files(tag_dir, engine_kind(self.engine.config), meta["global_step"])
             old_world = meta["world_size"]
             slices = head_slices(tag_dir, old_world, meta["num_classes"], meta["embedding_size"])
-            backbone = self._read_backbone_full(tag_dir, old_world)
-            _check_deepspeed_files(tag_dir)  # DeepSpeed unpickles its files with weights_only=False
+            _check_position(slices[0], meta, tag_dir)
+            backbone = self._read_backbone_full(tag_dir, old_world, cfg.optimizer.name)
         except CheckpointError as err:
             error = err
         if any_rank(error is not None, self.device):
@@ -179,7 +220,7 @@ class Checkpointer:
                  f"saved on {old_world} rank(s), now {self.world_size})")
         return meta
 
-    def _read_backbone_full(self, tag_dir: Path, old_world: int):
+    def _read_backbone_full(self, tag_dir: Path, old_world: int, optimizer: str):
         if old_world == self.world_size:
             return None  # DeepSpeed's own files fit
         from ds_face.zero_state import is_partitioned
@@ -190,9 +231,12 @@ class Checkpointer:
             raise CheckpointError(f"{path}: not found; this checkpoint was saved on {old_world} rank(s) by an engine "
                                   f"whose state is not partitioned (ZeRO stage 0?), and this run partitions it: "
                                   f"resume with the ZeRO stage it was saved with")
-        state = _load_rank_file(path)
-        if not isinstance(state, dict) or not isinstance(state.get("params"), dict):
-            raise CheckpointError(f"{path}: corrupt (no per-parameter state)")
+        state = _load_rank_file(path)  # memory-mapped: nothing is allocated from it before the check below
+        from ds_face.zero_state import check_full_state
+        try:  # exactly this backbone's parameters, shapes, fp32, finite, each tensor its own plain storage
+            check_full_state(state, self.engine, optimizer)
+        except ValueError as err:
+            raise CheckpointError(f"{path}: {err}") from None
         return state
 
     def _load_backbone(self, tag: str, old_world: int, backbone: dict | None) -> None:
@@ -216,6 +260,8 @@ class Checkpointer:
 
 def _write_failure(err: Exception, path: Path, what: str = "") -> str:
     """What went wrong writing ``path``, in words: torch.save reports a full disk as 'unexpected pos'."""
+    if isinstance(err, WriteError):  # refused before writing; it names the path
+        return str(err)
     where = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
     free = shutil.disk_usage(where).free
     label = f"{path}{f' ({what})' if what else ''}"
@@ -224,29 +270,64 @@ def _write_failure(err: Exception, path: Path, what: str = "") -> str:
     return f"{label}: {type(err).__name__}: {err}"
 
 
+def _latest_or_none(save_dir: Path) -> str | None:
+    """The tag `latest` names, through its one reader; None if there is no valid one."""
+    try:
+        return latest_tag(save_dir)
+    except CheckpointError:
+        return None
+
+
 # -- reading: resume and export both use these ---------------------------------------------------------------
 
+TAG_NAME = re.compile(rf"^{TAG_PREFIX}(0|[1-9][0-9]{{0,17}})$")  # what a save names a tag: step_<optimizer step>
+MAX_LATEST_BYTES = 256  # `latest` holds one tag name
+
+
 def latest_tag(save_dir: str | Path) -> str:
-    """The tag `latest` names, checked to be a directory here: the one reader of `latest` (resume, export)."""
+    """The tag `latest` names: the one reader of `latest` (resume, export, a save's clean-up). `latest` must be a
+    plain file of at most 256 bytes (only that much is read) holding a tag name as a save writes it
+    (``step_<N>``), and that tag a plain directory in ``save_dir`` (not a link)."""
     save_dir = Path(save_dir)
     path = save_dir / LATEST
     if not save_dir.is_dir():
         raise CheckpointError(f"{save_dir}: no checkpoint directory to resume from")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CheckpointError(f"{path}: not found; no complete checkpoint in {save_dir}")
-    tag = path.read_text(errors="replace").strip()
+    try:  # no-follow and non-blocking: a link or a fifo planted as `latest` is refused, never followed or waited on
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as err:
+        what = "a symbolic link" if os.path.islink(path) else f"unreadable ({err.strerror or err})"
+        raise CheckpointError(f"{path}: {what}; a save writes `latest` as a plain file naming a tag") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise CheckpointError(f"{path}: not a regular file; a save writes `latest` as a plain file naming a tag")
+        data = f.read(MAX_LATEST_BYTES + 1)
+    if len(data) > MAX_LATEST_BYTES:
+        raise CheckpointError(f"{path}: longer than {MAX_LATEST_BYTES} bytes; it should hold one tag name such as "
+                              f"step_300 (a save writes it): corrupt or not ds_face's")
+    tag = data.decode("ascii", errors="replace").strip()
     if not tag:
         raise CheckpointError(f"{path} is empty")
-    if "/" in tag or tag in (".", "..") or not (save_dir / tag).is_dir():
+    if not TAG_NAME.match(tag):
+        raise CheckpointError(f"{path} names {tag!r}, which is not a tag name a save writes (step_<N>)")
+    try:
+        mode = os.lstat(save_dir / tag).st_mode
+    except OSError:
         tags = ", ".join(checkpoint_tags(save_dir)) or "none"
         raise CheckpointError(f"{path} names tag {tag!r}, but {save_dir / tag} does not exist (tags in "
-                              f"{save_dir}: {tags})")
+                              f"{save_dir}: {tags})") from None
+    if not stat.S_ISDIR(mode):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a directory"
+        raise CheckpointError(f"{save_dir / tag}: {what}; `latest` must name a checkpoint directory of {save_dir} "
+                              f"(a save writes one, never a link)")
     return tag
 
 
 def checkpoint_tags(save_dir: Path) -> list[str]:
-    """The step_N directories of a save_dir, oldest first."""
-    tags = [p for p in save_dir.glob(f"{TAG_PREFIX}*") if p.is_dir() and p.name[len(TAG_PREFIX):].isdigit()]
+    """The step_N directories of a save_dir, oldest first (links and other entries are not tags)."""
+    tags = [p for p in save_dir.glob(f"{TAG_PREFIX}*")
+            if TAG_NAME.match(p.name) and not p.is_symlink() and p.is_dir()]
     return [p.name for p in sorted(tags, key=lambda p: int(p.name[len(TAG_PREFIX):]))]
 
 
@@ -256,19 +337,17 @@ def read_meta(tag_dir: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; {tag_dir} is not a complete ds_face checkpoint "
                               f"(rank 0 writes it with every save)")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{path}: corrupt ({err})") from None
+    from ds_face.config.loading import load_json_file
+    try:  # bounded: size before parsing, depth while parsing
+        meta = load_json_file(path, what="checkpoint's meta file")
+    except ValueError as err:
+        raise CheckpointError(f"{path}: corrupt ({str(err).removeprefix(f'{path}: ')})") from None
     missing = [key for key in META_KEYS if not isinstance(meta, dict) or key not in meta]
     if missing:
         raise CheckpointError(f"{path}: corrupt (missing {', '.join(missing)})")
     from ds_face.safe_load import check_meta_counts
     try:  # every count bounded by what the directory holds, before any loop uses one
         check_meta_counts(meta, tag_dir, META)
-        for key, low in (("samples_seen", 0), ("micro_batch", 1), ("accumulation", 1)):
-            if isinstance(meta[key], bool) or not isinstance(meta[key], int) or meta[key] < low:
-                raise ValueError(f"{path}: '{key}' must be an integer >= {low}, got {meta[key]!r}")
     except ValueError as err:
         raise CheckpointError(str(err)) from None
     from ds_face.backbones import BACKBONES
@@ -314,15 +393,17 @@ def head_slices(tag_dir: Path, world_size: int, num_classes: int, embedding_size
     slices = [_load_rank_file(path) for path in files]
     cursor, previous = 0, None
     for rank, (path, part) in enumerate(zip(files, slices)):
-        try:
-            weight = part["weight"]
-            start, count, total = (int(part[k]) for k in ("class_start", "num_local", "num_classes"))
-            rows, dim = weight.shape
-        except (KeyError, TypeError, ValueError):
+        fields = ("class_start", "num_local", "num_classes")
+        if not (isinstance(part, dict) and torch.is_tensor(part.get("weight")) and part["weight"].dim() == 2
+                and all(_whole(part.get(k), 0, 2**53) for k in fields)
+                and all(_whole(part.get(k, 0), 0, 2**53) for k in ("rank", "world_size"))):
             raise CheckpointError(f"{path}: not a head slice (needs a 2-d 'weight' tensor and integer "
-                                  f"class_start, num_local, num_classes)") from None
+                                  f"class_start, num_local, num_classes)")
+        weight = part["weight"]
+        start, count, total = (int(part[k]) for k in fields)
+        rows, dim = weight.shape
         problem = None
-        if int(part.get("rank", rank)) != rank or int(part.get("world_size", world_size)) != world_size:
+        if part.get("rank", rank) != rank or part.get("world_size", world_size) != world_size:
             problem = f"says rank {part.get('rank')} of {part.get('world_size')}, not what its name says"
         elif rows != count or dim != embedding_size:
             problem = f"weight is {rows}x{dim}, expected {count}x{embedding_size}"
@@ -335,6 +416,7 @@ def head_slices(tag_dir: Path, world_size: int, num_classes: int, embedding_size
         if problem:
             raise CheckpointError(f"{path}: head slice {problem}; the slices of {tag_dir} do not tile "
                                   f"{num_classes} classes (refusing to re-initialise any)")
+        _check_head_tensors(path, part, rows * dim)
         cursor, previous = cursor + rows, path
     if cursor != num_classes:
         raise CheckpointError(f"{tag_dir}: the {world_size} head slices hold {cursor} classes, expected "
@@ -343,12 +425,47 @@ def head_slices(tag_dir: Path, world_size: int, num_classes: int, embedding_size
     return slices
 
 
-def _check_deepspeed_files(tag_dir: Path) -> None:
-    """Every *.pt of the tag directory through the weights-only loader (DeepSpeed's few types allowed) before
-    DeepSpeed's own torch.load(weights_only=False) sees any: a file that would run code is refused, named."""
+HEAD_FILE_SLACK = 64 << 20  # a head file's bytes besides its slice and optimizer rows: RNG states, BatchNorm buffers
+
+
+def _check_head_tensors(path: Path, part: dict, weights: int) -> None:
+    """Every tensor of a head file (memory-mapped) before anything is allocated from it: the slice float32 and
+    finite; each tensor owning exactly its storage (no expanded stride-0 view, none shared); float ones finite;
+    all together at most the slice and three optimizer copies of it, plus RNG states and buffers."""
+    from ds_face.zero_state import check_plain
+    if part["weight"].dtype != torch.float32:
+        raise CheckpointError(f"{path}: 'weight' is {part['weight'].dtype}, expected float32")
+    pending, storages, total = [(part, "")], set(), 0
+    while pending:
+        node, where = pending.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, (list, tuple)) else ()
+        for key, value in items:
+            name = f"{where}.{key}" if where else str(key)
+            if not torch.is_tensor(value):
+                pending.append((value, name))
+                continue
+            try:
+                check_plain(value, f"'{name}'", storages)
+            except ValueError as err:
+                raise CheckpointError(f"{path}: {err}") from None
+            total += value.untyped_storage().nbytes()
+            if total > 4 * 4 * weights + HEAD_FILE_SLACK:
+                raise CheckpointError(f"{path}: its tensors hold more than {4 * 4 * weights + HEAD_FILE_SLACK} "
+                                      f"bytes, far more than a head slice of {weights} weights and its optimizer "
+                                      f"state: not a head file ds_face wrote")
+            if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"{path}: '{name}' holds NaN or inf")
+
+
+def _check_deepspeed_files(tag_dir: Path, run: dict | None = None, max_step: int | None = None) -> None:
+    """Every file of the tag directory, at any depth, through the weights-only loader (DeepSpeed's few types
+    allowed) before DeepSpeed's own torch.load(weights_only=False) sees any: a file that would run code, a link, a
+    fifo is refused, named. With ``run`` (``engine_kind``) and ``max_step``: and the counters and loss scales each
+    file holds range-checked for that run (``check_states``)."""
     from ds_face.safe_load import UnsafeFileError, check_checkpoint_dir
+    inspect = None if run is None else (lambda path, obj: check_states(path, obj, run, max_step))
     try:
-        check_checkpoint_dir(tag_dir)
+        check_checkpoint_dir(tag_dir, inspect)
     except UnsafeFileError as err:
         raise CheckpointError(str(err)) from None
 
@@ -362,6 +479,168 @@ def check_fits(meta: dict, cfg, meta_path: Path) -> None:
         raise CheckpointError(f"{meta_path}: does not fit this run: " + "; ".join(problems))
 
 
+# -- the kind of run a checkpoint comes from, and the values DeepSpeed and ds_face restore from it -------------
+
+MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 0-2, ZeRO 3
+
+
+def engine_kind(ds_config: dict) -> dict:
+    """What a DeepSpeed config trains with: ZeRO stage, precision, and (fp16) whether the loss scale is dynamic
+    and its floor. Raises ValueError/TypeError/AttributeError for a config that is not a DeepSpeed JSON object."""
+    fp16 = ds_config.get("fp16") or {}
+    precision = "fp16" if fp16.get("enabled") else "bf16" if (ds_config.get("bf16") or {}).get("enabled") else "fp32"
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise ValueError(f"ZeRO stage {stage!r}")
+    return {"zero_stage": stage, "precision": precision,
+            "dynamic": precision == "fp16" and not fp16.get("loss_scale", 0),
+            "min_scale": float(fp16.get("min_loss_scale", 1))}
+
+
+def saved_engine_kind(tag_dir: Path) -> dict:
+    """``engine_kind`` of the DeepSpeed config a checkpoint was saved with (in DeepSpeed's model-states file)."""
+    path = next((tag_dir / n for n in MODEL_STATES if (tag_dir / n).is_file()), None)
+    if path is None:
+        raise CheckpointError(f"{tag_dir / MODEL_STATES[0]}: not found (nor {MODEL_STATES[1]}, ZeRO 3): the "
+                              f"checkpoint is incomplete")
+    states = _load_rank_file(path)
+    try:
+        return engine_kind(states["ds_config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: no readable 'ds_config' (the DeepSpeed config it was saved with: "
+                              f"{type(err).__name__}: {err})") from None
+
+
+def check_resume(save_dir: str | Path, cfg, run: dict) -> dict:
+    """The checks a resume makes before anything is restored, and that ``ds_face.train`` makes before any process
+    group starts: `latest`, ds_face_meta.json, the checkpoint fits the run config (``check_fits``), and it was
+    saved with this run's ZeRO stage, precision and optimizer (``run``: ``engine_kind`` of its DeepSpeed JSON).
+    Returns the meta."""
+    tag_dir = Path(save_dir) / latest_tag(save_dir)
+    meta = read_meta(tag_dir)
+    check_fits(meta, cfg, tag_dir / META)
+    saved = saved_engine_kind(tag_dir)
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    optimizer = config.get("optimizer").get("name") if isinstance(config.get("optimizer"), dict) else None
+    problems = [f"{what} {saved[key]} in the checkpoint, {run[key]} in this run"
+                for key, what in (("zero_stage", "ZeRO stage"), ("precision", "precision")) if saved[key] != run[key]]
+    if optimizer != cfg.optimizer.name:
+        saved_as = repr(optimizer) if optimizer is not None else f"not named (no 'config.optimizer.name' in {META})"
+        problems.append(f"optimizer {saved_as} in the checkpoint, {cfg.optimizer.name} in this run")
+    if problems:
+        raise CheckpointError(f"{tag_dir}: saved by another kind of run: {'; '.join(problems)}; resume with the "
+                              f"ZeRO stage, precision and optimizer it was saved with (world size and batch may "
+                              f"change)")
+    return meta
+
+
+def _check_position(rank0: dict, meta: dict, tag_dir: Path) -> None:
+    """The run's position in rank 0's head file is the one ds_face_meta.json states."""
+    position = (rank0.get("replicated") or {}).get("position") if isinstance(rank0.get("replicated"), dict) else None
+    expected = {"step": meta["global_step"], "samples": meta["samples_seen"]}
+    if position != expected:
+        raise CheckpointError(f"{tag_dir / head_file(0, meta['world_size'])}: the run's position is {position!r}, but "
+                              f"{META} says {expected}: files from different saves, or forged")
+
+
+MAX_STATE_ENTRIES = 1_000_000  # dict/list entries walked in one file (r100's optimizer shards: a few thousand)
+
+
+def _whole(value, low, high) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            and value == int(value) and low <= value <= high)
+
+
+def _state_rules(run: dict, max_step: int) -> dict:
+    """key -> check(value) -> problem or None, for every counter and loss-scale field DeepSpeed (its engine,
+    ZeRO optimizers, fp16 optimizers, loss scalers) or ds_face (backbone_full.pt, head files) saves. DeepSpeed
+    restores its loss scaler object from the file as it is: a NaN or 1e38 scale in an fp32 run skips every step."""
+    from ds_face.safe_load import MAX_COUNT
+
+    def whole(low, high, what=""):
+        def check(value):
+            if torch.is_tensor(value):  # a step count, or one per row (the head's AdamW)
+                if value.untyped_storage().nbytes() < value.numel() * value.element_size():
+                    return "expected a tensor owning its storage, not an expanded view"
+                if value.is_complex() or value.dtype == torch.bool:
+                    return f"expected whole numbers in [{low}, {high}]{what}"
+                values = value.detach().double().flatten()
+                if values.numel() and not (bool(torch.isfinite(values).all()) and bool((values == values.round()).all())
+                                           and low <= float(values.min()) and float(values.max()) <= high):
+                    return f"expected whole numbers in [{low}, {high}]{what}"
+                return None
+            if not _whole(value, low, high):
+                return f"expected a whole number in [{low}, {high}]{what}"
+        return check
+
+    fp16 = run["precision"] == "fp16"
+    kind = ("dynamic" if run["dynamic"] else "static") if fp16 else "absent"
+
+    def scale(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "expected a number"
+        if not fp16:
+            return None if value == 1 else (f"this run is {run['precision']}, whose loss scale is exactly 1 (a NaN "
+                                             f"or huge scale makes every step overflow and be skipped)")
+        if not (math.isfinite(value) and 0 < value <= 2.0 ** 64):
+            return "an fp16 loss scale is a finite number in (0, 2**64]"
+        if run["dynamic"] and not (math.frexp(value)[0] == 0.5 and value >= min(run["min_scale"], 1.0)):
+            return f"a dynamic fp16 loss scale is a power of two >= min_loss_scale ({run['min_scale']:g})"
+        return None
+
+    def dynamic(value):
+        if value is not (fp16 and run["dynamic"]):
+            return f"this run's loss scale is {kind}"
+
+    def positive(value):
+        if not (_is_number(value) and 0 < value <= 2.0 ** 64):
+            return "expected a finite number in (0, 2**64]"
+
+    steps = whole(0, max_step, f" (the checkpoint is at step {max_step})")
+    return {"cur_scale": scale, "dynamic": dynamic, "dynamic_loss_scale": dynamic, "min_scale": positive,
+            "scale_factor": lambda v: None if _is_number(v) and 1 < v <= 1024 else "expected a number in (1, 1024]",
+            "scale_window": whole(1, 2**31), "delayed_shift": whole(1, 2**31), "cur_hysteresis": whole(0, 2**31),
+            "cur_iter": whole(0, MAX_COUNT), "last_overflow_iter": whole(-1, MAX_COUNT),
+            "step": lambda v: None if v is None else steps(v), "global_steps": steps, "skipped_steps": steps,
+            "steps_applied": steps,
+            "steps_skipped": steps, "global_samples": whole(0, MAX_COUNT)}
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def check_states(path: Path, obj, run: dict, max_step: int) -> None:
+    """The counters and loss scales one checkpoint file holds, wherever DeepSpeed or ds_face keeps them (found by
+    key name in dicts, lists and DeepSpeed's own objects), range-checked for this run (``_state_rules``). Raises
+    CheckpointError naming the file and the key."""
+    rules = _state_rules(run, max_step)
+    pending, walked = [(obj, "")], 0
+    while pending:
+        node, where = pending.pop()
+        if isinstance(node, dict):
+            items = node.items()
+        elif isinstance(node, (list, tuple)):
+            items = enumerate(node)
+        elif type(node).__module__.startswith("deepspeed.") and hasattr(node, "__dict__"):
+            items = vars(node).items()  # LossScaler, DynamicLossScaler, fragment_address
+        else:
+            continue
+        for key, value in items:
+            walked += 1
+            if walked > MAX_STATE_ENTRIES:
+                raise CheckpointError(f"{path}: holds more than {MAX_STATE_ENTRIES} entries; not a checkpoint file "
+                                      f"ds_face or DeepSpeed wrote")
+            name = f"{where}.{key}" if where else str(key)
+            check = rules.get(key) if isinstance(key, str) else None
+            problem = check(value) if check else None
+            if problem:
+                shown = repr(value)[:60] if not torch.is_tensor(value) else (
+                    repr(value.item()) if value.numel() == 1 and problem.startswith("expected whole")
+                    else f"a {value.dtype} tensor of {value.numel()} elements")
+                raise CheckpointError(f"{path}: '{name}' is {shown}; {problem}")
+            if not torch.is_tensor(value):
+                pending.append((value, name))
 
 
 def plan_resume(save_dir: str | Path, micro_batch: int, accumulation: int, world_size: int,

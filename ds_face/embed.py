@@ -75,17 +75,18 @@ def folder_source(directory: str) -> tuple[int, Iterator[tuple[bytes, int, str]]
     return len(folder.paths), rows()
 
 
-def embed_rows(model, count: int, rows, out_path: Path, batch_size: int, device=None,
+def embed_rows(model, count: int, rows, out, batch_size: int, device=None,
                progress: bool = False) -> np.ndarray:
-    """Fill a .npy at ``out_path`` (memory-mapped, [count, D] float32) and return the labels.
-    ``progress``: a progress bar on stderr."""
+    """Write a .npy of [count, D] float32 into the open binary file ``out`` (rows in order, as they are
+    computed) and return the labels. ``progress``: a progress bar on stderr."""
     import torch
     from tqdm import tqdm
 
     from ds_face.data.arrow import decode_rgb
     with torch.no_grad():
         dim = int(model(torch.zeros(2, 3, 112, 112, device=next(model.parameters()).device)).shape[1])
-    emb = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=(count, dim))
+    np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
+                                               "fortran_order": False, "shape": (count, dim)})
     labels = np.empty(count, np.int64)
     images = np.empty((batch_size, 112, 112, 3), np.uint8)
     filled = n = 0
@@ -93,7 +94,7 @@ def embed_rows(model, count: int, rows, out_path: Path, batch_size: int, device=
     bar = tqdm(total=count, unit="img", desc="embed", disable=not progress, file=sys.stderr, mininterval=0.5)
 
     def flush(k):
-        emb[n - k:n] = flip_embeddings(model, images[:k], batch_size, device)[0]
+        out.write(np.ascontiguousarray(flip_embeddings(model, images[:k], batch_size, device)[0], "<f4").tobytes())
         bar.update(k)
 
     for data, label, where in rows:
@@ -114,8 +115,6 @@ def embed_rows(model, count: int, rows, out_path: Path, batch_size: int, device=
     bar.close()
     if n != count:
         raise EmbedError(f"found {n} samples, expected {count}")
-    emb.flush()
-    del emb
     return labels
 
 
@@ -133,9 +132,9 @@ def main(argv=None) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
 
     from ds_face.config import ConfigError
+    from ds_face.fileio import AtomicFile, WriteError
     out = Path(args.out)
-    tmp_emb = out.with_name(f".{out.name}.{os.getpid()}.partial.npy")
-    tmp_labels = out.with_name(f".{out.name}.{os.getpid()}.labels.partial.npy")
+    asides = []  # both files written aside (ds_face.fileio: fresh, exclusive, no link followed), then put in place
     try:
         if out.suffix != ".npy":
             raise EmbedError(f"--out {out}: must end with .npy")
@@ -143,21 +142,24 @@ def main(argv=None) -> int:
             raise EmbedError(f"--batch-size must be >= 1, got {args.batch_size}")
         if not out.parent.is_dir():
             raise EmbedError(f"--out {out}: directory {out.parent} does not exist")
-        existing = [p for p in (out, labels_path(out)) if p.exists()]
+        existing = [p for p in (out, labels_path(out)) if os.path.lexists(p)]  # a link, even dangling, too
         if existing and not args.overwrite:
             raise EmbedError(f"{existing[0]} exists; pass --overwrite to replace it (nothing was written)")
         count, rows = arrow_source(args.arrow) if args.arrow else folder_source(args.folder)
         model = load_model(args.model, args.backbone, args.embedding, args.device)
-        labels = embed_rows(model, count, rows, tmp_emb, args.batch_size, args.device, progress)
-        np.save(tmp_labels, labels)
-        os.replace(tmp_labels, labels_path(out))
-        os.replace(tmp_emb, out)
-    except (EmbedError, ConfigError) as err:
+        asides.append(AtomicFile(labels_path(out)))
+        asides.append(AtomicFile(out))
+        labels = embed_rows(model, count, rows, asides[1].file, args.batch_size, args.device, progress)
+        np.save(asides[0].file, labels)
+        for aside in asides:  # the labels first: embeddings in place always have their labels
+            aside.commit()
+    except (EmbedError, ConfigError, WriteError) as err:
         print(f"ds_face.embed: error: {err}", file=sys.stderr)
         return 2
     finally:
-        for tmp in (tmp_emb, tmp_labels):
-            tmp.unlink(missing_ok=True)
+        for aside in asides:
+            if not aside.done:
+                aside.discard()
     print(f"{out}: {count} embeddings; labels in {labels_path(out)}")
     return 0
 

@@ -66,11 +66,23 @@ class NonFiniteLoss(ArithmeticError):
     """The loss was NaN/inf for schedule.max_nonfinite_steps steps in a row (fp16 overflow skips excepted)."""
 
 
+class SkippedSteps(ArithmeticError):
+    """Optimizer steps are skipped and will go on being skipped: more than schedule.max_skipped_steps in a row,
+    a loss scale that is not a finite number > 0, or an fp16 loss scale at its minimum that still overflows."""
+
+
+def scale_floor(engine) -> float | None:
+    """The minimum of a dynamic (fp16) loss scale, if the engine's optimizer has one."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    return float(scaler.min_scale) if getattr(scaler, "dynamic", False) else None
+
+
 @dataclass
 class MicroStep:
     loss: torch.Tensor  # detached
     boundary: bool  # an optimizer step was due after this micro-batch
     applied: bool  # ... and both backbone and head took it (False if skipped or not a boundary)
+    at_floor: bool = False  # the fp16 loss scale was at its minimum and the gradients still overflowed
 
 
 def micro_step(engine, head, head_optimizer, batch: dict, lr: float) -> MicroStep:
@@ -86,9 +98,17 @@ def micro_step(engine, head, head_optimizer, batch: dict, lr: float) -> MicroSte
     engine.backward(loss)
     boundary = engine.is_gradient_accumulation_boundary()
     scale = loss_scale(engine)  # read before engine.step(), which may change the loss scale
-    engine.step()
-    applied = boundary and head_optimizer.step(lr, scale, engine_applied=engine.was_step_applied())
-    return MicroStep(loss.detach(), boundary, applied)
+    at_floor = False
+    try:
+        engine.step()
+    except Exception:  # DeepSpeed raises a bare Exception when an overflow finds the scale at its minimum
+        floor = scale_floor(engine)
+        if floor is None or scale > floor:
+            raise
+        at_floor = True  # the head still takes its (skipped) step, so every rank runs the same collectives
+    engine_applied = engine.was_step_applied() and not at_floor
+    applied = boundary and head_optimizer.step(lr, scale, engine_applied=engine_applied)
+    return MicroStep(loss.detach(), boundary, applied, at_floor)
 
 
 # -- wiring -----------------------------------------------------------------------------------------
@@ -214,12 +234,26 @@ class Trainer:
                  f"fp32 weights), sample_rate {h.sample_rate} -> {h.num_sample if h.sample_rate < 1 else h.num_local} "
                  f"centres per rank per step")
 
+    def _skip_cause(self, result: MicroStep, skipped: int, max_skipped: int, loss: float) -> str | None:
+        """Why optimizer steps are skipped and will go on being skipped, or None."""
+        scale = loss_scale(self.engine)
+        if not (math.isfinite(scale) and scale > 0):
+            return f"the loss scale is {scale} (expected a finite number > 0: every step with it is skipped)"
+        if result.at_floor:
+            return (f"the dynamic (fp16) loss scale is at its minimum ({scale_floor(self.engine):g}, "
+                    f"fp16.min_loss_scale) and the gradients still overflow, after {skipped} skipped step(s) in a row")
+        if skipped > max_skipped:
+            return (f"{skipped} optimizer steps in a row were skipped (more than schedule.max_skipped_steps = "
+                    f"{max_skipped}; loss scale {scale:g}, loss {loss:.4g})")
+        return None
+
     def fit(self) -> float:
         """Train until the schedule (or ``max_steps``) ends; returns the last logged mean loss."""
         import torch
 
         from ds_face.checkpoint import LATEST
         from ds_face.data.order import run_end
+        from ds_face.dist import any_rank
         from ds_face.schedule import SampleSchedule
         cfg, position, G = self.cfg, self.position, self.layout.per_step
         end = run_end(self.total_samples, position.samples, G)  # the last whole step's end
@@ -240,6 +274,11 @@ class Trainer:
         micro = 0
         lr = None
         nonfinite = 0  # consecutive steps whose loss was NaN/inf
+        skipped = 0  # consecutive optimizer steps the engine or the head skipped
+        # schedule.max_skipped_steps, 20 by default: DeepSpeed's fp16 defaults (first scale 2^16, hysteresis 2,
+        # minimum 1) skip at most 17 steps in a row on the way down to the minimum scale; past that, rescaling no
+        # longer makes the gradients finite (a NaN state, a static scale that overflows)
+        max_skipped = cfg.schedule.max_skipped_steps
 
         stop = position.samples + max(0, last_step - position.step) * G  # max_steps: nothing read past it
         for batch in self.loader.micro_batches(position.samples, stop):
@@ -265,6 +304,13 @@ class Trainer:
                                     f"{position.step}; stopping (schedule.max_nonfinite_steps). The newest "
                                     f"checkpoint, {self.checkpointer.save_dir / LATEST}, predates it: lower "
                                     f"optimizer.lr, add warm-up or gradient clipping, and --resume")
+            skipped = 0 if result.applied else skipped + 1
+            why = self._skip_cause(result, skipped, max_skipped, last_loss)
+            if any_rank(why is not None, self.engine.device):  # a forged scale may sit on one rank only
+                raise SkippedSteps(f"{why or 'on another rank: its loss scale, or the steps it skipped'}, at step "
+                                   f"{position.step}; stopping: nothing trains. The newest checkpoint, "
+                                   f"{self.checkpointer.save_dir / LATEST}, predates it: lower optimizer.lr, add "
+                                   f"warm-up or gradient clipping, or check the loss scale it holds, and --resume")
             self.losses.append(last_loss)
             self.lrs.append((position.samples, lr))
             step_losses.clear()
@@ -305,7 +351,7 @@ def record_config(cfg: RunConfig, ds_config: dict, output_dir: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ds_face.checkpoint import LATEST, SAVE_DIR, CheckpointError, plan_resume
+    from ds_face.checkpoint import LATEST, SAVE_DIR, CheckpointError, check_resume, engine_kind, plan_resume
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     try:  # both files are checked before any process group starts
@@ -319,13 +365,15 @@ def main(argv=None) -> int:
         if args.resume and args.init_backbone:
             raise ConfigError("--resume and --init-backbone together: the checkpoint's backbone would replace "
                               "the file's; use one")
-        if args.resume and not (checkpoints / LATEST).is_file():
+        if args.resume and not os.path.lexists(checkpoints / LATEST):
             raise ConfigError(f"--resume: no complete checkpoint in {checkpoints} ('latest' not found)")
-        if not args.resume and (checkpoints / LATEST).is_file():
+        if not args.resume and os.path.lexists(checkpoints / LATEST):
             raise ConfigError(f"{checkpoints} already holds checkpoints; pass --resume to continue that run, "
                               f"or set another output.dir (nothing was overwritten)")
         resized = ""
-        if args.resume:  # another world size: keep the global batch through the accumulation if it divides
+        if args.resume:  # `latest`, the meta, and the same ZeRO stage, precision and optimizer: one line, not a
+            check_resume(checkpoints, cfg, engine_kind(ds_config))  # traceback from inside DeepSpeed later
+            # another world size: keep the global batch through the accumulation if it divides
             accumulation, resized = plan_resume(checkpoints, layout.micro_batch, layout.accumulation,
                                                 layout.world_size, cfg.checkpoint.keep_global_batch)
             if accumulation != layout.accumulation:
@@ -337,7 +385,11 @@ def main(argv=None) -> int:
         return 2
     setup_logging(rank, Path(cfg.output.dir))
     if rank == 0:
-        record_config(cfg, ds_config, Path(cfg.output.dir))
+        try:
+            record_config(cfg, ds_config, Path(cfg.output.dir))
+        except OSError as err:  # ds_face.fileio's WriteError names the path; a read-only output.dir too
+            print(f"ds_face.train: error: {err}", file=sys.stderr)
+            return 2
     if resized:
         log.info(resized)
 
@@ -355,18 +407,21 @@ def main(argv=None) -> int:
     trainer.describe()
     try:
         trainer.fit()
-    except (NonFiniteLoss, CheckpointError) as err:  # raised on every rank alike
+    except (NonFiniteLoss, SkippedSteps, CheckpointError) as err:  # raised on every rank alike
         print(f"ds_face.train: rank {rank}: error: {err}", file=sys.stderr, flush=True)
         from ds_face.dist import shutdown
         shutdown()
         return 1
     except RuntimeError as err:  # a failed collective: say which rank died, after the traceback
-        dead = dead_siblings()
-        if not dead and not any(s in str(err) for s in ("gloo", "NCCL", "Connection reset", "Connection closed")):
+        from ds_face.supervise import SETTLE_S
+        collective = any(s in str(err) for s in ("gloo", "NCCL", "Connection reset", "Connection closed"))
+        dead = dead_siblings(wait=SETTLE_S if collective else 0.0)  # a killed sibling shows its exit late
+        if not dead and not collective:
             raise
         import traceback
         traceback.print_exc()
-        dead = dead or "a collective failed and no rank on this node died: one on another node probably did"
+        dead = dead or (f"a collective failed and no rank on this node died (waited {SETTLE_S:g} s for one): one "
+                       f"on another node probably did")
         print(f"ds_face.train: rank {rank}: error: {dead}; stopping", file=sys.stderr, flush=True)
         return 1
     log.info(f"done: {trainer.global_step} optimizer steps, {trainer.head_optimizer.steps_skipped} skipped")

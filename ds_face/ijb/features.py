@@ -129,11 +129,10 @@ def save_features(path: str | os.PathLike, feats: np.ndarray, meta: IJBMeta, inf
     """One uncompressed .npz, written aside and renamed when complete."""
     from ds_face.fileio import write_atomic
 
-    def write(tmp: Path):
-        with open(tmp, "wb") as f:
-            np.savez(f, features=feats, digest=np.array(meta.names_digest()), target=np.array(meta.target),
-                     version=np.array(FEATURES_VERSION), model=np.array(str(info.get("model", ""))),
-                     backbone=np.array(str(info.get("backbone", ""))))
+    def write(f):
+        np.savez(f, features=feats, digest=np.array(meta.names_digest()), target=np.array(meta.target),
+                 version=np.array(FEATURES_VERSION), model=np.array(str(info.get("model", ""))),
+                 backbone=np.array(str(info.get("backbone", ""))))
     write_atomic(path, write)
 
 
