@@ -14,7 +14,7 @@ import numpy as np
 from data_prep.source import Source
 from ds_face import __version__
 from ds_face.data.shards import MANIFEST
-from ds_face.fileio import PARTIAL
+from ds_face.fileio import PARTIAL, final_name
 
 PLAN = "plan.json"
 DONE_DIR = ".done"
@@ -102,11 +102,12 @@ def _sources_difference(old: list, new: list) -> str:
 
 def _is_owned(out: Path, name: str, carried: set[str]) -> bool:
     """Whether `name` in the output directory is something this converter writes."""
-    base = name[:-len(PARTIAL)] if name.endswith(PARTIAL) else name
+    base = final_name(name) or (name[:-len(PARTIAL)] if name.endswith(PARTIAL) else name)  # a writer's temporary
     if base in (PLAN, MANIFEST) or base in carried or SHARD_FILE.fullmatch(base):
         return True
     if name == DONE_DIR and (out / name).is_dir():
-        return all(SHARD_FILE.fullmatch(re.sub(r"\.json(\.partial)?$", "", n)) for n in os.listdir(out / name))
+        return all(SHARD_FILE.fullmatch(re.sub(r"\.json(\.partial)?$", "", final_name(n) or n))
+                   for n in os.listdir(out / name))
     return False
 
 

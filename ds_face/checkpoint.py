@@ -337,7 +337,7 @@ def read_meta(tag_dir: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; {tag_dir} is not a complete ds_face checkpoint "
                               f"(rank 0 writes it with every save)")
-    from ds_face.config.loading import load_json_file
+    from ds_face.config.bounded import load_json_file
     try:  # bounded: size before parsing, depth while parsing
         meta = load_json_file(path, what="checkpoint's meta file")
     except ValueError as err:

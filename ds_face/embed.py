@@ -60,6 +60,7 @@ def arrow_source(directory: str) -> tuple[int, Iterator[tuple[bytes, int, str]]]
 
 def folder_source(directory: str) -> tuple[int, Iterator[tuple[bytes, int, str]]]:
     from ds_face.data.folder import FolderError, list_image_folder
+    from ds_face.data.shards import MAX_IMAGE_BYTES
     try:
         folder = list_image_folder(directory)
     except FolderError as err:
@@ -67,10 +68,13 @@ def folder_source(directory: str) -> tuple[int, Iterator[tuple[bytes, int, str]]
 
     def rows():
         for path, label in zip(folder.paths, folder.labels.tolist()):
-            try:
-                data = Path(path).read_bytes()
+            try:  # bounded: an image is at most MAX_IMAGE_BYTES (a shard's rule too); one more byte tells
+                with open(path, "rb") as f:
+                    data = f.read(MAX_IMAGE_BYTES + 1)
             except OSError as err:
                 raise EmbedError(f"{path}: cannot read ({err.strerror})") from None
+            if len(data) > MAX_IMAGE_BYTES:
+                raise EmbedError(f"{path}: more than the {MAX_IMAGE_BYTES >> 20} MiB an image may take")
             yield data, label, path
     return len(folder.paths), rows()
 

@@ -60,7 +60,10 @@ class AtomicFile:
         self.sync_dir = durable if sync_dir is None else sync_dir
         if self.path.name in ("", ".", ".."):
             raise WriteError(f"{self.path}: not a file name to write")
-        self.dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            self.dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as err:
+            raise WriteError(f"{self.path}: cannot write in {self.path.parent} ({err.strerror})") from None
         self.temp = f"{self.path.name}.{secrets.token_hex(6)}{PARTIAL}"
         try:
             fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
@@ -69,6 +72,10 @@ class AtomicFile:
             os.close(self.dir_fd)
             raise WriteError(f"{self.path.parent / self.temp}: something is already at this fresh temporary name "
                              f"(planted?); {self.path} not written") from None
+        except OSError as err:  # a read-only or full directory: one line, nothing written
+            os.close(self.dir_fd)
+            raise WriteError(f"{self.path}: cannot write in {self.path.parent} ({err.strerror}); nothing "
+                             f"was written") from None
         except BaseException:
             os.close(self.dir_fd)
             raise

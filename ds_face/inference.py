@@ -57,7 +57,7 @@ def flip_embeddings(model, images: np.ndarray, batch_size: int = 128, device=Non
                     deadline: float | None = None, progress: str | None = None) -> tuple[np.ndarray, float]:
     """(L2-normalised sum of image and flip embeddings [N, D] float32, XNorm)."""
     plain, flipped = embed_flip(model, images, batch_size, device, deadline, progress)
-    xnorm = float(np.concatenate([np.linalg.norm(plain, axis=1), np.linalg.norm(flipped, axis=1)]).mean())
+    xnorm = float(np.linalg.norm(np.stack([plain, flipped]), axis=2).mean())  # arcface_torch's XNorm: both sets
     return l2_normalize(plain + flipped).astype(np.float32), xnorm
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,15 @@ def setup_logging(rank: int, output_dir: Path | None) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if rank == 0 and output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(output_dir / "training.log"))
+        # appended to, never through a link: O_NOFOLLOW refuses a planted training.log link (WriteError names it)
+        path = output_dir / "training.log"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            from ds_face.fileio import WriteError
+            raise WriteError(f"{path}: cannot append the log ({err.strerror}; a symbolic link there is refused, "
+                             f"never followed)") from None
+        handlers.append(logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8")))
     for handler in handlers:
         handler.setFormatter(fmt)
         log.addHandler(handler)

@@ -383,13 +383,19 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError) as err:
         print(f"ds_face.train: error: {err}", file=sys.stderr)
         return 2
-    setup_logging(rank, Path(cfg.output.dir))
-    if rank == 0:
-        try:
+    try:
+        setup_logging(rank, Path(cfg.output.dir))
+        if rank == 0:
             record_config(cfg, ds_config, Path(cfg.output.dir))
-        except OSError as err:  # ds_face.fileio's WriteError names the path; a read-only output.dir too
-            print(f"ds_face.train: error: {err}", file=sys.stderr)
-            return 2
+            # the directories rank 0 writes into later, checked now (a planted link there is named, not followed)
+            from ds_face.fileio import real_dir
+            if cfg.output.tensorboard:
+                real_dir(Path(cfg.output.dir) / "tensorboard")
+            if cfg.eval.sets or cfg.eval.ijb.root:
+                real_dir(Path(cfg.output.dir) / "eval")
+    except OSError as err:  # ds_face.fileio's WriteError names the path; a read-only output.dir too
+        print(f"ds_face.train: error: {err}", file=sys.stderr)
+        return 2
     if resized:
         log.info(resized)
 
@@ -405,12 +411,17 @@ def main(argv=None) -> int:
             print(f"ds_face.train: error: {err}", file=sys.stderr)
             return 2
     trainer.describe()
+    from ds_face.data.arrow import DataError
     try:
         trainer.fit()
     except (NonFiniteLoss, SkippedSteps, CheckpointError) as err:  # raised on every rank alike
         print(f"ds_face.train: rank {rank}: error: {err}", file=sys.stderr, flush=True)
         from ds_face.dist import shutdown
         shutdown()
+        return 1
+    except (DataError, OSError) as err:  # on the rank that read the row or wrote the file; the others see a
+        # failed collective. One line here (DataError and ds_face.fileio's WriteError name the shard/row or path)
+        print(f"ds_face.train: rank {rank}: error: {err}", file=sys.stderr, flush=True)
         return 1
     except RuntimeError as err:  # a failed collective: say which rank died, after the traceback
         from ds_face.supervise import SETTLE_S

@@ -135,6 +135,28 @@ def test_record_config_replaces_planted_links_never_their_targets(tmp_path):
     assert json.loads((out / "ds_config.json").read_text()) == {"train_micro_batch_size_per_gpu": 8}
 
 
+def test_a_planted_training_log_link_is_refused_and_a_real_log_appended(tmp_path):
+    """training.log is appended to across restarts: opened with O_NOFOLLOW, so a link there is named, and the
+    file it points to never receives a line."""
+    from ds_face.progress import log, setup_logging
+    file, directory = victims(tmp_path / "victims")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "training.log").symlink_to(file)
+    with pytest.raises(fileio.WriteError, match="training.log: cannot append the log"):
+        setup_logging(0, out)
+    assert untouched(file, directory)
+    (out / "training.log").unlink()
+    (out / "training.log").write_text("an earlier start\n")
+    setup_logging(0, out)
+    log.info("this start")
+    for handler in log.handlers:
+        handler.flush()
+    assert (out / "training.log").read_text().splitlines()[0] == "an earlier start"
+    assert (out / "training.log").read_text().rstrip().endswith("this start")
+    log.handlers.clear()
+
+
 def test_shards_sidecars_and_manifest_are_written_past_planted_links(tmp_path):
     import pyarrow as pa
 

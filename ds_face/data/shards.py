@@ -277,7 +277,7 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     if not path.is_file():
         hint = " (a conversion that never finished leaves no manifest)" if Path(directory).is_dir() else ""
         raise ShardError(f"{path}: not found; is {directory} a dataset written by data_prep{hint}?")
-    from ds_face.config.loading import load_json_file  # the one bounded JSON reader (imports no torch)
+    from ds_face.config.bounded import load_json_file  # the one bounded JSON reader (imports no torch)
     from ds_face.config.schema import ConfigError
     try:
         raw = load_json_file(path, MAX_MANIFEST_BYTES, "manifest")  # size bounded before, depth while parsing
