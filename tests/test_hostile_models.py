@@ -288,8 +288,9 @@ def assert_one_line(code: int, err: str, prog: str, path: Path, expect: str) -> 
     return lines[0]
 
 
-CLI_FILES = ["int8", "complex64", "bool", "float64", "nan", "inf", "wrong shape", "extra key", "missing key",
-             "expanded 12.5 GB", "shared storage"]
+# One model file per kind of problem through the three real commands (each costs three process starts); every
+# variant of MODEL_FILES goes through the same checker in-process above.
+CLI_FILES = ["int8", "nan", "wrong shape", "expanded 12.5 GB", "shared storage"]
 
 
 @pytest.mark.parametrize("name", CLI_FILES)
