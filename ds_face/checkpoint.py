@@ -294,15 +294,15 @@ def latest_tag(save_dir: str | Path) -> str:
         raise CheckpointError(f"{save_dir}: no checkpoint directory to resume from")
     if not os.path.lexists(path):
         raise CheckpointError(f"{path}: not found; no complete checkpoint in {save_dir}")
+    from ds_face.config.bounded import NotARegularFile, read_at_most
     try:  # no-follow and non-blocking: a link or a fifo planted as `latest` is refused, never followed or waited on
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        data = read_at_most(path, MAX_LATEST_BYTES, follow_links=False)
+    except NotARegularFile:
+        raise CheckpointError(f"{path}: not a regular file; a save writes `latest` as a plain file naming a tag") \
+            from None
     except OSError as err:
         what = "a symbolic link" if os.path.islink(path) else f"unreadable ({err.strerror or err})"
         raise CheckpointError(f"{path}: {what}; a save writes `latest` as a plain file naming a tag") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise CheckpointError(f"{path}: not a regular file; a save writes `latest` as a plain file naming a tag")
-        data = f.read(MAX_LATEST_BYTES + 1)
     if len(data) > MAX_LATEST_BYTES:
         raise CheckpointError(f"{path}: longer than {MAX_LATEST_BYTES} bytes; it should hold one tag name such as "
                               f"step_300 (a save writes it): corrupt or not ds_face's")

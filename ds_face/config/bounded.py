@@ -24,19 +24,32 @@ MAX_SET_VALUE_BYTES = 64 << 10
 MAX_DEPTH = 32
 
 
+class NotARegularFile(OSError):
+    """A path that names a directory, fifo, device or socket where a file is to be read."""
+
+
+def read_at_most(path: str | Path, limit: int, follow_links: bool = True) -> bytes:
+    """At most ``limit + 1`` bytes of a regular file (one more than allowed tells the caller it is too large),
+    opened non-blocking (a fifo is refused, not waited on) and, with ``follow_links=False``, never through a
+    link. Raises OSError (NotARegularFile for anything but a file); each caller names the file its own way."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise NotARegularFile(path)
+        return f.read(limit + 1)
+
+
 def read_bounded(path: str | Path, limit: int = MAX_CONFIG_BYTES, what: str = "config file") -> str:
     """A regular file's text, at most ``limit`` bytes (only that much is read). Raises ConfigError naming it."""
     path = Path(path)
-    try:  # non-blocking: a fifo given as a config is refused, not waited on
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        data = read_at_most(path, limit)
+    except NotARegularFile:
+        raise ConfigError(f"{path}: not a regular file; the {what} must be a file") from None
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} not found") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ConfigError(f"{path}: not a regular file; the {what} must be a file")
-        data = f.read(limit + 1)
     if len(data) > limit:
         raise ConfigError(f"{path}: larger than {limit} bytes; too large for a {what} (refused unread)")
     try:
