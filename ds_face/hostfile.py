@@ -47,9 +47,12 @@ def host_problem(host: str) -> str | None:
 
 def parse_hostfile(path: str, resolve: bool = True) -> dict[str, int]:
     """Return {host: slots} in file order, or raise HostfileError naming the file and line."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_BYTES + 1)
+    from ds_face.config.bounded import NotARegularFile, read_at_most
+    try:  # bounded, and a fifo is refused rather than waited on
+        data = read_at_most(path, MAX_BYTES)
+    except NotARegularFile:
+        raise HostfileError(f"{path}: not a regular file; a hostfile is a text file of 'HOST slots=N' lines") \
+            from None
     except FileNotFoundError:
         raise HostfileError(f"{path}: no such hostfile") from None
     except OSError as err:
