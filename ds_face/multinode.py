@@ -268,9 +268,9 @@ def parse_options(argv: list[str]) -> argparse.Namespace:
 
 def read_env_file(path: str) -> dict[str, str]:
     """A .deepspeed_env file's KEY=VALUE lines (blank lines and '#' comments skipped), each VALUE verbatim."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_COMMAND + 1)
+    from ds_face.config.bounded import read_at_most
+    try:  # bounded; a fifo is refused (NotARegularFile), not waited on
+        data = read_at_most(path, MAX_COMMAND)
         text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise LaunchError(f"{path}: cannot read ({err})") from None

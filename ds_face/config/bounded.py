@@ -35,7 +35,7 @@ def read_at_most(path: str | Path, limit: int, follow_links: bool = True) -> byt
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW))
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise NotARegularFile(path)
+            raise NotARegularFile("not a regular file (a directory, fifo, device or socket)")
         return f.read(limit + 1)
 
 
