@@ -12,14 +12,14 @@ setup: $(VENV)/.installed
 
 # torch first, pinned (on a GPU machine install the CUDA build of the same version first, then `make setup`);
 # then ds_face itself, editable (the ds-face-* commands run this checkout), with the ONNX export and test extras;
-# last, on a CPU machine, DeepSpeed's shared-memory op, compiled into $(VENV)/torch_extensions (ds_face/op_cache.py)
+# last, on a CPU machine, DeepSpeed's shared-memory op, compiled into $(VENV)/torch_extensions (ds_face/runtime/op_cache.py)
 # so that no rank compiles it at its first launch (on a GPU machine it says there is nothing to build).
 $(VENV)/.installed: pyproject.toml requirements.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e ".[onnx,test]"
-	$(PY) -m ds_face.build_ops
+	$(PY) -m ds_face.runtime.build_ops
 	touch $@
 
 demo: setup

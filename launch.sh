@@ -7,14 +7,14 @@
 # --master_port, ...) go to `deepspeed` on a single node. `--set` overrides, `--resume` and
 # `--init-backbone PATH` go to the trainer.
 # Single node by default: all local GPUs, or NUM_RANKS (default 2) CPU ranks when there is no GPU.
-# With --hostfile/-H: ds_face's own runner (python -m ds_face.multinode: one ssh per host, every value
+# With --hostfile/-H: ds_face's own runner (python -m ds_face.launch.multinode: one ssh per host, every value
 # quoted, host names/address/ports/variable names allow-listed, a stop ends only this launch; see its
-# --help text in ds_face/multinode.py); DS_FACE_*, HF_*, OMP_NUM_THREADS, GLOO_*/TORCH_* variables and
+# --help text in ds_face/launch/multinode.py); DS_FACE_*, HF_*, OMP_NUM_THREADS, GLOO_*/TORCH_* variables and
 # ~/.deepspeed_env, ./.deepspeed_env reach every node.
-# Before anything starts, python -m ds_face.preflight checks both configs and output.dir; on a single node
+# Before anything starts, python -m ds_face.launch.preflight checks both configs and output.dir; on a single node
 # also the master port (a busy --master_port stops the launch; a busy default 29500 is replaced by a free
 # port, said on stderr). Without a GPU, DeepSpeed's shm op for CPU ranks is built first if `make setup`
-# has not (python -m ds_face.build_ops --if-missing: milliseconds when built).
+# has not (python -m ds_face.runtime.build_ops --if-missing: milliseconds when built).
 set -euo pipefail
 
 usage() { sed -n '2,/^[^#]/{/^#/p;}' "$0"; }  # the comment block above
@@ -51,7 +51,7 @@ if ! printf '%s\n' "${runner[@]+"${runner[@]}"}" | grep -Eq "^($placement)(=|$)"
     runner+=(--num_gpus "${NUM_RANKS:-2}")
 fi
 
-preflight=("$python_bin" -m ds_face.preflight "$run_config" "$ds_config")
+preflight=("$python_bin" -m ds_face.launch.preflight "$run_config" "$ds_config")
 
 if [ -z "$hostfile" ]; then
     # Single node: configs, output.dir and the master port, in about a second. DeepSpeed starts the ranks
@@ -72,13 +72,13 @@ if [ -z "$hostfile" ]; then
     [ -n "$port_given" ] || [ "$port" = 29500 ] || runner+=(--master_port "$port")
     # No GPU: the CPU ranks load DeepSpeed's shm op. `make setup` built it into the venv; if it is missing (an
     # older venv, a pip install), build it here once, in one line, rather than silently inside the first rank.
-    command -v nvidia-smi >/dev/null 2>&1 || "$python_bin" -m ds_face.build_ops --if-missing || exit 2
+    command -v nvidia-smi >/dev/null 2>&1 || "$python_bin" -m ds_face.runtime.build_ops --if-missing || exit 2
     exec "$deepspeed_bin" "${runner[@]}" --module ds_face.train \
         --config "$run_config" --deepspeed_config "$ds_config" "${trainer[@]+"${trainer[@]}"}"
 fi
 
-# Multi-node: ds_face's own runner (ds_face/multinode.py), not DeepSpeed's pdsh runner. It quotes every value
+# Multi-node: ds_face's own runner (ds_face/launch/multinode.py), not DeepSpeed's pdsh runner. It quotes every value
 # it sends to a node's shell and ties each node's ranks to its own life: a stop ends exactly this launch.
 "${preflight[@]}" --hostfile-launch -- "${trainer[@]+"${trainer[@]}"}" || exit 2
-exec "$python_bin" -m ds_face.multinode "${runner[@]}" -- \
+exec "$python_bin" -m ds_face.launch.multinode "${runner[@]}" -- \
     --config "$run_config" --deepspeed_config "$ds_config" "${trainer[@]+"${trainer[@]}"}"

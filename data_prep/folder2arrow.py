@@ -3,7 +3,7 @@
     python -m data_prep.folder2arrow /data/my_faces /data/my_faces-arrow
 
 Labels 0..K-1 follow the sorted identity folder names; images are the .jpg/.jpeg/.png files (any case) directly
-inside each folder, sorted by name (`ds_face.data.folder`, which `ds_face.embed --folder` lists too); `index` is
+inside each folder, sorted by name (`ds_face.data.folder`, which `ds_face.eval.embed --folder` lists too); `index` is
 an image's position in that sorted listing. Files are stored byte for byte (PNG too: the loader decodes it).
 classes.json in the output lists the folder name of each label.
 """

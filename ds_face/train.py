@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from ds_face.config import (
     BatchLayout, ConfigError, RunConfig, check_together, load_ds_config, load_run_config, parse_set_overrides,
 )
-from ds_face.progress import Progress, log, setup_logging
+from ds_face.runtime.progress import Progress, log, setup_logging
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a run-config key, e.g. --set schedule.max_steps=20 (repeatable)")
     parser.add_argument("--init-backbone", metavar="PATH",
-                        help="start the backbone from this model.pt (arcface_torch state_dict, ds_face.export output)")
+                        help="start the backbone from this model.pt (arcface_torch state_dict, ds_face.export.cli output)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest complete checkpoint in <output.dir>/checkpoints, "
                              "on any number of ranks")
@@ -152,9 +152,9 @@ class Trainer:
         import torch
 
         from ds_face.backbones import get_backbone
-        from ds_face.checkpoint import SAVE_DIR, Checkpointer
+        from ds_face.checkpoint.manager import SAVE_DIR, Checkpointer
         from ds_face.head import build_head
-        from ds_face.stateful import ModuleBuffers, Position, ProcessRNG
+        from ds_face.checkpoint.stateful import ModuleBuffers, Position, ProcessRNG
 
         self.cfg, self.layout = cfg, layout
         self.rank = torch.distributed.get_rank()
@@ -172,7 +172,7 @@ class Trainer:
         backbone = get_backbone(cfg.model.backbone, cfg.model.embedding_size, cfg.model.dropout,
                                 cfg.model.gradient_checkpointing)
         if init_backbone:  # before the engine, which broadcasts rank 0's weights
-            from ds_face.init_backbone import load_backbone_file
+            from ds_face.training.init_backbone import load_backbone_file
             load_backbone_file(init_backbone, backbone, cfg.model.backbone)
             log.info(f"backbone initialised from {init_backbone}")
         # No DeepSpeed LR scheduler: the LR is a function of samples seen (SampleSchedule), set every step.
@@ -251,10 +251,10 @@ class Trainer:
         """Train until the schedule (or ``max_steps``) ends; returns the last logged mean loss."""
         import torch
 
-        from ds_face.checkpoint import LATEST
+        from ds_face.checkpoint.manager import LATEST
         from ds_face.data.order import run_end
-        from ds_face.dist import any_rank
-        from ds_face.schedule import SampleSchedule
+        from ds_face.runtime.dist import any_rank
+        from ds_face.training.schedule import SampleSchedule
         cfg, position, G = self.cfg, self.position, self.layout.per_step
         end = run_end(self.total_samples, position.samples, G)  # the last whole step's end
         schedule = SampleSchedule(cfg.optimizer.lr, end, int(cfg.schedule.warmup_epochs * self.epoch_size),
@@ -266,7 +266,7 @@ class Trainer:
         if self.rank == 0:
             tb_dir = self.output_dir / "tensorboard" if cfg.output.tensorboard else None
             progress = Progress(last_step, G, cfg.output.log_every, tb_dir, position.step)
-        from ds_face.callbacks import TrainingEvaluator
+        from ds_face.training.callbacks import TrainingEvaluator
         evaluate = TrainingEvaluator(self, progress)  # eval.sets on rank 0, every eval.every_steps and at the end
         step_losses: list[torch.Tensor] = []
         last_loss = float("nan")
@@ -351,7 +351,7 @@ def record_config(cfg: RunConfig, ds_config: dict, output_dir: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ds_face.checkpoint import LATEST, SAVE_DIR, CheckpointError, check_resume, engine_kind, plan_resume
+    from ds_face.checkpoint.manager import LATEST, SAVE_DIR, CheckpointError, check_resume, engine_kind, plan_resume
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     try:  # both files are checked before any process group starts
@@ -359,7 +359,7 @@ def main(argv=None) -> int:
         ds_config, layout = load_ds_config(args.deepspeed_config, world_size)
         check_together(cfg, layout, args.config)
         if args.init_backbone:  # keys and shapes against the config, on the meta device (no weights built)
-            from ds_face.init_backbone import check_backbone_file
+            from ds_face.training.init_backbone import check_backbone_file
             check_backbone_file(args.init_backbone, cfg.model)
         checkpoints = Path(cfg.output.dir) / SAVE_DIR
         if args.resume and args.init_backbone:
@@ -399,9 +399,9 @@ def main(argv=None) -> int:
     if resized:
         log.info(resized)
 
-    from ds_face.dist import init
+    from ds_face.runtime.dist import init
     init(timeout=datetime.timedelta(minutes=int(os.environ.get("DS_FACE_TIMEOUT_MIN", 30))))
-    from ds_face.supervise import watch_sibling_ranks
+    from ds_face.runtime.supervise import watch_sibling_ranks
     dead_siblings = watch_sibling_ranks(rank)
     trainer = Trainer(cfg, ds_config, layout, init_backbone=args.init_backbone)
     if args.resume:
@@ -416,7 +416,7 @@ def main(argv=None) -> int:
         trainer.fit()
     except (NonFiniteLoss, SkippedSteps, CheckpointError) as err:  # raised on every rank alike
         print(f"ds_face.train: rank {rank}: error: {err}", file=sys.stderr, flush=True)
-        from ds_face.dist import shutdown
+        from ds_face.runtime.dist import shutdown
         shutdown()
         return 1
     except (DataError, OSError) as err:  # on the rank that read the row or wrote the file; the others see a
@@ -424,7 +424,7 @@ def main(argv=None) -> int:
         print(f"ds_face.train: rank {rank}: error: {err}", file=sys.stderr, flush=True)
         return 1
     except RuntimeError as err:  # a failed collective: say which rank died, after the traceback
-        from ds_face.supervise import SETTLE_S
+        from ds_face.runtime.supervise import SETTLE_S
         collective = any(s in str(err) for s in ("gloo", "NCCL", "Connection reset", "Connection closed"))
         dead = dead_siblings(wait=SETTLE_S if collective else 0.0)  # a killed sibling shows its exit late
         if not dead and not collective:
@@ -436,7 +436,7 @@ def main(argv=None) -> int:
         print(f"ds_face.train: rank {rank}: error: {dead}; stopping", file=sys.stderr, flush=True)
         return 1
     log.info(f"done: {trainer.global_step} optimizer steps, {trainer.head_optimizer.steps_skipped} skipped")
-    from ds_face.dist import shutdown
+    from ds_face.runtime.dist import shutdown
     shutdown()
     return 0
 
@@ -444,7 +444,7 @@ def main(argv=None) -> int:
 def cli() -> None:
     """``python -m ds_face.train`` and the ``ds-face-train`` command."""
     status = main()  # first: --help and argument errors exit here, before torch is imported
-    from ds_face.dist import exit_without_teardown
+    from ds_face.runtime.dist import exit_without_teardown
     exit_without_teardown(status)
 
 

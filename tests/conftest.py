@@ -1,6 +1,6 @@
 """Helpers the test files share: the launcher command, one trainer factory, test images, Arrow shards.
 
-They are plain functions, not fixtures, because most run inside rank processes (``ds_face.spawn.run_ranks``)
+They are plain functions, not fixtures, because most run inside rank processes (``ds_face.runtime.spawn.run_ranks``)
 where fixtures do not reach; import them with ``from tests.conftest import ...``.
 """
 import io
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ds_face.spawn import free_port, run_command
+from ds_face.runtime.spawn import free_port, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -21,7 +21,7 @@ DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 def launch(*args, timeout=300):
     """`deepspeed --num_gpus 2 --module ds_face.train ARGS`, as a user launches it, from the repository."""
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "ds_face.train", *args]
-    return run_command(cmd, cwd=ROOT, timeout=timeout)  # a deadline a busy machine stretches (ds_face.spawn)
+    return run_command(cmd, cwd=ROOT, timeout=timeout)  # a deadline a busy machine stretches (ds_face.runtime.spawn)
 
 
 # -- trainers ----------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def write_configs(directory: Path, *, stage: int, lr: float, sample_rate: float,
 def gathered(trainer) -> dict:
     """The run's whole state, gathered (a collective): backbone fp32 weights and optimizer state, the loss
     scale, the head's rows and their momentum (this rank's)."""
-    from ds_face.zero_state import gathered_state
+    from ds_face.checkpoint.zero_state import gathered_state
     state = gathered_state(trainer.engine)
     scaler = getattr(trainer.engine.optimizer, "loss_scaler", None)
     return {"params": state["params"], "keys": state["state_keys"], "loss_scale": getattr(scaler, "cur_scale", None),
@@ -76,7 +76,7 @@ def train(rank: int, world_size: int, run_yaml: str, ds_json: str, max_steps: in
     the resize line, and (``want_state``) the state after the resume, before any step (or after the last)."""
     import torch
 
-    from ds_face.checkpoint import SAVE_DIR, plan_resume
+    from ds_face.checkpoint.manager import SAVE_DIR, plan_resume
     from ds_face.config import load_ds_config, load_run_config
     from ds_face.train import Trainer
     if threads:
@@ -108,7 +108,7 @@ def resize_runs(directory: Path, *, cut: int, steps: int, stage: int, lr: float,
                 threads: int = 0, want_state: bool = False, timeout: float = 1800) -> dict:
     """The uninterrupted 2-rank run to ``steps``, the 2-rank run cut at ``cut`` (saving it), and its 1-rank
     resume to ``steps``: {"whole": losses, "cut": rank 0's result, "resumed": the 1 rank's result}."""
-    from ds_face.spawn import run_ranks
+    from ds_face.runtime.spawn import run_ranks
     samples = steps * 16
     args = dict(stage=stage, lr=lr, sample_rate=sample_rate, samples=samples)
     whole_run, whole_ds = write_configs(directory / "whole", **args)

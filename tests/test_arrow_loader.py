@@ -18,7 +18,7 @@ from ds_face.data.arrow import ArrowFaces, DataError, decode_rgb, flip_coin, fli
 from ds_face.data.loader import Loader
 from ds_face.data.order import EpochOrder, Layout
 from ds_face.data.shards import shard_name
-from ds_face.spawn import run_ranks
+from ds_face.runtime.spawn import run_ranks
 from tests.conftest import index_png, write_shards
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from ds_face.bench import memory, report, speed
-from ds_face.spawn import run_ranks
+from ds_face.runtime.spawn import run_ranks
 
 
 def test_measured_head_cells_agree_with_the_estimate_within_10_percent(tmp_path, capsys):

@@ -1,11 +1,11 @@
-"""DeepSpeed's shm op for CPU ranks lives in this venv (ds_face/op_cache.py) and is not rebuilt by a launch."""
+"""DeepSpeed's shm op for CPU ranks lives in this venv (ds_face/runtime/op_cache.py) and is not rebuilt by a launch."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from ds_face.op_cache import built_library, venv_extensions_dir
+from ds_face.runtime.op_cache import built_library, venv_extensions_dir
 
 IN_A_VENV = venv_extensions_dir() is not None
 
@@ -28,7 +28,7 @@ def test_build_ops_if_missing_is_silent_and_does_not_import_torch_when_built(tmp
     op = tmp_path / "deepspeed_shm_comm"
     op.mkdir()
     (op / "deepspeed_shm_comm.so").write_bytes(b"")
-    code = "import sys; from ds_face.build_ops import build; r = build(if_missing=True); print(r, 'torch' in sys.modules)"
+    code = "import sys; from ds_face.runtime.build_ops import build; r = build(if_missing=True); print(r, 'torch' in sys.modules)"
     done = python(code, TORCH_EXTENSIONS_DIR=str(tmp_path))
     assert (done.returncode, done.stdout, done.stderr) == (0, "0 False\n", "")
 
@@ -39,7 +39,7 @@ def test_build_ops_finds_the_built_op_up_to_date_and_leaves_it():
     if before is None:
         pytest.skip("the op is not built here (not set up by `make setup`, or not a CPU machine)")
     stamp = os.stat(before).st_mtime_ns
-    done = subprocess.run([sys.executable, "-m", "ds_face.build_ops"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "ds_face.runtime.build_ops"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.endswith(" ... up to date\n") and done.stdout.count("\n") == 1, done.stdout
     assert os.stat(before).st_mtime_ns == stamp

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_face.checkpoint import CheckpointError, check_fits, head_file, head_slices, latest_tag, read_meta
+from ds_face.checkpoint.manager import CheckpointError, check_fits, head_file, head_slices, latest_tag, read_meta
 from ds_face.config import HeadConfig, ModelConfig, RunConfig
-from ds_face.spawn import free_port, run_ranks
+from ds_face.runtime.spawn import free_port, run_ranks
 from tests import conftest
 from tests.conftest import DEEPSPEED, RESUMABLE, ROOT
 
@@ -97,7 +97,7 @@ def _failed_save_keeps_previous(rank, world_size, out_dir):
     if rank == 1:  # rank 1 cannot write its head file: the save fails midway (a full disk, say)
         import errno
 
-        from ds_face import checkpoint
+        from ds_face.checkpoint import manager as checkpoint
 
         def full_disk(path, data, durable=True):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))

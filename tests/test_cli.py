@@ -1,5 +1,5 @@
 """The installable commands: every console script of pyproject.toml exists, answers --help (exit 0) without
-importing torch, DeepSpeed or datasets, and launch.sh / ds_face.hostfile speak argparse conventions.
+importing torch, DeepSpeed or datasets, and launch.sh / ds_face.launch.hostfile speak argparse conventions.
 (The `pip install .` itself and the --help times are measured by hand: docs/install.md.)"""
 import subprocess
 import sys
@@ -76,9 +76,9 @@ def test_launch_sh_help_and_usage():
 
 
 def test_hostfile_has_argparse(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "ds_face.hostfile", "--help"], cwd=ROOT, capture_output=True,
+    ok = subprocess.run([sys.executable, "-m", "ds_face.launch.hostfile", "--help"], cwd=ROOT, capture_output=True,
                         text=True, timeout=30)
-    assert ok.returncode == 0 and "usage: ds_face.hostfile" in ok.stdout and "HOST slots=N" in ok.stdout
-    bare = subprocess.run([sys.executable, "-m", "ds_face.hostfile"], cwd=ROOT, capture_output=True,
+    assert ok.returncode == 0 and "usage: ds_face.launch.hostfile" in ok.stdout and "HOST slots=N" in ok.stdout
+    bare = subprocess.run([sys.executable, "-m", "ds_face.launch.hostfile"], cwd=ROOT, capture_output=True,
                           text=True, timeout=30)
     assert bare.returncode == 2 and "the following arguments are required: hostfile" in bare.stderr

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from ds_face.config import BatchLayout, ConfigError, check_together, load_ds_config, load_run_config
-from ds_face.schedule import PolyWarmup
+from ds_face.training.schedule import PolyWarmup
 from tests.conftest import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ds_face.config import DataConfig
-from ds_face.spawn import run_ranks
+from ds_face.runtime.spawn import run_ranks
 from tests import conftest
 from tests.conftest import RESUMABLE
 from tests.elastic_drift import gathered as _state  # the whole state, gathered (a collective)
@@ -192,7 +192,7 @@ def _resume_and_train_to(rank, world_size, root, max_steps):
 
 
 def test_a_save_over_an_interrupted_one_of_another_world_size_starts_clean(tmp_path):
-    from ds_face import export
+    from ds_face.export import cli as export
     run_ranks(2, _save_two_checkpoints, str(tmp_path))
     save_dir = tmp_path / "checkpoints"
     # As if the 2-rank run had died writing step_4: `latest` still names step_2, step_4 lacks some files.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ds_face.data.arrow import normalize
-from ds_face.spawn import run_ranks
+from ds_face.runtime.spawn import run_ranks
 from ds_face.train import loss_scale, micro_step
 from tests import conftest
 

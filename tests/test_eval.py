@@ -1,4 +1,4 @@
-"""Verification evaluation (ds_face.eval), embeddings export (ds_face.embed) and the training callback.
+"""Verification evaluation (ds_face.eval.verification), embeddings export (ds_face.eval.embed) and the training callback.
 
 The protocol is checked on constructed embeddings whose answer is known, and against a loop-for-loop copy of
 arcface_torch's calculate_roc; the .bin path end to end against embeddings computed by hand with a real
@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ds_face import embed as embed_cli
-from ds_face import eval as ev
+from ds_face.eval import embed as embed_cli
+from ds_face.eval import verification as ev
 from ds_face.images import header_size
-from ds_face.inference import l2_normalize
+from ds_face.eval.inference import l2_normalize
 from tests.conftest import encode, face
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -333,7 +333,7 @@ def test_two_rank_training_evaluates_every_2_steps(tmp_path, bin40):
     assert [e.step for e in scalars.Scalars("eval/synth/xnorm")] == [2, 4]
 
 
-# -- ds_face.embed ---------------------------------------------------------------------------------------
+# -- ds_face.eval.embed ---------------------------------------------------------------------------------------
 
 def test_embed_arrow_and_folder_round_trip(tmp_path, tiny_model, capsys):
     from tests.conftest import index_png, write_shards
@@ -421,7 +421,7 @@ def test_eval_and_embed_show_progress_on_a_terminal_only(tmp_path, tiny_model, b
     assert piped.returncode == 0 and piped.stderr == "", "no bar into a pipe or a log file"
 
     arrow = write_shards(tmp_path / "arrow", 21, 3, num_classes=4)
-    code, out, terminal = run_on_a_terminal(["-m", "ds_face.embed", *common, "--arrow", str(arrow),
+    code, out, terminal = run_on_a_terminal(["-m", "ds_face.eval.embed", *common, "--arrow", str(arrow),
                                              "--out", str(tmp_path / "e.npy")])
     assert code == 0 and "embed: 100%" in terminal and "21/21" in terminal
 
@@ -460,7 +460,7 @@ def _peak_of(code: str, *args) -> tuple[int, str, int]:
     return run_measured([sys.executable, "-c", code, *map(str, args)], None)
 
 
-LOAD_BIN = ("import sys\nfrom ds_face.bin_sets import load_bin, BinError\ntry:\n    load_bin(sys.argv[1])\n"
+LOAD_BIN = ("import sys\nfrom ds_face.eval.bin_sets import load_bin, BinError\ntry:\n    load_bin(sys.argv[1])\n"
             "except BinError as e:\n    sys.exit(str(e))")
 
 

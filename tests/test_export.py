@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_face import export, export_weights
+from ds_face.export import cli as export
+
+from ds_face.export import weights as export_weights
 from ds_face.backbones import get_backbone
 from ds_face.config import ModelConfig
-from ds_face.init_backbone import BackboneFileError, check_backbone_file, load_backbone_file
-from ds_face.spawn import run_ranks
+from ds_face.training.init_backbone import BackboneFileError, check_backbone_file, load_backbone_file
+from ds_face.runtime.spawn import run_ranks
 from tests import conftest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The hostfile check launch.sh runs before any rank starts (python -m ds_face.hostfile, launch.sh --hostfile)."""
+"""The hostfile check launch.sh runs before any rank starts (python -m ds_face.launch.hostfile, launch.sh --hostfile)."""
 import os
 import subprocess
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_face.hostfile import host_problem, HostfileError, main, parse_hostfile, select_slots
+from ds_face.launch.hostfile import host_problem, HostfileError, main, parse_hostfile, select_slots
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,7 @@ def launch_sh(tmp_path, *args):
     """launch.sh with a deepspeed stub on PATH that records its arguments and DS_ENV_FILE's content."""
     stub = tmp_path / "bin"
     stub.mkdir(exist_ok=True)
-    # launch.sh runs the python beside deepspeed (ds_face.hostfile, ds_face.preflight): the venv's, by a
+    # launch.sh runs the python beside deepspeed (ds_face.launch.hostfile, ds_face.launch.preflight): the venv's, by a
     # wrapper (a symlink would lose the venv: python finds pyvenv.cfg beside the path it was started by)
     (stub / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     (stub / "python").chmod(0o755)

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_face.checkpoint import (
+from ds_face.checkpoint.manager import (
     CheckpointError, _check_deepspeed_files, _check_position, check_resume, engine_kind, head_slices, latest_tag,
     read_meta,
 )
-from ds_face.safe_load import UnsafeFileError, check_checkpoint_dir, load_weights_only
-from ds_face.spawn import run_ranks
+from ds_face.checkpoint.safe_load import UnsafeFileError, check_checkpoint_dir, load_weights_only
+from ds_face.runtime.spawn import run_ranks
 from tests import conftest
 from tests.test_safe_load import write_malicious
 
@@ -348,7 +348,7 @@ def _backbone_engine():
     (lambda p: p.pop("fc.bias"), r"missing: fc\.bias"),
 ])
 def test_backbone_full_tensors_are_checked_against_the_model(saved, tmp_path, change, expect):
-    from ds_face.zero_state import check_full_state
+    from ds_face.checkpoint.zero_state import check_full_state
     path = copy_run(saved, tmp_path) / TAG / "backbone_full.pt"
     engine = _backbone_engine()
     check_full_state(load_weights_only(path, mmap=True), engine, "sgd")

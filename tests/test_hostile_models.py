@@ -5,7 +5,7 @@ The model files are real ``torch.save`` files of a real r_tiny (embedding 16) wi
 ``torch.save`` cannot write (a negative stride, a storage smaller than its tensor, deflated or overlapping archive
 entries, a legacy file declaring a huge storage) is crafted as torch's own format: a zip of ``data.pkl`` and
 ``data/<key>`` entries, the pickle written with torch's persistent ids. The CLIs are real processes:
-``python -m ds_face.eval``, ``python -m ds_face.embed`` and ``python -m ds_face.train --init-backbone``.
+``python -m ds_face.eval``, ``python -m ds_face.eval.embed`` and ``python -m ds_face.train --init-backbone``.
 Peak memory is the process's own ``ru_maxrss`` (``os.wait4`` in a small launcher: ``LAUNCHER``).
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from ds_face.backbones import get_backbone
-from ds_face.init_backbone import BackboneFileError, check_backbone_file, load_backbone_file
-from ds_face.safe_load import UnsafeFileError, load_weights_only, named_globals
+from ds_face.training.init_backbone import BackboneFileError, check_backbone_file, load_backbone_file
+from ds_face.checkpoint.safe_load import UnsafeFileError, load_weights_only, named_globals
 from tests.conftest import encode, face
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,7 +253,7 @@ def cli(kind: str, model: Path, inputs: Path, tmp_path: Path) -> list[str]:
     if kind == "eval":
         args = ["-m", "ds_face.eval", "--model", model, "--bin", inputs / "pairs.bin", "--device", "cpu"]
     elif kind == "embed":
-        args = ["-m", "ds_face.embed", "--model", model, "--folder", inputs / "faces", "--out",
+        args = ["-m", "ds_face.eval.embed", "--model", model, "--folder", inputs / "faces", "--out",
                 tmp_path / f"e_{model.stem}.npy", "--device", "cpu"]
     else:
         args = ["-m", "ds_face.train", "--config", ROOT / "configs/cpu_demo.yaml", "--deepspeed_config",
@@ -299,7 +299,7 @@ def test_eval_embed_and_init_backbone_print_one_line_for_each_bad_model(tmp_path
     expect = MODEL_FILES[name][1]
     if name == "expanded 12.5 GB":
         peaks = {}
-    for kind, prog in (("eval", "ds_face.eval"), ("embed", "ds_face.embed"), ("train", "ds_face.train")):
+    for kind, prog in (("eval", "ds_face.eval"), ("embed", "ds_face.eval.embed"), ("train", "ds_face.train")):
         code, err, peak = run_measured(cli(kind, path, inputs, tmp_path), tmp_path)
         line = assert_one_line(code, err, prog, path, expect)
         print(f"{kind} {name}: {line} (peak {peak / MB:.0f} MiB)")
@@ -331,7 +331,7 @@ def test_a_zip_bomb_is_refused_from_the_directory_with_memory_bounded(tmp_path, 
     assert code == 0 and peak_torch > 1024 * MB, (peak_torch, err[-2000:])  # the bomb is real
     good = tmp_path / "ok.pt"
     torch.save(real_state(), good)
-    for kind, prog in (("eval", "ds_face.eval"), ("embed", "ds_face.embed"), ("train", "ds_face.train")):
+    for kind, prog in (("eval", "ds_face.eval"), ("embed", "ds_face.eval.embed"), ("train", "ds_face.train")):
         _, _, baseline = run_measured(cli(kind, good, inputs, tmp_path), tmp_path)
         code, err, peak = run_measured(cli(kind, bomb, inputs, tmp_path), tmp_path)
         assert_one_line(code, err, prog, bomb, r"entry 'archive/data/0' is compressed \(method 8, 1073741824 bytes "
@@ -348,7 +348,7 @@ def test_a_legacy_file_declaring_a_huge_storage_is_refused_before_allocating(tmp
     legacy_file(tmp_path / "ok.pt", 4)
     assert load_weights_only(tmp_path / "ok.pt")["w"].shape == (4,)
     path = legacy_file(tmp_path / "huge.pt", 10**10)  # 40 GB declared, 16 bytes stored
-    code, err, peak = run_measured([sys.executable, "-c", "import sys\nfrom ds_face.safe_load import "
+    code, err, peak = run_measured([sys.executable, "-c", "import sys\nfrom ds_face.checkpoint.safe_load import "
                                     "load_weights_only\ntry:\n    load_weights_only(sys.argv[1])\nexcept ValueError "
                                     "as e:\n    sys.exit(str(e))", str(path)], tmp_path)
     assert code == 1 and f"{path}: its storages declare 40000000000 bytes, more than the file's" in err, err

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ds_face import eval as ev
-from ds_face.inference import l2_normalize
+from ds_face.eval import verification as ev
+from ds_face.eval.inference import l2_normalize
 from ds_face import ijb
 
 IDENTITIES, TEMPLATES_PER_ID = 11, 4

@@ -1,15 +1,15 @@
-"""ds_face.eval / ds_face.embed read --backbone and --embedding from the weights when the command line gives none
-(ds_face/inference.py): real model.pt files of r_tiny and r18, a layout no backbone has, and explicit flags."""
+"""ds_face.eval.verification / ds_face.eval.embed read --backbone and --embedding from the weights when the command line gives none
+(ds_face/eval/inference.py): real model.pt files of r_tiny and r18, a layout no backbone has, and explicit flags."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from ds_face import embed as embed_cli
-from ds_face import eval as ev
+from ds_face.eval import embed as embed_cli
+from ds_face.eval import verification as ev
 from ds_face.backbones import IResNet, get_backbone
-from ds_face.inference import load_model, weights_architecture
+from ds_face.eval.inference import load_model, weights_architecture
 from tests.conftest import write_shards
 from tests.test_eval import write_bin
 

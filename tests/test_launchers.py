@@ -1,11 +1,11 @@
 """torchrun and accelerate launch start the same 2-rank CPU training as the deepspeed runner (real launches), and
-neither rebuilds DeepSpeed's shm op that `make setup` built into the venv (ds_face/op_cache.py)."""
+neither rebuilds DeepSpeed's shm op that `make setup` built into the venv (ds_face/runtime/op_cache.py)."""
 import os
 import sys
 from pathlib import Path
 
-from ds_face.op_cache import built_library
-from ds_face.spawn import free_port, run_command
+from ds_face.runtime.op_cache import built_library
+from ds_face.runtime.spawn import free_port, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -1,4 +1,4 @@
-"""ds_face's multi-node runner (ds_face/multinode.py, what `launch.sh --hostfile` runs).
+"""ds_face's multi-node runner (ds_face/launch/multinode.py, what `launch.sh --hostfile` runs).
 
 Real two-host launches (pdsh-style ssh to a private loopback sshd on 127.0.0.1 and 127.0.0.2:
 tests/multinode/run_two_hosts.sh) are skipped where sshd/ssh is missing (Debian: apt-get install -y
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_face.multinode import LaunchError, node_environment, remote_command
+from ds_face.launch.multinode import LaunchError, node_environment, remote_command
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)
@@ -203,7 +203,7 @@ def test_a_one_host_hostfile_runs_here_and_sigterm_stops_exactly_it(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     log = (tmp_path / "log").read_text()
-    assert "ds_face.multinode: 1 host(s): localhost (here, no ssh)" in log
+    assert "ds_face.launch.multinode: 1 host(s): localhost (here, no ssh)" in log
     assert "localhost: " in log and "node_rank=0" in log  # the node's output, prefixed with its host
     assert not ours(), [p.info["cmdline"] for p in ours()]
     assert not (out / "checkpoints").exists()

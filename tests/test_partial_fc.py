@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_face.head import HeadOptimizer, Margin, PartialFC, class_shard, cosine
-from ds_face.spawn import RankFailed, run_ranks
+from ds_face.runtime.spawn import RankFailed, run_ranks
 
 DIM, PER_RANK = 16, 4
 MARGINS = {"arcface": Margin.arcface(0.5), "cosface": Margin.cosface(0.35)}

@@ -1,4 +1,4 @@
-"""launch.sh's pre-flight (ds_face.preflight): bad settings and a busy port stop a launch before DeepSpeed starts
+"""launch.sh's pre-flight (ds_face.launch.preflight): bad settings and a busy port stop a launch before DeepSpeed starts
 any rank, with one message; the allow-lists for the values of a multi-node launch (environment variable names,
 ports, the master address). Real launch.sh, real sockets."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ds_face.preflight import address_problem, choose_port, enabled_precisions, env_name_problem, port_problem, \
+from ds_face.launch.preflight import address_problem, choose_port, enabled_precisions, env_name_problem, port_problem, \
     PreflightError
-from ds_face.spawn import run_command
+from ds_face.runtime.spawn import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)
@@ -154,7 +154,7 @@ def test_fp16_on_a_machine_without_fp16_stops_launch_sh(tmp_path):
 @pytest.mark.parametrize("ds", ["ds_configs/zero2_bf16.json", "ds_configs/zero1_bf16_gas2.json"])
 def test_bf16_passes_where_the_accelerator_has_it(tmp_path, ds):
     """The probe's log lines stay off stdout, which launch.sh reads as the master port."""
-    proc = subprocess.run([sys.executable, "-m", "ds_face.preflight", "configs/cpu_demo.yaml", ds,
+    proc = subprocess.run([sys.executable, "-m", "ds_face.launch.preflight", "configs/cpu_demo.yaml", ds,
                            "--port", "29500", "--", "--set", f"output.dir={tmp_path / 'run'}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env={**os.environ, **NO_FP16_CPU})
     assert proc.returncode == 0, proc.stderr

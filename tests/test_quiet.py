@@ -1,4 +1,4 @@
-"""ds_face/quiet.py drops exactly the two messages it names, nothing near them (real warnings machinery and
+"""ds_face/runtime/quiet.py drops exactly the two messages it names, nothing near them (real warnings machinery and
 DeepSpeed's real logger; the launch without them is tests/test_train_cli.py)."""
 import logging
 import warnings
@@ -9,7 +9,7 @@ import ds_face  # noqa: F401  (installs the filters)
 def warn_from(module: str, message: str, category=FutureWarning) -> list:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        from ds_face.quiet import quiet
+        from ds_face.runtime.quiet import quiet
         quiet()  # catch_warnings reset the filters: install them again inside
         warnings.warn_explicit(message, category, filename=module.replace(".", "/") + ".py", lineno=83,
                                module=module)
@@ -55,7 +55,7 @@ def test_only_deepspeeds_untested_optimizer_line_is_dropped():
 
 
 def test_only_the_shm_op_line_is_held_back(capsys):
-    from ds_face.quiet import SHM_OP_LOADED, printing_without
+    from ds_face.runtime.quiet import SHM_OP_LOADED, printing_without
     with printing_without(SHM_OP_LOADED):
         print("before")
         print(SHM_OP_LOADED)

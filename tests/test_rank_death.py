@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psutil
 
-from ds_face.spawn import free_port
+from ds_face.runtime.spawn import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -66,7 +66,7 @@ sys.exit(watcher.wait() or late.wait())
 
 WATCHER = r"""
 import sys, time
-from ds_face.supervise import watch_sibling_ranks
+from ds_face.runtime.supervise import watch_sibling_ranks
 dead = watch_sibling_ranks(0)
 print(repr(dead()), flush=True)
 open(sys.argv[1], "w").close()

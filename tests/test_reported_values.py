@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from ds_face import eval as ev
+from ds_face.eval import verification as ev
 
 
 def test_chosen_thresholds_are_written_as_grid_values():

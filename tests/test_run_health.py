@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_face.checkpoint import CheckpointError
-from ds_face.spawn import run_ranks
+from ds_face.checkpoint.manager import CheckpointError
+from ds_face.runtime.spawn import run_ranks
 from tests import conftest
 from tests.conftest import RESUMABLE
 
@@ -70,7 +70,7 @@ def test_a_non_finite_checkpoint_is_never_saved(tmp_path):
 def _zero3_nan_in(rank, world_size, root, where):
     """ZeRO 3 on 3 ranks: the last rank's partitions are padded (DeepSpeed leaves the padding unwritten, so it
     may hold NaN bits). NaN in that padding is no weight and must not stop a save; NaN in a weight must."""
-    from ds_face.zero_state import owned_values
+    from ds_face.checkpoint.zero_state import owned_values
     trainer = make_trainer(world_size, root, stage=3, max_steps=2)
     padded = [p for p in trainer.engine.module.parameters() if owned_values(p).numel() < p.ds_tensor.numel()]
     if rank == world_size - 1:

@@ -1,4 +1,4 @@
-"""ds_face.safe_load: real DeepSpeed checkpoints load weights-only; real malicious files are refused, nothing runs.
+"""ds_face.checkpoint.safe_load: real DeepSpeed checkpoints load weights-only; real malicious files are refused, nothing runs.
 
 The checkpoints come from the real engine (ZeRO 0-3; fp32, bf16 and fp16 — fp16 on CPU with DeepSpeed's
 capability probe lifted, as tests/test_engine.py does). The malicious files are real pickles whose
@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_face.safe_load import DEEPSPEED_GLOBALS, UnsafeFileError, check_checkpoint_dir, check_meta_counts, \
+from ds_face.checkpoint.safe_load import DEEPSPEED_GLOBALS, UnsafeFileError, check_checkpoint_dir, check_meta_counts, \
     load_weights_only, named_globals
-from ds_face.spawn import run_ranks
+from ds_face.runtime.spawn import run_ranks
 from tests import conftest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +138,7 @@ def _resume(rank, world_size, out_dir):
     from deepspeed.accelerator import get_accelerator
     get_accelerator().is_fp16_supported = lambda: True
 
-    from ds_face.checkpoint import CheckpointError
+    from ds_face.checkpoint.manager import CheckpointError
     trainer = make_trainer(world_size, out_dir, 2, "bf16")
     try:
         trainer.resume()
@@ -194,14 +194,14 @@ def test_export_still_works_on_the_real_files(ckpts, tmp_path):
 @pytest.mark.parametrize("raw", [False, True])
 def test_model_pt_is_refused_by_init_backbone_eval_and_embed(tmp_path, payload, raw):
     from ds_face.backbones import get_backbone
-    from ds_face.init_backbone import BackboneFileError, load_backbone_file
+    from ds_face.training.init_backbone import BackboneFileError, load_backbone_file
     marker = tmp_path / "pwned"
     model_pt = tmp_path / "model.pt"
     refused = write_malicious(model_pt, payload, marker, protocol=2 if raw else 4, raw=raw)
     with pytest.raises(BackboneFileError, match=f"{model_pt}: refused to load: it names the global {refused}"):
         load_backbone_file(model_pt, get_backbone("r_tiny", 16), "r_tiny")
-    for module, extra in (("ds_face.eval", ["--bin", tmp_path / "none.bin"]),
-                          ("ds_face.embed", ["--folder", tmp_path / "faces", "--out", tmp_path / "e.npy"])):
+    for module, extra in (("ds_face.eval.verification", ["--bin", tmp_path / "none.bin"]),
+                          ("ds_face.eval.embed", ["--folder", tmp_path / "faces", "--out", tmp_path / "e.npy"])):
         # a valid set and a valid folder, so that only the model can fail
         (tmp_path / "none.bin").write_bytes(pickle.dumps(([bytes([i]) * 64 for i in range(20)], [True] * 10)))
         (tmp_path / "faces" / "id0").mkdir(parents=True, exist_ok=True)
@@ -215,7 +215,7 @@ def test_model_pt_is_refused_by_init_backbone_eval_and_embed(tmp_path, payload, 
 
 @pytest.mark.parametrize("payload", list(PAYLOADS))
 def test_a_malicious_verification_bin_is_refused(tmp_path, payload):
-    from ds_face.eval import BinError, load_bin
+    from ds_face.eval.verification import BinError, load_bin
     marker = tmp_path / "pwned"
     path = tmp_path / "lfw.bin"
     cls, name = PAYLOADS[payload]

@@ -156,7 +156,7 @@ def test_the_config_check_sees_a_bad_shard_before_any_rank(dataset, tmp_path):
 
 
 def test_embed_refuses_an_escaping_manifest(dataset, tmp_path, capsys):
-    from ds_face import embed
+    from ds_face.eval import embed
     edit_manifest(dataset, file="../../../etc/passwd")
     assert embed.main(["--model", str(tmp_path / "none.pt"), "--arrow", str(dataset),
                        "--out", str(tmp_path / "e.npy")]) == 2

@@ -1,4 +1,4 @@
-"""ds_face.spawn's deadline fails a hang, not a busy machine: real rank processes, a real collective that never
+"""ds_face.runtime.spawn's deadline fails a hang, not a busy machine: real rank processes, a real collective that never
 completes, a rank spinning forever, and ranks slowed by processes hogging every core."""
 import multiprocessing
 import os
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from ds_face.spawn import RankFailed, run_command, run_ranks
+from ds_face.runtime.spawn import RankFailed, run_command, run_ranks
 
 
 def _stuck_in_a_collective(rank, world_size):

@@ -26,7 +26,7 @@ def test_two_rank_zero2_partial_fc_run_logs_and_writes_tensorboard(tmp_path):
     assert log.count(f"run config ({out / 'config.yaml'}):") == 1
     assert "  max_steps: 6" in log and log.count("DeepSpeed config (") == 1
     assert not list(out.glob("*.partial"))
-    # warnings nobody can act on are gone (ds_face/quiet.py), from every rank
+    # warnings nobody can act on are gone (ds_face/runtime/quiet.py), from every rank
     assert "all_gather_into_tensor" not in proc.stderr and "untested optimizer" not in proc.stdout
     assert "shm_comm_op built successfully" not in proc.stdout + proc.stderr
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))

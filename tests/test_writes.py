@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from ds_face import fileio
-from ds_face.checkpoint import CheckpointError
-from ds_face.spawn import run_ranks
+from ds_face.checkpoint.manager import CheckpointError
+from ds_face.runtime.spawn import run_ranks
 from tests import conftest
 
 VICTIM = b"the victim's own bytes\n"
@@ -138,7 +138,7 @@ def test_record_config_replaces_planted_links_never_their_targets(tmp_path):
 def test_a_planted_training_log_link_is_refused_and_a_real_log_appended(tmp_path):
     """training.log is appended to across restarts: opened with O_NOFOLLOW, so a link there is named, and the
     file it points to never receives a line."""
-    from ds_face.progress import log, setup_logging
+    from ds_face.runtime.progress import log, setup_logging
     file, directory = victims(tmp_path / "victims")
     out = tmp_path / "run"
     out.mkdir()
@@ -207,7 +207,7 @@ def test_a_conversion_refuses_a_linked_done_directory_naming_it(tmp_path, capsys
 
 
 def test_embed_writes_past_planted_links(tmp_path, tiny_model, capsys):
-    from ds_face import embed as embed_cli
+    from ds_face.eval import embed as embed_cli
     from tests.conftest import write_shards
     file, directory = victims(tmp_path / "victims")
     path, _ = tiny_model
@@ -242,7 +242,7 @@ def test_a_report_plot_is_written_past_planted_links(tmp_path):
 
 
 def _evaluator_over_a_linked_eval_dir(rank, world_size, root, bin_path, directory):
-    from ds_face.callbacks import TrainingEvaluator
+    from ds_face.training.callbacks import TrainingEvaluator
     trainer = conftest.make_trainer(world_size, root, stage=0, classes=10, samples=64)
     trainer.cfg.eval.sets = [bin_path]
     (Path(root) / "eval").symlink_to(directory)

@@ -9,7 +9,7 @@ A cell is where the classification layer lives (see ``ds_face.bench.memory``):
 * ``Model parallel`` / ``Partial FC r``: the project's own wiring (``ds_face.train.Trainer``): the
   backbone in the engine under ``zero_stage``, the head outside it, sharded over ranks, at rate 1.0 / r.
 
-Each cell runs in W fresh processes (``ds_face.spawn.run_ranks``) so that it inherits no memory from
+Each cell runs in W fresh processes (``ds_face.runtime.spawn.run_ranks``) so that it inherits no memory from
 the cell before. Per rank: the baseline is taken after imports, process-group set-up and the synthetic
 batches, just before the model is built; the peak is
 
@@ -228,7 +228,7 @@ class PeakMemory:
 
 
 def measure_rank(rank: int, world_size: int, cell: str, classes: int, setting: Setting) -> dict:
-    """Run on each rank of a fresh process group (``ds_face.spawn.run_ranks``)."""
+    """Run on each rank of a fresh process group (``ds_face.runtime.spawn.run_ranks``)."""
     import logging
 
     import deepspeed
@@ -254,7 +254,7 @@ def measure_cell(cell: str, classes: int, setting: Setting, timeout: float = 180
     ``for_memory``: glibc returns freed blocks at once (see the module docstring); costs some speed on CPU,
     so ``speed`` and ``report`` leave it off.
     """
-    from ds_face.spawn import RankFailed, run_ranks
+    from ds_face.runtime.spawn import RankFailed, run_ranks
     threads = max(1, (os.cpu_count() or 1) // setting.world_size)
     env = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)} if for_memory else {}
     try:

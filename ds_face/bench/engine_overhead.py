@@ -22,7 +22,7 @@ import time
 import torch
 
 from ds_face.bench import common_args, configs, markdown_table, threads_per_rank
-from ds_face.dist import exit_without_teardown, init, shutdown
+from ds_face.runtime.dist import exit_without_teardown, init, shutdown
 from ds_face.fileio import write_json_atomic
 
 
@@ -41,7 +41,7 @@ def run_config(args, total_steps: int, world: int):
 
 def deepspeed_variant(cfg, layout, stage: int, args):
     """The project's Trainer (engine + head + head optimizer), stepped by micro_step."""
-    from ds_face.schedule import SampleSchedule
+    from ds_face.training.schedule import SampleSchedule
     from ds_face.train import Trainer, micro_step
     # stage 2 as ds_configs/zero2_fp32.json
     trainer = Trainer(cfg, configs.ds_config(args.batch, stage, clipping=args.clip, overlap_comm=stage == 2), layout)
@@ -63,7 +63,7 @@ def ddp_variant(cfg, total_steps: int, clip: float, device: str):
     from ds_face.backbones import get_backbone
     from ds_face.data.arrow import normalize
     from ds_face.head import build_head
-    from ds_face.schedule import poly_warmup_scheduler
+    from ds_face.training.schedule import poly_warmup_scheduler
     from ds_face.train import build_backbone_optimizer, seed_everything
 
     seed_everything(cfg.seed)
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     from deepspeed.accelerator import get_accelerator
     accelerator = get_accelerator()
     torch.set_num_threads(threads_per_rank())
-    if accelerator.device_name() != "cpu":  # one device per rank, chosen before any use (as ds_face.spawn)
+    if accelerator.device_name() != "cpu":  # one device per rank, chosen before any use (as ds_face.runtime.spawn)
         accelerator.set_device(args.local_rank)
     # the accelerator's backend (gloo on CPU, NCCL on GPUs), before deepspeed.initialize and DDP construction
     init(dist_backend=accelerator.communication_backend_name())

@@ -27,9 +27,9 @@ import torch
 
 from ds_face.bench import common_args, markdown_table, proc_status_kb, reset_peak_rss, threads_per_rank
 from ds_face.bench.estimator import analytic_bytes
-from ds_face.dist import exit_without_teardown, init, shutdown
+from ds_face.runtime.dist import exit_without_teardown, init, shutdown
 from ds_face.fileio import write_json_atomic
-from ds_face.spawn import free_port
+from ds_face.runtime.spawn import free_port
 
 # seeds/003, 8x V100, 1M identities, whole training step (r50 + head): Partial FC 0.1 / model parallel.
 SEED_V100_1M = {"speed": 4803 / 3449, "time": 3449 / 4803, "memory": 5620 / 9966}

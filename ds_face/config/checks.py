@@ -328,7 +328,7 @@ def _check_eval(e: EvalConfig) -> list[str]:
         if not re.match(r"^[A-Za-z0-9_-]+$", ijb.target or ""):
             errors.append(f"'eval.ijb.target' must be a set name such as IJBC or IJBB, got {ijb.target!r}")
         else:
-            from ds_face.ijb_layout import check_layout  # existence only; rank 0 parses them when training starts
+            from ds_face.config.ijb_layout import check_layout  # existence only; rank 0 parses them when training starts
             errors += [f"'eval.ijb.root': {problem}" for problem in check_layout(ijb.root, ijb.target)]
     return errors
 

@@ -1,4 +1,4 @@
-"""An image folder, one sub-directory per identity, listed (nothing is read): what ``ds_face.embed --folder``
+"""An image folder, one sub-directory per identity, listed (nothing is read): what ``ds_face.eval.embed --folder``
 embeds and ``data_prep.folder2arrow`` converts, so both see the same samples in the same order.
 
 Labels 0..K-1 follow the sorted identity folder names (hidden ones skipped); images are the .jpg/.jpeg/.png

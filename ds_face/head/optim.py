@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ds_face import dist
+from ds_face.runtime import dist
 from ds_face.config import OPTIMIZERS
 from ds_face.head.partial_fc import PartialFC, rows_of
 

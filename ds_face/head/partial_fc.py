@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_face import dist
+from ds_face.runtime import dist
 from ds_face.head.margins import Margin
 
 

@@ -52,7 +52,7 @@ from ds_face.ijb.scoring import (
     FARS, GRAM_BYTES, RULE, auc, evaluate_features, format_table, pair_scores, plot_roc, roc_curve, tar_at_far,
     template_features, template_index,
 )
-from ds_face.ijb_layout import check_layout, meta_files
+from ds_face.config.ijb_layout import check_layout, meta_files
 
 __all__ = [
     "ALIGNED_SIZE", "ARCFACE_TEMPLATE", "align", "umeyama", "warp_affine",

@@ -14,7 +14,7 @@ from ds_face.ijb.scoring import evaluate_features, format_table, plot_roc
 
 
 def main(argv=None) -> int:
-    from ds_face.inference import add_model_args
+    from ds_face.eval.inference import add_model_args
     parser = argparse.ArgumentParser(prog="ds_face.eval ijb", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--root", required=True, help="IJB release directory (loose_crop/, meta/)")
     parser.add_argument("--target", default="IJBC", help="IJBC or IJBB: meta/<target lower case>_*.txt (default IJBC)")
@@ -91,7 +91,7 @@ def check_args(args) -> None:
 
 
 def _load_model(args):
-    from ds_face.inference import load_model
+    from ds_face.eval.inference import load_model
     try:
         return load_model(args.model, args.backbone, args.embedding, args.device)
     except ValueError as err:  # the model file's or the backbone's problem (ConfigError, BackboneFileError, ...)

@@ -89,10 +89,10 @@ def image_features(meta: IJBMeta, model, batch_size: int = 128, device=None, wor
                    limit: int | None = None) -> np.ndarray:
     """float32 [N, D]: each image's embedding plus its flipped image's, un-normalised, before the detector score.
 
-    ``deadline`` (time.monotonic()) raises ds_face.inference.EvalTimeout between batches."""
+    ``deadline`` (time.monotonic()) raises ds_face.eval.inference.EvalTimeout between batches."""
     from tqdm import tqdm
 
-    from ds_face.inference import embed_flip
+    from ds_face.eval.inference import embed_flip
     count = meta.images if limit is None else min(limit, meta.images)
     feats = None
     batch = np.empty((batch_size, ALIGNED_SIZE, ALIGNED_SIZE, 3), np.uint8)

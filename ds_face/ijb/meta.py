@@ -1,4 +1,4 @@
-"""The three meta files of an IJB-B/C release (where they are: ``ds_face.ijb_layout``), parsed and cross-checked,
+"""The three meta files of an IJB-B/C release (where they are: ``ds_face.config.ijb_layout``), parsed and cross-checked,
 every bad line named by file and line."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ds_face.ijb_layout import check_layout, meta_files
+from ds_face.config.ijb_layout import check_layout, meta_files
 
 
 class IJBError(ValueError):

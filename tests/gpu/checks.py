@@ -2,7 +2,7 @@
 the GPU path is wrong, and returns what it measured otherwise. ``python -m tests.gpu.check`` runs them all and
 writes one report; ``tests/gpu/test_gpu.py`` runs each as a pytest test (marker ``gpu``).
 
-Every rank is started through ``ds_face.spawn.run_ranks(..., backend=None)``: the accelerator's backend
+Every rank is started through ``ds_face.runtime.spawn.run_ranks(..., backend=None)``: the accelerator's backend
 (NCCL) with rank r on GPU r, as the benchmarks start theirs; the launch check goes through the ``deepspeed``
 launcher and ``ds_face.train`` as users do. The parent process itself never touches a GPU (checked last).
 The small correctness runs use the trainer the CPU tests use (``tests.conftest.make_trainer``: r_tiny).
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ds_face.bench import markdown_table
-from ds_face.spawn import RankFailed, free_port, run_ranks
+from ds_face.runtime.spawn import RankFailed, free_port, run_ranks
 from tests import conftest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,7 +73,7 @@ def _on_device(tensor) -> bool:
 def _nccl_rank(rank, world_size):
     from deepspeed.accelerator import get_accelerator
 
-    from ds_face.dist import all_gather_no_grad, all_gather_with_grad
+    from ds_face.runtime.dist import all_gather_no_grad, all_gather_with_grad
     device = torch.device(get_accelerator().current_device_name())
     total = torch.full((4,), float(rank + 1), device=device)
     torch.distributed.all_reduce(total)
@@ -282,7 +282,7 @@ def _state(trainer, stage, gather_optimizer):
     import deepspeed
 
     from ds_face.train import loss_scale
-    from ds_face.zero_state import gathered_state
+    from ds_face.checkpoint.zero_state import gathered_state
     module = trainer.engine.module
     with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=stage == 3):
         weights = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
@@ -347,7 +347,7 @@ def check_resume(ctx: Context) -> str:
 
 # -- 5. export from a GPU checkpoint; ONNX parity ----------------------------------------------------------
 def _save_rank(rank, world_size, out_dir):
-    from ds_face.zero_state import gathered_state
+    from ds_face.checkpoint.zero_state import gathered_state
     trainer = _trainer(world_size, out_dir, 2, "fp16", micro=8, max_steps=2)
     trainer.fit()  # 2 steps, then the trainer's own save
     params = gathered_state(trainer.engine)["params"]
@@ -382,7 +382,7 @@ def check_export(ctx: Context) -> str:
     import contextlib
     import io
 
-    from ds_face import export
+    from ds_face.export import cli as export
     out_dir = ctx.workdir / "export_run"
     engine = ctx.ranks(_save_rank, str(out_dir))[0]
     model_pt, onnx_path = ctx.workdir / "model.pt", ctx.workdir / "model.onnx"
@@ -390,7 +390,7 @@ def check_export(ctx: Context) -> str:
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):  # export reads on the CPU
         code = export.main([str(out_dir / "checkpoints"), "--out", str(model_pt), "--onnx", str(onnx_path),
                             "--overwrite"])
-    assert code == 0, f"ds_face.export exit {code}: {stderr.getvalue().strip().splitlines()[-1:]}"
+    assert code == 0, f"ds_face.export.cli exit {code}: {stderr.getvalue().strip().splitlines()[-1:]}"
     state = torch.load(model_pt, weights_only=True)
     for name, value in engine.items():
         assert torch.equal(state[name], value.to(state[name].dtype)), f"model.pt {name} is not the engine's fp32 weight"

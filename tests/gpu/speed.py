@@ -112,7 +112,7 @@ def speed_pair(rank: int, world_size: int, setting: Setting, classes: int, rate:
 def measure_pair(setting: Setting, classes: int, rate: float, timeout: float = 900.0) -> dict:
     """``speed_pair`` on ``setting.world_size`` fresh ranks (the accelerator's backend: NCCL on GPUs, one GPU
     per rank); samples/s of each loop (the slowest rank's mean step), the ratio, peaks and the estimate."""
-    from ds_face.spawn import run_ranks
+    from ds_face.runtime.spawn import run_ranks
     per_rank = run_ranks(setting.world_size, speed_pair, setting, classes, rate, timeout=timeout, backend=None)
     result = {"device": per_rank[0]["device"], "names": per_rank[0]["names"]}
     for name in ("plain", "ds_face"):

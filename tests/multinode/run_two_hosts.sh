@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Real two-"host" launches on this machine through launch.sh's multi-node runner (ds_face/multinode.py):
+# Real two-"host" launches on this machine through launch.sh's multi-node runner (ds_face/launch/multinode.py):
 # one ssh per host to 127.0.0.1 and 127.0.0.2.
 #
 #   tests/multinode/run_two_hosts.sh              (make test-multinode): train 6 steps, checkpoint
@@ -116,7 +116,7 @@ printf '# two "nodes" on this machine\n127.0.0.1 slots=1\n127.0.0.2 slots=1\n' >
 if [ -n "$hostile" ]; then
     fail() { echo "run_two_hosts: FAIL: $*" >&2; exit 1; }
     # Control (where pdsh is installed): DeepSpeed's pdsh runner by itself runs a $(...) from an exported value
-    # on every node. launch.sh no longer uses it (ds_face/multinode.py).
+    # on every node. launch.sh no longer uses it (ds_face/launch/multinode.py).
     if command -v pdsh >/dev/null; then
         printf 'DS_FACE_TIMEOUT_MIN=3$(touch %s/control_marker)\n' "$tmp" > "$tmp/evil_env"
         DS_ENV_FILE=$tmp/evil_env timeout 120 deepspeed --hostfile "$tmp/hostfile" --launcher pdsh \
@@ -127,7 +127,7 @@ if [ -n "$hostile" ]; then
         echo "run_two_hosts: control: DeepSpeed's runner alone ran \$(touch ...) from an exported value"
     fi
 
-    # ds_face.multinode's transport: hostile arguments, environment values, working directory and venv script
+    # ds_face.launch.multinode's transport: hostile arguments, environment values, working directory and venv script
     # arrive verbatim on both hosts; kill -9 of a launcher stops its processes only.
     "$python_bin" "$root/tests/multinode/transport.py" "$tmp" || fail "transport checks"
 
@@ -187,10 +187,10 @@ if [ -n "$stop" ]; then
     second_pid=$!
     wait_step second "$second_pid" 1
     [ "$(pgrep -f -- "output.dir=$tmp/first" | wc -l)" -ge 6 ] || fail "the first launch's processes not found"
-    # SIGTERM to launch.sh itself (it exec'd ds_face.multinode), not to `timeout`, whose -k would SIGKILL it
+    # SIGTERM to launch.sh itself (it exec'd ds_face.launch.multinode), not to `timeout`, whose -k would SIGKILL it
     # 10 s later while it is still stopping the nodes
     runner_pid=$(pgrep -P "$first_pid")
-    tr '\0' ' ' < "/proc/$runner_pid/cmdline" | grep -q -- '-m ds_face.multinode' || fail "launch.sh's runner not found"
+    tr '\0' ' ' < "/proc/$runner_pid/cmdline" | grep -q -- '-m ds_face.launch.multinode' || fail "launch.sh's runner not found"
     kill -TERM "$runner_pid"
     stopped=$(date +%s)
     set +e
@@ -262,7 +262,7 @@ fi
 [ "$rc" -eq 0 ] || fail "launch exit status $rc"
 grep -q '^127\.0\.0\.1: .*node_rank=0' "$log" || fail "no node_rank=0 line from host 127.0.0.1"
 grep -q '^127\.0\.0\.2: .*node_rank=1' "$log" || fail "no node_rank=1 line from host 127.0.0.2"
-grep -q '^ds_face.multinode: 2 host(s): 127.0.0.1, 127.0.0.2 (one ssh each); exporting .*DS_FACE_TIMEOUT_MIN' "$log" \
+grep -q '^ds_face.launch.multinode: 2 host(s): 127.0.0.1, 127.0.0.2 (one ssh each); exporting .*DS_FACE_TIMEOUT_MIN' "$log" \
     || fail "DS_FACE_TIMEOUT_MIN not forwarded to the nodes"
 grep -q 'world size 2, ZeRO stage 2, fp32' "$out/training.log" || fail "training.log: no 'world size 2'"
 grep -q 'Global Step: 6/6' "$out/training.log" || fail "training.log: step 6 not reached"

@@ -1,4 +1,4 @@
-"""ds_face.multinode's transport over real ssh to 127.0.0.1 and 127.0.0.2 (run by run_two_hosts.sh --hostile,
+"""ds_face.launch.multinode's transport over real ssh to 127.0.0.1 and 127.0.0.2 (run by run_two_hosts.sh --hostile,
 after it has started the private sshd and put its ssh wrapper on PATH).
 
     python tests/multinode/transport.py TMPDIR
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from ds_face.multinode import NODE_STOP_S, run_on_hosts
+from ds_face.launch.multinode import NODE_STOP_S, run_on_hosts
 
 HOSTS = ("127.0.0.1", "127.0.0.2")
 
@@ -119,7 +119,7 @@ def guarded(tag: str) -> list[int]:
 
 def kill_nine(tmp: Path) -> None:
     # each host runs `python -c "sleep" TAG`: TAG in the command lines of the node's guard and sleeper
-    launcher = ("import sys; from ds_face.multinode import run_on_hosts; "
+    launcher = ("import sys; from ds_face.launch.multinode import run_on_hosts; "
                 "argv = [sys.executable, '-c', 'import time; time.sleep(1000)', sys.argv[1]]; "
                 "sys.exit(run_on_hosts({h: argv for h in ('127.0.0.1', '127.0.0.2')}, '/', {}))")
     runs = {}

@@ -1,9 +1,9 @@
 """Export a checkpoint's backbone as an arcface_torch ``model.pt`` (and ONNX, and the full head).
 
 ``python -m ds_face.export <checkpoints or step_N dir> --out model.pt [--onnx ...] [--head ...]``; usage,
-outputs and exit codes: README.md, "Export". The weights come from ``ds_face.export_weights`` (DeepSpeed's
+outputs and exit codes: README.md, "Export". The weights come from ``ds_face.export.weights`` (DeepSpeed's
 checkpoint, any ZeRO stage and precision, back to plain fp32 tensors), the ONNX model from
-``ds_face.export_onnx``.
+``ds_face.export.onnx``.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from ds_face.export_onnx import ONNX_OPSET, OnnxMismatch, export_onnx
-from ds_face.export_weights import ExportError, gather_head, load_backbone_state
+from ds_face.export.onnx import ONNX_OPSET, OnnxMismatch, export_onnx
+from ds_face.export.weights import ExportError, gather_head, load_backbone_state
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         print(f"ds_face.export: error: {err}", file=sys.stderr)
         return 2
     except OnnxMismatch as err:
-        print(f"ds_face.export: ONNX check failed: {err}; nothing written", file=sys.stderr)
+        print(f"ds_face.export.cli: ONNX check failed: {err}; nothing written", file=sys.stderr)
         return 1
     except (OSError, RuntimeError) as err:  # a write failed (read-only, disk full, ...): torch.save says RuntimeError
         if writing is None:

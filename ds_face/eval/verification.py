@@ -17,8 +17,8 @@ The protocol is arcface_torch's ``eval/verification.py``:
   target FAR without scipy's interp1d, which refuses the repeated FAR values of nearly every grid:
   ``far_threshold``).
 
-The ``.bin`` files are read by ``ds_face.bin_sets`` (a restricted unpickler, images size-checked from their
-header before decoding); the callback that evaluates during training is ``ds_face.callbacks``.
+The ``.bin`` files are read by ``ds_face.eval.bin_sets`` (a restricted unpickler, images size-checked from their
+header before decoding); the callback that evaluates during training is ``ds_face.training.callbacks``.
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_face.bin_sets import BinError, VerificationSet, decode_images, load_bin
+from ds_face.eval.bin_sets import BinError, VerificationSet, decode_images, load_bin
 from ds_face.fileio import write_json_atomic
-from ds_face.inference import add_model_args, flip_embeddings, load_model
+from ds_face.eval.inference import add_model_args, flip_embeddings, load_model
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 NUM_FOLDS = 10

@@ -13,7 +13,7 @@ then the pickle is walked by CPython's own unpickler with every global replaced 
 the globals it names must be in a narrower allow-list than torch's (``_allowed_globals``: no ``bytearray(n)``,
 quantized, sparse or meta rebuilders), and the storages it declares must be the archive's entries exactly, or fit
 in a legacy file. After torch's own weights-only load every tensor must be dense and within its storage
-(``ds_face.tensor_checks.check_layout``): an expanded view never stands for more memory than the file holds.
+(``ds_face.checkpoint.tensor_checks.check_layout``): an expanded view never stands for more memory than the file holds.
 
 DeepSpeed itself loads its files with ``weights_only=False`` (``engine.load_checkpoint`` on resume,
 ``zero_to_fp32`` on export). ``check_checkpoint_dir`` therefore passes every file of a tag directory, at any
@@ -332,13 +332,13 @@ def load_weights_only(path: str | os.PathLike, map_location: Any = "cpu", mmap: 
     then the pickle, walked without resolving anything (``_Scan``): every global it names must be in
     ``_allowed_globals`` (e.g. ``posix.system`` is refused and never called), and the storages it declares must
     be the archive's entries exactly (zip) or fit in the file (legacy). After torch's own weights-only load:
-    every tensor dense and within its storage (``ds_face.tensor_checks.check_layout``), so no view stands for
+    every tensor dense and within its storage (``ds_face.checkpoint.tensor_checks.check_layout``), so no view stands for
     more memory than the file holds. Raises UnsafeFileError naming the file.
     ``mmap=True`` maps the tensor data instead of reading it (zip-format files; others are read).
     """
     import torch
 
-    from ds_face.tensor_checks import TensorCheckError, check_layout
+    from ds_face.checkpoint.tensor_checks import TensorCheckError, check_layout
     path = Path(path)
     if not path.is_file():
         raise UnsafeFileError(path, "no such file")

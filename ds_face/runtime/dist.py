@@ -24,7 +24,7 @@ def init(**kwargs) -> None:
     """
     import deepspeed
 
-    from ds_face.quiet import SHM_OP_LOADED, printing_without
+    from ds_face.runtime.quiet import SHM_OP_LOADED, printing_without
     with printing_without(SHM_OP_LOADED):  # said by every rank at every start, though it only loads the op
         deepspeed.init_distributed(**kwargs)
     dist.barrier()

@@ -1,6 +1,6 @@
 """ds_face's multi-node launcher: what ``launch.sh --hostfile`` runs in place of DeepSpeed's pdsh runner.
 
-    python -m ds_face.multinode --hostfile FILE [runner options] -- TRAINER ARGS...
+    python -m ds_face.launch.multinode --hostfile FILE [runner options] -- TRAINER ARGS...
 
 It starts ``deepspeed.launcher.launch`` (DeepSpeed's per-node launcher, unchanged) on every host of the
 hostfile with the same ``--world_info`` DeepSpeed's runner computes, then ``ds_face.train`` with TRAINER ARGS.
@@ -9,11 +9,11 @@ What differs from DeepSpeed's runner, by construction rather than by a list of c
 * **Quoted.** Every node's command line is built from an argv list and an environment dict, each token
   ``shlex.quote``-d (``remote_command``): paths, arguments and environment values reach the node verbatim,
   whatever characters they hold (spaces, quotes, ``$``, ``;``, newlines, unicode). Values that are not quoted
-  data but must be of one kind are allow-listed: host names (``ds_face.hostfile``), the master address,
-  ports, environment variable names (``ds_face.preflight``); anything else stops the launch naming it. The
+  data but must be of one kind are allow-listed: host names (``ds_face.launch.hostfile``), the master address,
+  ports, environment variable names (``ds_face.launch.preflight``); anything else stops the launch naming it. The
   nodes' login shell must be a POSIX shell (sh, bash, dash, zsh, ksh), as for DeepSpeed's runner.
 * **Tied to this launcher.** One ``ssh`` per host (the transport pdsh uses), its stdin a pipe held only by
-  this process. On each node the command runs under ``python -m ds_face.multinode --node``, which starts it in
+  this process. On each node the command runs under ``python -m ds_face.launch.multinode --node``, which starts it in
   a new session and stops that session (SIGTERM to the node launcher, then SIGKILL to what is left) when its
   stdin reaches EOF: when this launcher stops it, exits or dies (even ``kill -9``), or ssh is cut. A stop
   (SIGTERM, SIGINT, SIGHUP) therefore ends exactly this launch's processes on every node and never another
@@ -44,8 +44,8 @@ import sys
 import threading
 import time
 
-from ds_face.hostfile import HostfileError, parse_hostfile, select_slots, shown
-from ds_face.preflight import address_problem, env_name_problem, port_problem
+from ds_face.launch.hostfile import HostfileError, parse_hostfile, select_slots, shown
+from ds_face.launch.preflight import address_problem, env_name_problem, port_problem
 
 FORWARDED = re.compile(r"(DS_FACE_|HF_|GLOO_|TORCH_NCCL_|NCCL|PYTHON|MV2|UCX|MLFLOW)\w*|OMP_NUM_THREADS|"
                        r"TORCH_DISTRIBUTED_DEBUG|TORCH_CPP_LOG_LEVEL")
@@ -85,7 +85,7 @@ def remote_command(argv: list[str], cwd: str, env: dict[str, str], source: str |
 
 def node_argv(argv: list[str]) -> list[str]:
     """``argv`` as run on a node: under this module's --node guard, which stops it when the launcher goes."""
-    return [sys.executable, "-u", "-m", "ds_face.multinode", "--node", "--", *argv]
+    return [sys.executable, "-u", "-m", "ds_face.launch.multinode", "--node", "--", *argv]
 
 
 # -- running one argv per host, tied to this process ---------------------------------------------------------
@@ -140,7 +140,7 @@ def run_on_hosts(commands: dict[str, list[str]], cwd: str, env: dict[str, str], 
         signal.signal(signum, on_signal)
     if local and source:
         raise LaunchError("--venv_script needs a launch over ssh (two hosts or more, or --force_multi)")
-    print(f"ds_face.multinode: {len(commands)} host(s): {', '.join(commands)} "
+    print(f"ds_face.launch.multinode: {len(commands)} host(s): {', '.join(commands)} "
           f"({'here, no ssh' if local else 'one ssh each'}); exporting {' '.join(env)}", file=sys.stderr, flush=True)
     hosts, start_error = [], None
     try:
@@ -171,7 +171,7 @@ def run_on_hosts(commands: dict[str, list[str]], cwd: str, env: dict[str, str], 
         for relay in h.relays:
             relay.join(timeout=5)
         if h.proc.returncode == 255 and not local:
-            print(f"ds_face.multinode: {h.host}: ssh exited 255 (unreachable, no passwordless ssh, or the "
+            print(f"ds_face.launch.multinode: {h.host}: ssh exited 255 (unreachable, no passwordless ssh, or the "
                   f"connection was cut)", file=sys.stderr, flush=True)
     if start_error:
         raise LaunchError(start_error)
@@ -189,7 +189,7 @@ def node_main(argv: list[str]) -> int:
     try:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
     except OSError as err:
-        print(f"ds_face.multinode: cannot run {shown(argv[0] if argv else '')}: {err.strerror}", file=sys.stderr)
+        print(f"ds_face.launch.multinode: cannot run {shown(argv[0] if argv else '')}: {err.strerror}", file=sys.stderr)
         return 127
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -242,13 +242,13 @@ def parse_options(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("-q", "--quiet", action="store_true")
     opts, unknown = parser.parse_known_args(argv)
     if unknown:
-        raise LaunchError(f"{shown(unknown[0])}: not an option of launch.sh's multi-node runner (ds_face.multinode);"
+        raise LaunchError(f"{shown(unknown[0])}: not an option of launch.sh's multi-node runner (ds_face.launch.multinode);"
                           f" it takes -H/--hostfile, -i/--include, -e/--exclude, --num_nodes, --num_gpus, "
                           f"--master_addr, --master_port, --launcher pdsh|ssh, --ssh_port, --venv_script, "
                           f"--enable_each_rank_log, --force_multi, --no_ssh_check, --log_level, -q")
     if opts.launcher.lower() not in SUPPORTED_LAUNCHERS:
         raise LaunchError(f"--launcher {shown(opts.launcher)}: a hostfile launch goes through ds_face's ssh runner "
-                          f"(ds_face/multinode.py), which takes --launcher pdsh or ssh; openmpi, mvapich, slurm, "
+                          f"(ds_face/launch/multinode.py), which takes --launcher pdsh or ssh; openmpi, mvapich, slurm, "
                           f"mpich and impi are not supported by launch.sh (yet)")
     for option in ("master_port", "ssh_port"):
         value = getattr(opts, option)

@@ -1,8 +1,8 @@
 """Build DeepSpeed's shared-memory op for CPU ranks ahead of the first launch (``make setup``'s last step).
 
-    python -m ds_face.build_ops [--if-missing]
+    python -m ds_face.runtime.build_ops [--if-missing]
 
-Where it is built and why there: ``ds_face/op_cache.py``. ``make setup`` runs this as its last step, and
+Where it is built and why there: ``ds_face/runtime/op_cache.py``. ``make setup`` runs this as its last step, and
 ``launch.sh`` runs it with ``--if-missing`` on a machine without a GPU (a venv set up before this step existed,
 or a ``pip install``): a look for the built library (no torch import, milliseconds) and, only when it is
 missing, the build, said in one line instead of a silent minute or more inside the first rank. On a GPU machine
@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from ds_face.op_cache import SHM_OP, built_library
+from ds_face.runtime.op_cache import SHM_OP, built_library
 
 
 class _DropCpuNotice(logging.Filter):
@@ -38,16 +38,16 @@ def build(if_missing: bool = False) -> int:
     builder = accelerator.create_op_builder("ShareMemCommBuilder")
     if builder is None or not deepspeed.ops.__compatible_ops__.get(SHM_OP, False):
         if not if_missing:
-            print(f"ds_face.build_ops: nothing to build: DeepSpeed's {accelerator.device_name()} accelerator does "
+            print(f"ds_face.runtime.build_ops: nothing to build: DeepSpeed's {accelerator.device_name()} accelerator does "
                   f"not use its {SHM_OP} op here")
         return 0
     folder = os.environ.get("TORCH_EXTENSIONS_DIR") or "torch's default, ~/.cache/torch_extensions"
     before = built_library()
     stamp = os.stat(before).st_mtime_ns if before else None
     if before:  # torch compares sources and flags, ninja rebuilds what changed (nothing, usually), and it loads
-        print(f"ds_face.build_ops: checking DeepSpeed's {SHM_OP} op in {folder} ...", end="", flush=True)
+        print(f"ds_face.runtime.build_ops: checking DeepSpeed's {SHM_OP} op in {folder} ...", end="", flush=True)
     else:
-        print(f"ds_face.build_ops: building DeepSpeed's {SHM_OP} op for CPU ranks into {folder} "
+        print(f"ds_face.runtime.build_ops: building DeepSpeed's {SHM_OP} op for CPU ranks into {folder} "
               f"(once per venv: 0.5-1 min on 2 idle cores, more on busy ones) ...", end="", flush=True)
     start = time.monotonic()
     try:
@@ -64,7 +64,7 @@ def build(if_missing: bool = False) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ds_face.build_ops", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ds_face.runtime.build_ops", description=__doc__.splitlines()[0])
     parser.add_argument("--if-missing", action="store_true",
                         help="do nothing, silently, when the built op is found (launch.sh runs this before the ranks)")
     opts = parser.parse_args(argv)

@@ -1,14 +1,14 @@
-"""Embed a dataset with a trained backbone: ``[N, D]`` float32, L2-normalised, flip-summed as in ``ds_face.eval``.
+"""Embed a dataset with a trained backbone: ``[N, D]`` float32, L2-normalised, flip-summed as in ``ds_face.eval.verification``.
 
-    python -m ds_face.embed --model model.pt [--backbone r50] [--embedding 512] --arrow /data/ms1m-arrow --out emb.npy
-    python -m ds_face.embed --model model.pt --folder /data/my_faces --out emb.npy
+    python -m ds_face.eval.embed --model model.pt [--backbone r50] [--embedding 512] --arrow /data/ms1m-arrow --out emb.npy
+    python -m ds_face.eval.embed --model model.pt --folder /data/my_faces --out emb.npy
 
 Writes ``emb.npy`` (row i = sample i) and ``emb.labels.npy`` (int64). Order: for ``--arrow``, the manifest's
 shard order and the rows within each shard (no shuffle); for ``--folder``, identity folders sorted by name
 (labels 0..K-1) and the .jpg/.jpeg/.png files in each sorted by name (``ds_face.data.folder``, as
 ``data_prep.folder2arrow``). Both files are written under temporary names beside the output and renamed when
 complete (labels first, then the embeddings), so ``emb.npy`` appears only when finished; an existing output is
-kept unless ``--overwrite``. Bad input exits 2 with ``ds_face.embed: error: ...`` naming the file (and shard row).
+kept unless ``--overwrite``. Bad input exits 2 with ``ds_face.eval.embed: error: ...`` naming the file (and shard row).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ds_face.inference import add_model_args, flip_embeddings, load_model
+from ds_face.eval.inference import add_model_args, flip_embeddings, load_model
 
 
 class EmbedError(ValueError):
@@ -123,7 +123,7 @@ def embed_rows(model, count: int, rows, out, batch_size: int, device=None,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ds_face.embed", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ds_face.eval.embed", description=__doc__.splitlines()[0])
     add_model_args(parser)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--arrow", metavar="DIR", help="Arrow shards written by data_prep (manifest order)")
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         for aside in asides:  # the labels first: embeddings in place always have their labels
             aside.commit()
     except (EmbedError, ConfigError, WriteError) as err:
-        print(f"ds_face.embed: error: {err}", file=sys.stderr)
+        print(f"ds_face.eval.embed: error: {err}", file=sys.stderr)
         return 2
     finally:
         for aside in asides:

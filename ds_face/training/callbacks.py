@@ -6,10 +6,10 @@ import json
 import os
 import time
 
-from ds_face.bin_sets import VerificationSet
-from ds_face.eval import evaluate, set_names
+from ds_face.eval.bin_sets import VerificationSet
+from ds_face.eval.verification import evaluate, set_names
 from ds_face.fileio import real_dir, write_json_atomic
-from ds_face.inference import EvalTimeout
+from ds_face.eval.inference import EvalTimeout
 
 
 class TrainingEvaluator:
@@ -43,7 +43,7 @@ class TrainingEvaluator:
                 self.sets = [VerificationSet.load(path, name)
                              for name, path in zip(set_names(self.cfg.sets), self.cfg.sets)]
                 self._restore_best(trainer.global_step)
-                from ds_face.progress import log
+                from ds_face.runtime.progress import log
                 if self.sets:
                     log.info("evaluation every " + (f"{self.cfg.every_steps} steps" if self.cfg.every_steps else
                              "run end") + ": " + ", ".join(f"{s.name} ({s.pairs} pairs)" for s in self.sets))
@@ -100,7 +100,7 @@ class TrainingEvaluator:
         return results
 
     def _run(self, step: int, last: bool = False) -> dict:
-        from ds_face.progress import log
+        from ds_face.runtime.progress import log
         model = self.trainer.engine.module
         deadline = time.monotonic() + self.budget
         results = {}
@@ -132,7 +132,7 @@ class TrainingEvaluator:
     def _run_ijb(self, model, step: int, deadline: float) -> dict | None:
         """eval.ijb at the last step, under the same deadline as the .bin sets; also eval/<target>_step_<N>.png."""
         from ds_face import ijb
-        from ds_face.progress import log
+        from ds_face.runtime.progress import log
         meta = self.ijb
         started = time.perf_counter()
         try:

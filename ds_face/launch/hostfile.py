@@ -1,4 +1,4 @@
-"""Check a DeepSpeed hostfile before any rank starts: ``python -m ds_face.hostfile FILE``.
+"""Check a DeepSpeed hostfile before any rank starts: ``python -m ds_face.launch.hostfile FILE``.
 
 Every non-comment line must be ``HOST slots=N``: HOST a host name (RFC 1123) or an IP address, N an integer
 from 1 to MAX_SLOTS, no host twice, and every host must resolve on this machine (the resolver ``getent hosts``
@@ -148,7 +148,7 @@ def select_slots(hosts: dict[str, int], include: str = "", exclude: str = "", nu
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="ds_face.hostfile", description=__doc__.splitlines()[0].split(":")[0] + ".",
+        prog="ds_face.launch.hostfile", description=__doc__.splitlines()[0].split(":")[0] + ".",
         epilog=f"Each non-comment line is 'HOST slots=N' (HOST a host name or IP address, 1 <= N <= {MAX_SLOTS}); "
                "every host must resolve here and appear once. "
                "Exit status 0: the file is good; 2: 'error: FILE line K: ...' on stderr.")

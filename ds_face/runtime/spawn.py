@@ -1,7 +1,7 @@
 """Run a function on W fresh processes joined by a process group (DeepSpeed's own init), without a launcher.
 
 ``run_ranks(2, fn, arg)`` starts two fresh Python processes (spawn), each calls
-``ds_face.dist.init`` (DeepSpeed's init_distributed) and then ``fn(rank, world_size, arg)``; whatever
+``ds_face.runtime.dist.init`` (DeepSpeed's init_distributed) and then ``fn(rank, world_size, arg)``; whatever
 ``fn`` returns (tensors, numbers, strings in dicts/lists) comes back as a list
 indexed by rank. A failure on any rank raises ``RankFailed`` with every failed
 rank's traceback (or exit code: -9 is the kernel's out-of-memory killer's).
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ds_face.dist import exit_without_teardown, init, shutdown
+from ds_face.runtime.dist import exit_without_teardown, init, shutdown
 
 
 def free_port() -> int:
@@ -66,7 +66,7 @@ class Deadline:
     quarter of a core stretches the wall-clock deadline four-fold, while a deadlock, or a rank spinning on a whole
     core, still fails after ``seconds``. (What made ``make test`` hit the old wall-clock 300 s: DeepSpeed's shm
     op compiled inside the first ranks, 0.5-3.5 min, on a machine busy with other work; it is now built at set-up,
-    ds_face/build_ops.py.)
+    ds_face/runtime/build_ops.py.)
     """
     IDLE = 0.02  # of a core: below it for every process, the second counts in full
 

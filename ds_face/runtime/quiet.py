@@ -10,8 +10,8 @@ Each is matched exactly, by message and by the module that emits it; everything 
   SGD/AdamW on purpose (``zero_allow_untested_optimizer`` in every JSON), tested by ``tests/test_engine.py``.
 
 * DeepSpeed's ``DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully``, a bare ``print`` by
-  every CPU rank each time ``init_distributed`` *loads* the op (built once, at set-up: ``ds_face.build_ops``);
-  ``ds_face.dist.init`` runs it inside ``printing_without(SHM_OP_LOADED)``.
+  every CPU rank each time ``init_distributed`` *loads* the op (built once, at set-up: ``ds_face.runtime.build_ops``);
+  ``ds_face.runtime.dist.init`` runs it inside ``printing_without(SHM_OP_LOADED)``.
 
 Kept on purpose: DeepSpeed's ``Setting accelerator to CPU. If you have GPU ...`` (on a GPU machine it means
 CUDA was not found), and every warning about the user's own data, configs or checkpoints.
@@ -24,7 +24,7 @@ import logging
 import sys
 import warnings
 
-from ds_face.op_cache import SHM_OP
+from ds_face.runtime.op_cache import SHM_OP
 
 ALL_GATHER_DEPRECATED = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
 UNTESTED_OPTIMIZER = "You are using ZeRO with an untested optimizer, proceed with caution"

@@ -5,7 +5,7 @@
       step_300/
         mp_rank_00_model_states.pt ... DeepSpeed: backbone and its (ZeRO-partitioned) optimizer
         backbone_full.pt               rank 0: the backbone's fp32 masters + optimizer state, gathered
-                                       (ds_face.zero_state), for a resume on another world size
+                                       (ds_face.checkpoint.zero_state), for a resume on another world size
         head_rank0_of2.pt ...          one per rank: head slice, head optimizer rows, and the state of the
                                        other components (data identity, position, RNG, BatchNorm buffers)
         ds_face_meta.json              rank 0: step, samples seen, batch layout, classes, backbone, config
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from ds_face.dist import any_rank
+from ds_face.runtime.dist import any_rank
 from ds_face.fileio import WriteError, fresh_dir, remove_entry, write_atomic, write_json_atomic
 
 log = logging.getLogger("ds_face")
@@ -96,7 +96,7 @@ class Checkpointer:
         if any_rank(error is not None, self.device):  # nobody writes before the directories are made
             raise CheckpointError(f"{tag_dir}: checkpoint not saved ({error or 'rank 0 could not prepare it: its message says why'}); "
                                   f"nothing was written")
-        from ds_face.zero_state import full_state
+        from ds_face.checkpoint.zero_state import full_state
         backbone = full_state(self.engine, keep=self.rank == 0)  # collective: gathers every rank's partition
         try:
             self.engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
@@ -145,7 +145,7 @@ class Checkpointer:
 
     def _refuse_non_finite(self, tag_dir: Path) -> None:
         """Collective. A checkpoint with NaN/inf weights would put `latest` on a run that cannot go on."""
-        from ds_face.zero_state import owned_values
+        from ds_face.checkpoint.zero_state import owned_values
         head = self.sharded["head"].weight
         bad = not bool(torch.isfinite(head).all()) or any(
             not bool(torch.isfinite(owned_values(p)).all()) for p in self.engine.module.parameters())
@@ -223,7 +223,7 @@ class Checkpointer:
     def _read_backbone_full(self, tag_dir: Path, old_world: int, optimizer: str):
         if old_world == self.world_size:
             return None  # DeepSpeed's own files fit
-        from ds_face.zero_state import is_partitioned
+        from ds_face.checkpoint.zero_state import is_partitioned
         if not is_partitioned(self.engine):
             return None  # stage 0 (fp32/fp16): DeepSpeed's files are the same for every world size
         path = tag_dir / BACKBONE_FULL
@@ -232,7 +232,7 @@ class Checkpointer:
                                   f"whose state is not partitioned (ZeRO stage 0?), and this run partitions it: "
                                   f"resume with the ZeRO stage it was saved with")
         state = _load_rank_file(path)  # memory-mapped: nothing is allocated from it before the check below
-        from ds_face.zero_state import check_full_state
+        from ds_face.checkpoint.zero_state import check_full_state
         try:  # exactly this backbone's parameters, shapes, fp32, finite, each tensor its own plain storage
             check_full_state(state, self.engine, optimizer)
         except ValueError as err:
@@ -247,7 +247,7 @@ class Checkpointer:
             if path is None:
                 raise CheckpointError(f"{self.save_dir / tag}: DeepSpeed found no model states to load")
             return
-        from ds_face.zero_state import load_full_state
+        from ds_face.checkpoint.zero_state import load_full_state
         try:
             load_full_state(engine, backbone)
         except (KeyError, ValueError, RuntimeError) as err:
@@ -345,7 +345,7 @@ def read_meta(tag_dir: Path) -> dict:
     missing = [key for key in META_KEYS if not isinstance(meta, dict) or key not in meta]
     if missing:
         raise CheckpointError(f"{path}: corrupt (missing {', '.join(missing)})")
-    from ds_face.safe_load import check_meta_counts
+    from ds_face.checkpoint.safe_load import check_meta_counts
     try:  # every count bounded by what the directory holds, before any loop uses one
         check_meta_counts(meta, tag_dir, META)
     except ValueError as err:
@@ -357,7 +357,7 @@ def read_meta(tag_dir: Path) -> dict:
 
 
 def _load_rank_file(path: Path) -> dict:
-    from ds_face.safe_load import UnsafeFileError, load_weights_only
+    from ds_face.checkpoint.safe_load import UnsafeFileError, load_weights_only
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; the checkpoint is incomplete")
     try:
@@ -432,7 +432,7 @@ def _check_head_tensors(path: Path, part: dict, weights: int) -> None:
     """Every tensor of a head file (memory-mapped) before anything is allocated from it: the slice float32 and
     finite; each tensor owning exactly its storage (no expanded stride-0 view, none shared); float ones finite;
     all together at most the slice and three optimizer copies of it, plus RNG states and buffers."""
-    from ds_face.zero_state import check_plain
+    from ds_face.checkpoint.zero_state import check_plain
     if part["weight"].dtype != torch.float32:
         raise CheckpointError(f"{path}: 'weight' is {part['weight'].dtype}, expected float32")
     pending, storages, total = [(part, "")], set(), 0
@@ -462,7 +462,7 @@ def _check_deepspeed_files(tag_dir: Path, run: dict | None = None, max_step: int
     allowed) before DeepSpeed's own torch.load(weights_only=False) sees any: a file that would run code, a link, a
     fifo is refused, named. With ``run`` (``engine_kind``) and ``max_step``: and the counters and loss scales each
     file holds range-checked for that run (``check_states``)."""
-    from ds_face.safe_load import UnsafeFileError, check_checkpoint_dir
+    from ds_face.checkpoint.safe_load import UnsafeFileError, check_checkpoint_dir
     inspect = None if run is None else (lambda path, obj: check_states(path, obj, run, max_step))
     try:
         check_checkpoint_dir(tag_dir, inspect)
@@ -555,7 +555,7 @@ def _state_rules(run: dict, max_step: int) -> dict:
     """key -> check(value) -> problem or None, for every counter and loss-scale field DeepSpeed (its engine,
     ZeRO optimizers, fp16 optimizers, loss scalers) or ds_face (backbone_full.pt, head files) saves. DeepSpeed
     restores its loss scaler object from the file as it is: a NaN or 1e38 scale in an fp32 run skips every step."""
-    from ds_face.safe_load import MAX_COUNT
+    from ds_face.checkpoint.safe_load import MAX_COUNT
 
     def whole(low, high, what=""):
         def check(value):

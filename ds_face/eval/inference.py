@@ -65,7 +65,7 @@ def weights_architecture(path: str, state: dict | None = None) -> tuple[str, int
     """(backbone name, embedding size) of the weights in ``path``, read from their key names and shapes; raises
     BackboneFileError (a ValueError naming the file) when the file is not a backbone's weights or its layout is
     not one of ``ds_face.backbones.BACKBONES``. The names have distinct (blocks, widths), so a match is unique."""
-    from ds_face.init_backbone import BackboneFileError, architecture, read_backbone_file
+    from ds_face.training.init_backbone import BackboneFileError, architecture, read_backbone_file
     state = read_backbone_file(path, mmap=True) if state is None else state
     layers, widths, embedding, names = architecture(state)
     if not names or embedding is None:
@@ -77,12 +77,12 @@ def weights_architecture(path: str, state: dict | None = None) -> tuple[str, int
 
 
 def load_model(path: str, backbone: str | None = None, embedding: int | None = None, device=None):
-    """A backbone built by name with ``path``'s weights (``ds_face.init_backbone`` rules), in eval mode.
+    """A backbone built by name with ``path``'s weights (``ds_face.training.init_backbone`` rules), in eval mode.
     ``backbone`` / ``embedding`` None: read from the weights (``weights_architecture``); given, they must fit."""
     import torch
 
     from ds_face.backbones import get_backbone
-    from ds_face.init_backbone import BackboneFileError, check_state_dict, load_backbone_file, read_backbone_file
+    from ds_face.training.init_backbone import BackboneFileError, check_state_dict, load_backbone_file, read_backbone_file
     state = read_backbone_file(path, mmap=True)  # mapped: checked before any of it is read or allocated
     if backbone is None or embedding is None:
         found_backbone, found_embedding = weights_architecture(path, state)
@@ -131,7 +131,7 @@ class _ModelAndArchitecture(argparse.Action):
 def add_model_args(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
     from ds_face.backbones import BACKBONES
     parser.add_argument("--model", required=model_required, action=_ModelAndArchitecture,
-                        help="model.pt (ds_face.export output or arcface_torch model zoo)")
+                        help="model.pt (ds_face.export.cli output or arcface_torch model zoo)")
     parser.add_argument("--backbone", choices=list(BACKBONES),
                         help="default: the one the weights' layers and widths match")
     parser.add_argument("--embedding", type=int, help="embedding size (default: the weights' fc.weight rows)")

@@ -107,7 +107,7 @@ def check_full_state(state, engine, optimizer: str) -> None:
     ``optimizer``'s states, every tensor float32 of the parameter's shape, a plain tensor within its storage (no
     expanded stride-0 view, no storage shared with another entry), finite; so its size is bounded by the model's
     by construction. (A file listing 20,001 parameters once drove a resize past 4 GB.) Counters and the loss
-    scaler are range-checked by ``ds_face.checkpoint.check_states``. Raises ValueError saying what is wrong."""
+    scaler are range-checked by ``ds_face.checkpoint.manager.check_states``. Raises ValueError saying what is wrong."""
     if not isinstance(state, dict):
         raise ValueError(f"not a full optimizer state (a {type(state).__name__}, not a dict)")
     unknown = sorted(str(k) for k in state if k not in FULL_STATE_KEYS)
@@ -156,10 +156,10 @@ def check_full_state(state, engine, optimizer: str) -> None:
 
 
 def check_plain(tensor: torch.Tensor, where: str, storages: set) -> None:
-    """A plain tensor within its storage (``ds_face.tensor_checks.layout_problem``: no expanded stride-0 or
+    """A plain tensor within its storage (``ds_face.checkpoint.tensor_checks.layout_problem``: no expanded stride-0 or
     overlapping view, which would claim more elements than the file holds) that shares its storage with no other
     tensor in ``storages`` (data pointers seen so far; this one is added). Raises ValueError naming ``where``."""
-    from ds_face.tensor_checks import layout_problem
+    from ds_face.checkpoint.tensor_checks import layout_problem
     problem = layout_problem(tensor)
     if problem:
         raise ValueError(f"{where} is {problem}")

@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 
-from ds_face.export_weights import ExportError, reference_backbone
+from ds_face.export.weights import ExportError, reference_backbone
 
 ONNX_OPSET = 18  # the lowest opset the dynamo exporter implements natively in torch 2.13
 ONNX_CHECK_BATCHES = (4, 3)  # two sizes: proves the batch axis is really dynamic

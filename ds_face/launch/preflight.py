@@ -1,7 +1,7 @@
 """Checks ``launch.sh`` runs before DeepSpeed starts any rank, so that a bad launch fails in a second with one
 clear message instead of on every node after start-up.
 
-    python -m ds_face.preflight RUN.yaml DS.json [--port N [--port-given] | --hostfile-launch] -- ARGS...
+    python -m ds_face.launch.preflight RUN.yaml DS.json [--port N [--port-given] | --hostfile-launch] -- ARGS...
 
 * **Both config files** (``ARGS`` holds the trainer's ``--set`` pairs): everything ``ds_face.config`` checks
   without the world size, ``output.dir`` included.
@@ -13,9 +13,9 @@ clear message instead of on every node after start-up.
 * **The master port** (single-node launches): ``--port N --port-given`` (the user's ``--master_port``) must be
   free, or the launch stops naming it; without ``--port-given`` a busy default is replaced by a free port,
   printed on stdout and stated on stderr.
-* **Values for a multi-node launch** (``launch.sh --hostfile`` runs ``ds_face.multinode``, which quotes every
+* **Values for a multi-node launch** (``launch.sh --hostfile`` runs ``ds_face.launch.multinode``, which quotes every
   value it sends to a node's shell): the values that must be of one kind are allow-listed here, one function
-  per kind (``env_name_problem``, ``port_problem``, ``address_problem``; host names: ``ds_face.hostfile``).
+  per kind (``env_name_problem``, ``port_problem``, ``address_problem``; host names: ``ds_face.launch.hostfile``).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import re
 import socket
 import sys
 
-from ds_face.hostfile import host_problem, shown
+from ds_face.launch.hostfile import host_problem, shown
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # what a POSIX shell accepts as a variable name
 DEFAULT_MASTER_PORT = 29500  # deepspeed.constants.TORCH_DISTRIBUTED_DEFAULT_PORT
@@ -127,7 +127,7 @@ def set_pairs(args: list[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ds_face.preflight", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ds_face.launch.preflight", description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("deepspeed_config")
     parser.add_argument("--port", type=int, help="the master port to check (single-node launch)")

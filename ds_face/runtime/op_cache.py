@@ -8,8 +8,8 @@ unset, that is ``~/.cache/torch_extensions/py311_cpu``, shared by every venv of 
 names the sources inside one venv's DeepSpeed, so two checkouts with their own venvs rebuild the op in turn,
 each launch invalidating the other's build.
 
-So ``import ds_face`` (every ds_face process: launch.sh's ranks, ``ds_face.spawn``'s, the tests, ``make setup``'s
-``python -m ds_face.build_ops``) calls ``use_venv_extensions_dir()``: ``TORCH_EXTENSIONS_DIR`` becomes
+So ``import ds_face`` (every ds_face process: launch.sh's ranks, ``ds_face.runtime.spawn``'s, the tests, ``make setup``'s
+``python -m ds_face.runtime.build_ops``) calls ``use_venv_extensions_dir()``: ``TORCH_EXTENSIONS_DIR`` becomes
 ``<venv>/torch_extensions`` when the user has not set it and Python runs in a venv (``sys.prefix``) this user
 can write in; child processes inherit it. And torch runs the ``ninja`` it finds first on PATH: a system ninja
 (1.11 here) and the venv's (pip's ``ninja``, a DeepSpeed dependency: 1.13) read each other's ``.ninja_log`` as

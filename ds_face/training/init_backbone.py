@@ -1,6 +1,6 @@
 """Start a backbone from a ``model.pt``: ``ds_face.train ... --init-backbone model.pt``.
 
-Accepted files (read weights-only by ``ds_face.safe_load.load_weights_only``, nothing is executed):
+Accepted files (read weights-only by ``ds_face.checkpoint.safe_load.load_weights_only``, nothing is executed):
 
 * a plain state_dict, as arcface_torch saves it (``torch.save(backbone.module.state_dict())``,
   the model-zoo ``model.pt`` files) and as ``python -m ds_face.export`` writes it;
@@ -11,10 +11,10 @@ Accepted files (read weights-only by ``ds_face.safe_load.load_weights_only``, no
 The keys must match the configured backbone exactly (``load_state_dict(strict=True)``);
 on a mismatch the error names the file, the backbone, the embedding sizes and the first
 missing / unexpected / wrongly shaped keys. Before anything is allocated from it, every tensor is checked
-(``ds_face.tensor_checks.check_state``): float32, float16 or bfloat16 where the model is float32 (float64,
+(``ds_face.checkpoint.tensor_checks.check_state``): float32, float16 or bfloat16 where the model is float32 (float64,
 integer, bool, complex refused), int64 counters, dense and alone in its storage (no expanded or shared views),
 finite values, BatchNorm variances >= 0; the error names the file and the key. A raw DeepSpeed checkpoint file is refused with
-a pointer to ``ds_face.export`` (its weights may be 16-bit or ZeRO-partitioned).
+a pointer to ``ds_face.export.cli`` (its weights may be 16-bit or ZeRO-partitioned).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class BackboneFileError(ConfigError):
 
 def read_backbone_file(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
     """The state_dict in ``path``, unwrapped and without ``module.`` prefixes (not yet checked)."""
-    from ds_face.safe_load import UnsafeFileError, load_weights_only
+    from ds_face.checkpoint.safe_load import UnsafeFileError, load_weights_only
     path = Path(path)
     try:  # the one weights-only loader: a file that names os.system & co. is refused, naming it
         obj = load_weights_only(path, mmap=mmap)
@@ -91,9 +91,9 @@ def check_state_dict(state: dict, reference: dict, path, backbone: str | None = 
                      embedding_size: int | None = None) -> None:
     """Raise BackboneFileError unless ``state`` fits ``reference`` (a state_dict, the meta device will do):
     exactly its keys and shapes, its dtypes (float32, or float16/bfloat16 upcast exactly; int64 counters), dense
-    tensors each in a storage of its own, finite values (``ds_face.tensor_checks.check_state``). Nothing is
+    tensors each in a storage of its own, finite values (``ds_face.checkpoint.tensor_checks.check_state``). Nothing is
     allocated from ``state`` before this passes."""
-    from ds_face.tensor_checks import TensorCheckError, check_state
+    from ds_face.checkpoint.tensor_checks import TensorCheckError, check_state
     target = f"backbone {backbone!r}" if backbone else "the backbone"
     if embedding_size is not None and "fc.weight" in state and "fc.weight" in reference:
         got = tuple(state["fc.weight"].shape)
@@ -118,7 +118,7 @@ def load_backbone_file(path: str | os.PathLike, model: nn.Module, backbone: str 
     check_state_dict(state, reference, path, backbone, embedding)
     low = sorted({str(v.dtype) for v in state.values() if v.is_floating_point() and v.dtype != torch.float32})
     if low:
-        from ds_face.progress import log
+        from ds_face.runtime.progress import log
         log.warning(f"{path}: {', '.join(low)} weights, upcast to the model's dtype")
     model.load_state_dict(state, strict=True)
     return model

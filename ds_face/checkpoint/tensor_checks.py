@@ -3,7 +3,7 @@
 Two levels, both on the tensors as ``torch.load(mmap=True)`` returns them (sizes, strides, storages: nothing
 is copied to check them):
 
-* ``check_layout``, for every tensor of every torch file (``ds_face.safe_load.load_weights_only`` calls it): a
+* ``check_layout``, for every tensor of every torch file (``ds_face.checkpoint.safe_load.load_weights_only`` calls it): a
   plain CPU tensor whose elements are distinct stored elements of its storage. An expanded (stride-0) view, an
   overlapping view or one that runs past its storage is refused, so a tensor never stands for more memory than
   the file holds; all tensors of a file together may claim at most ``SHARED_VIEWS`` times the file's size

@@ -1,0 +1,1 @@
+"""Evaluation: .bin verification sets, inference, embeddings (python -m ds_face.eval)."""
