@@ -1,12 +1,14 @@
 # make demo   set up (first time) and train the embedded default: 2 CPU ranks, ZeRO-2, Partial FC 0.1
-# make test   set up (first time) and run the test suite (what CI runs)
+# make test   set up (first time), lint and run the test suite (what CI runs)
+# make test-fast   lint and the unit tests only (pytest -m "not slow": no ranks, launches or subprocesses), < 2 min
+# make lint   ruff check . (the rules: pyproject.toml [tool.ruff])
 # make test-multinode   real 2-host launches over ssh on this machine (needs sshd; pdsh for one control run)
 # make gpu-check   on NVIDIA GPUs: the GPU path in one run (< 10 min on one GPU), reports/gpu-check-<hostname>.md
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test multinode-tools test-multinode gpu-check bench-head bench-engine bench-data bench-memory bench-report clean
+.PHONY: setup demo lint test test-fast multinode-tools test-multinode gpu-check bench-head bench-engine bench-data bench-memory bench-report clean
 
 setup: $(VENV)/.installed
 
@@ -26,8 +28,16 @@ demo: setup
 	rm -rf work_dirs/cpu_demo  # the demo starts over; a real run refuses to overwrite its checkpoints
 	./launch.sh configs/cpu_demo.yaml ds_configs/cpu_zero2_fp32.json
 
-test: setup multinode-tools
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup lint multinode-tools
 	$(PY) -m pytest -q
+
+# the lint and the unit tests: `slow` is set by tests/conftest.py on every test that starts processes (ranks,
+# launches, subprocesses), docs/testing.md; the rest run in the pytest process
+test-fast: setup lint
+	$(PY) -m pytest -q -m "not slow"
 
 # The two-host launch tests (tests/test_multinode.py) need sshd (pdsh: a control run of DeepSpeed's runner). Under CI (CI=true, as root, Debian
 # packages reachable) they are installed here (2.3 MB, seconds); elsewhere, or if apt fails, those tests

@@ -38,8 +38,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from data_prep import rec2arrow, verify
-from data_prep.convert import default_workers, mp_context
+from data_prep.convert import mp_context
 from data_prep.recordio import pack_image_record, write_recordio
+from ds_face.runtime.cpus import worker_processes
+from ds_face.runtime.markdown import markdown_table
 
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gb", type=float, default=1.0)
     parser.add_argument("--dir", default="/tmp/ds_face_bench_convert", help="cache of the generated .rec, and outputs")
-    parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--workers", type=int, default=worker_processes())
     parser.add_argument("--cold", action="store_true", help="also run every variant from a dropped page cache")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--shard-sweep", default="", help="comma-separated shard counts to time (warm), e.g. 4,16,960")
@@ -222,21 +224,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.repeat} repetitions; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
           f"(1 / 5 / 15 min); MB/s of .rec; ratio = plain read's time / the variant's time, per repetition, "
           f"min / median / max\n")
-    print("| variant | cache | seconds (min-max) | MB/s (median) | CPU s (median) | vs plain read (min / median / max) "
-          "| vs plain copy (median) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-
     def ratios(baseline: str, temperature: str, walls: list[float]) -> list[float]:  # per repetition, sorted
         return sorted(b / w for (b, _), w in zip(times[(baseline, temperature)], walls))
 
+    rows = []
     for (name, temperature), runs in times.items():
         walls = [w for w, _ in runs]
         vs_read, vs_copy = ratios("plain read", temperature, walls), ratios("plain copy", temperature, walls)
         median = statistics.median(walls)
         cpu = "-" if name.startswith("verify") else f"{statistics.median(c for _, c in runs):.2f}"  # its pool's
-        print(f"| {name} | {temperature} | {min(walls):.2f}-{max(walls):.2f} | {rec_bytes / 1e6 / median:,.0f} | "
-              f"{cpu} | {vs_read[0]:.2f} / {statistics.median(vs_read):.2f} / {vs_read[-1]:.2f} | "
-              f"{statistics.median(vs_copy):.2f} |")
+        rows.append([name, temperature, f"{min(walls):.2f}-{max(walls):.2f}", f"{rec_bytes / 1e6 / median:,.0f}", cpu,
+                     f"{vs_read[0]:.2f} / {statistics.median(vs_read):.2f} / {vs_read[-1]:.2f}",
+                     f"{statistics.median(vs_copy):.2f}"])
+    print(markdown_table(["variant", "cache", "seconds (min-max)", "MB/s (median)", "CPU s (median)",
+                          "vs plain read (min / median / max)", "vs plain copy (median)"], rows))
     if not has_mxnet:
         print("\nmxnet is not installed here: no mxnet scan row (pip install mxnet to compare; it is not a dependency)")
     return 0

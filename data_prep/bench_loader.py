@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ds_face.bench import markdown_table
+from ds_face.runtime.markdown import markdown_table
 
 
 def naive_pil_batches(rec_dir: Path, samples: int, batch: int):
@@ -58,8 +58,8 @@ def naive_pil_batches(rec_dir: Path, samples: int, batch: int):
 def arrow_batches(arrow_dir: Path, samples: int, batch: int, workers: int):
     """Built here, before the timer starts: opening the dataset is once per run, not per sample."""
     from ds_face.data import ArrowFaces, Loader
-    from ds_face.data.order import Layout
-    loader = Loader(ArrowFaces(arrow_dir), Layout(batch, 1, 1), num_workers=workers)
+    from ds_face.data.order import BatchLayout
+    loader = Loader(ArrowFaces(arrow_dir), BatchLayout(batch, 1, 1), num_workers=workers)
     return loader.micro_batches(0, -(-samples // batch) * batch)
 
 

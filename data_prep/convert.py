@@ -52,6 +52,7 @@ from data_prep.shard_writer import ShardWriter, kept_shard
 from data_prep.source import Chunk, Source, SourceError
 from ds_face.data.shards import ROWS_PER_RECORD_BATCH, Manifest, ShardInfo, read_manifest, rows_per_shard, shard_name
 from ds_face.fileio import PARTIAL, WriteError, fsync_path, real_dir, write_atomic, write_json_atomic
+from ds_face.runtime.cpus import worker_processes
 
 
 class Interrupted(Exception):
@@ -87,10 +88,6 @@ def prefetched(chunks: Iterator[Chunk], depth: int = 1) -> Iterator[Chunk]:
         while thread.is_alive():  # unblock a producer waiting on a full queue
             with contextlib.suppress(Empty):
                 queue.get(timeout=0.05)
-
-
-def default_workers() -> int:
-    return min(8, os.cpu_count() or 1)
 
 
 def mp_context():
@@ -143,7 +140,7 @@ def convert(source: Source, out: str | os.PathLike, *, num_shards: int | None = 
     if mode != "resume":
         write_json_atomic(out / PLAN, plan)
     try:
-        shards = _write_shards(source, out, num_shards, shard_order(n, order, seed), workers or default_workers(),
+        shards = _write_shards(source, out, num_shards, shard_order(n, order, seed), workers or worker_processes(),
                                on_shard_done, chunk_bytes or chunk_bytes_for(num_shards))
     except SourceError:
         if mode != "resume":  # fixing the input changes its mtime, so these shards could never be resumed
@@ -256,7 +253,7 @@ def _raise_open_file_limit(needed: int) -> None:
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="output directory (created; must be empty, a resumable conversion of the same "
                                     "sources, or --overwrite)")
-    parser.add_argument("--workers", type=int, default=default_workers(),
+    parser.add_argument("--workers", type=int, default=worker_processes(),
                         help="threads that copy, hash and write shards (default: min(8, CPUs))")
     parser.add_argument("--shards", type=int, default=None,
                         help="number of shards (default: shards of ~256 MB, each of at least 64 rows)")

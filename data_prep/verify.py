@@ -21,13 +21,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_prep.convert import default_workers, mp_context
+from data_prep.convert import mp_context
 from data_prep.recordio import RecordIOError
 from data_prep.source import Source, SourceError
 from ds_face.data.shards import (
     ROWS_PER_RECORD_BATCH, Manifest, ShardError, ShardInfo, open_shard, read_manifest, rows_per_shard, sha256_of,
 )
 from ds_face.images import ImageFormatError, image_format
+from ds_face.runtime.cpus import worker_processes
 
 
 def _read_shard(directory: str, info: ShardInfo, num_classes: int) -> pa.Table:
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.verify", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", help="a directory written by data_prep.rec2arrow or data_prep.folder2arrow")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="processes (default: min(8, CPUs))")
+    parser.add_argument("--workers", type=int, default=worker_processes(), help="processes (default: min(8, CPUs))")
     parser.add_argument("--source", help="also compare with this source (what rec2arrow/folder2arrow read)")
     parser.add_argument("--prefix", default="train", help="file name prefix of the .rec/.idx (default: train)")
     args = parser.parse_args(argv)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 PARTIAL = ".partial"
-_TEMPORARY = re.compile(r"^(?P<name>.+)\.[0-9a-f]{12}\.partial$")
+_TEMPORARY = re.compile(r"^(?P<name>.+)\.[0-9a-f]{12}\.partial\Z")
 log = logging.getLogger("ds_face")
 
 

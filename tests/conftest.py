@@ -3,16 +3,23 @@
 They are plain functions, not fixtures, because most run inside rank processes (``ds_face.runtime.spawn.run_ranks``)
 where fixtures do not reach; import them with ``from tests.conftest import ...``.
 """
+import concurrent.futures
+import functools
+import importlib
+import inspect
 import io
+import multiprocessing
 import os
+import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ds_face.runtime.spawn import free_port, run_command
+from ds_face.runtime.spawn import free_port, run_command, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -41,7 +48,7 @@ def make_trainer(world_size, out_dir=None, stage=2, precision="fp32", *, classes
         BatchLayout, CheckpointConfig, DataConfig, HeadConfig, ModelConfig, OptimizerConfig, OutputConfig, RunConfig,
         ScheduleConfig,
     )
-    from ds_face.train import Trainer
+    from ds_face.training.trainer import Trainer
     given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
     ds = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
           **given(gradient_clipping=clip), "zero_optimization": {"stage": stage},
@@ -127,3 +134,91 @@ def tiny_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.pt"
     torch.save(model.state_dict(), path)
     return path, model.eval()
+
+
+# -- the `slow` marker -------------------------------------------------------------------------------
+# A test is `slow` when it starts processes: ranks (`run_ranks`), launches (`run_command`, the files' `launch`
+# helpers), subprocesses, process pools. Each costs seconds of interpreter and torch start-up, and they are what
+# fills the suite's 40 minutes; a unit test runs in this process. Decided by reading the code a test reaches --
+# its function, its fixtures, and the project functions, classes and modules they name, followed down -- so a
+# new test is marked by what it does, not by a list to keep. `pytest -m "not slow"` runs the unit tests.
+PROCESS_STARTERS = (subprocess, multiprocessing, concurrent.futures.ProcessPoolExecutor, run_ranks, run_command,
+                    os.fork, os.system, os.posix_spawn, os.execv, os.execve)
+PROJECT_PACKAGES = ("ds_face", "data_prep", "tests")
+
+
+def _in_project(obj) -> bool:
+    name = obj.__name__ if isinstance(obj, types.ModuleType) else getattr(obj, "__module__", None) or ""
+    return name.split(".")[0] in PROJECT_PACKAGES
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """Every global and attribute name a function's code uses, its nested functions, lambdas and comprehensions
+    included."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
+def _named_by(function: types.FunctionType) -> list:
+    """The objects a function's code can reach by name: its globals, closure cells and the modules it imports
+    inside (``from tests.conftest import launch``), and the attributes of the modules among them
+    (``subprocess.run``, ``conftest.launch``)."""
+    names = _names(function.__code__)
+    found = [function.__globals__[n] for n in names if n in function.__globals__]
+    found += [_imported(n) for n in names if n in sys.modules or n.split(".")[0] in PROJECT_PACKAGES]
+    found += [_contents(cell) for cell in function.__closure__ or ()]
+    found += [vars(m).get(n) for m in found if isinstance(m, types.ModuleType) for n in names]  # no __getattr__
+    return found
+
+
+def _imported(module_name: str):
+    """The module an import inside a function names; a project module not imported yet is imported now, as the
+    test would import it (None if it is not a module, or does not import now: the test will say why)."""
+    try:
+        return importlib.import_module(module_name)
+    except Exception:  # an attribute named like a package, or a module that fails to import
+        return None
+
+
+def _contents(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # a closure variable not assigned yet
+        return None
+
+
+def starts_processes(obj, seen: set[int] | None = None) -> bool:
+    """Whether ``obj`` (a test, fixture or helper) is, or names, a process starter, directly or through the
+    project's functions, classes, ``functools.partial``s and modules it names."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return False
+    seen.add(id(obj))
+    if any(obj is starter for starter in PROCESS_STARTERS):
+        return True
+    if isinstance(obj, functools.partial):
+        return starts_processes(obj.func, seen)
+    if isinstance(obj, (staticmethod, classmethod)):
+        return starts_processes(obj.__func__, seen)
+    if not _in_project(obj):
+        return False
+    if inspect.isclass(obj):
+        return any(starts_processes(member, seen) for member in vars(obj).values())
+    if inspect.isfunction(obj):
+        return any(starts_processes(named, seen) for named in _named_by(obj))
+    return False
+
+
+def pytest_collection_modifyitems(items):
+    verdicts = {}  # per test function and fixture, so that parametrized tests and shared fixtures are read once
+    for item in items:
+        fixtures = [defs[-1].func for defs in item._fixtureinfo.name2fixturedefs.values()]
+        reached = [code for code in [getattr(item, "function", None), *fixtures] if code is not None]
+        for code in reached:
+            if code not in verdicts:
+                verdicts[code] = starts_processes(code)
+        if any(verdicts[code] for code in reached):
+            item.add_marker(pytest.mark.slow)

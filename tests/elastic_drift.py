@@ -62,7 +62,7 @@ def write_configs(directory: Path, *, stage: int, lr: float, sample_rate: float,
 def gathered(trainer) -> dict:
     """The run's whole state, gathered (a collective): backbone fp32 weights and optimizer state, the loss
     scale, the head's rows and their momentum (this rank's)."""
-    from ds_face.checkpoint.zero_state import gathered_state
+    from tests.engine_state import gathered_state
     state = gathered_state(trainer.engine)
     scaler = getattr(trainer.engine.optimizer, "loss_scaler", None)
     return {"params": state["params"], "keys": state["state_keys"], "loss_scale": getattr(scaler, "cur_scale", None),
@@ -76,9 +76,10 @@ def train(rank: int, world_size: int, run_yaml: str, ds_json: str, max_steps: in
     the resize line, and (``want_state``) the state after the resume, before any step (or after the last)."""
     import torch
 
-    from ds_face.checkpoint.manager import SAVE_DIR, plan_resume
+    from ds_face.checkpoint.files import SAVE_DIR, plan_resume
+    from tests import observe
     from ds_face.config import load_ds_config, load_run_config
-    from ds_face.train import Trainer
+    from ds_face.training.trainer import Trainer
     if threads:
         torch.set_num_threads(threads)
     else:  # torch's own default in a fresh process, which run_ranks' 1 thread per rank replaced
@@ -98,10 +99,10 @@ def train(rank: int, world_size: int, run_yaml: str, ds_json: str, max_steps: in
     if resume:
         trainer.resume()
         state = gathered(trainer) if want_state else None
-    trainer.fit()
+    steps = observe.fit(trainer)
     if not resume and want_state:
         state = gathered(trainer)
-    return {"losses": trainer.losses, "resized": resized, "state": state, "step": trainer.global_step}
+    return {"losses": steps.losses, "resized": resized, "state": state, "step": trainer.global_step}
 
 
 def resize_runs(directory: Path, *, cut: int, steps: int, stage: int, lr: float, sample_rate: float,

@@ -14,12 +14,22 @@ import pytest
 import torch
 from PIL import Image
 
-from ds_face.data.arrow import ArrowFaces, DataError, decode_rgb, flip_coin, flip_coins, flip_images, normalize
+from ds_face.data.arrow import ArrowFaces, DataError, decode_rgb, flip_images, normalize
 from ds_face.data.loader import Loader
-from ds_face.data.order import EpochOrder, Layout
+from ds_face.data.order import BatchLayout, EpochOrder
+from ds_face.data.seeds import flip_bits
 from ds_face.data.shards import shard_name
 from ds_face.runtime.spawn import run_ranks
 from tests.conftest import index_png, write_shards
+
+
+def flip_coin(seed: int, epoch: int, row: int) -> bool:
+    """The flip of one sample, computed independently of ds_face (Python integers, splitmix64 as published):
+    the reference every flip of the loader is checked against."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + row * 0x94D049BB133111EB) & (2**64 - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return bool((x ^ (x >> 31)) & 1)
 
 
 def decode_batch(batch) -> tuple[list[int], list[bool]]:
@@ -33,7 +43,7 @@ def decode_batch(batch) -> tuple[list[int], list[bool]]:
 def make_loader(directory, micro_batch, accumulation=1, rank=0, world_size=1, workers=0, seed=2048, streams=4,
                 on_corrupt="skip"):
     source = ArrowFaces(directory, seed=seed, on_corrupt=on_corrupt)
-    return Loader(source, Layout(micro_batch, accumulation, world_size, rank), streams=streams, seed=seed,
+    return Loader(source, BatchLayout(micro_batch, accumulation, world_size, rank), streams=streams, seed=seed,
                   num_workers=workers)
 
 
@@ -69,9 +79,9 @@ def test_flip_images_mirrors_exactly_the_chosen_images():
     assert np.array_equal(images[[0, 2, 3]], before[[0, 2, 3]])
 
 
-def test_flip_coins_is_flip_coin_for_many():
+def test_flip_bits_is_flip_coin_for_many():
     epochs, rows = np.repeat(np.arange(3), 400), np.tile(np.arange(400), 3) * 7919
-    assert flip_coins(5, epochs, rows).tolist() == [flip_coin(5, e, r) for e, r in zip(epochs.tolist(), rows.tolist())]
+    assert flip_bits(5, epochs, rows).tolist() == [flip_coin(5, e, r) for e, r in zip(epochs.tolist(), rows.tolist())]
 
 
 def test_normalize_matches_arcface_torch():

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_face.checkpoint.manager import CheckpointError, check_fits, head_file, head_slices, latest_tag, read_meta
+from ds_face.checkpoint.files import (
+    CheckpointError, check_fits, head_file, head_slices, latest_tag, read_meta, run_identity,
+)
 from ds_face.config import HeadConfig, ModelConfig, RunConfig
 from ds_face.runtime.spawn import free_port, run_ranks
-from tests import conftest
+from tests import conftest, observe
 from tests.conftest import DEEPSPEED, RESUMABLE, ROOT
 
 CLASSES, EMBEDDING, MICRO = 50, 32, 8  # 50 classes: 25/25 on 2 ranks, 17/17/16 on 3
@@ -22,22 +24,22 @@ CLASSES, EMBEDDING, MICRO = 50, 32, 8  # 50 classes: 25/25 on 2 ranks, 17/17/16 
 make_trainer = functools.partial(conftest.make_trainer, **{**RESUMABLE, "samples": 48}, every=2, keep_last=2)
 
 
-def snapshot(trainer):
+def snapshot(trainer, recorded=()):
     return {"backbone": {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()},
             "head": trainer.head.weight.clone(), "momentum": trainer.head_optimizer.state["momentum_buffer"].clone(),
-            "losses": list(trainer.losses), "step": trainer.global_step, "epoch": trainer.epoch}
+            "losses": [r.loss for r in recorded], "step": trainer.global_step, "epoch": trainer.epoch}
 
 
 def _exact_resume(rank, world_size, root, stage):
     whole = make_trainer(world_size, Path(root) / "whole", stage)
-    whole.fit()  # 6 steps, 2 epochs
+    whole_steps = observe.fit(whole)  # 6 steps, 2 epochs
     first = make_trainer(world_size, Path(root) / "cut", stage, max_steps=4)
     first.fit()  # stops mid-epoch 1 after saving step 4
     second = make_trainer(world_size, Path(root) / "cut", stage)
     second.resume()
     resumed_at = (second.global_step, second.epoch)
-    second.fit()
-    return {"whole": snapshot(whole), "second": snapshot(second), "resumed_at": resumed_at,
+    second_steps = observe.fit(second)
+    return {"whole": snapshot(whole, whole_steps), "second": snapshot(second, second_steps), "resumed_at": resumed_at,
             "tags": sorted(os.listdir(Path(root) / "cut" / "checkpoints"))}
 
 
@@ -104,7 +106,7 @@ def _failed_save_keeps_previous(rank, world_size, out_dir):
         checkpoint.write_atomic = full_disk
     trainer.position.step = 4
     try:
-        trainer.save_checkpoint()
+        trainer.checkpoints.save()
         error = None
     except CheckpointError as err:
         error = str(err)
@@ -137,14 +139,17 @@ def copy_of(saved_checkpoint, tmp_path):
 
 def test_head_slices_that_do_not_add_up_fail_loudly(saved_checkpoint, tmp_path):
     save_dir, tag_dir = copy_of(saved_checkpoint, tmp_path)
-    assert sum(s["num_local"] for s in head_slices(tag_dir, 2, CLASSES, EMBEDDING)) == CLASSES
-    part = torch.load(tag_dir / head_file(1, 2), weights_only=True)
+    files = head_slices(tag_dir, 2, CLASSES, EMBEDDING)
+    assert sum(f["sharded"]["head"]["num_local"] for f in files) == CLASSES
+    file = torch.load(tag_dir / head_file(1, 2), weights_only=True)
+    part = file["sharded"]["head"]
     part["weight"], part["num_local"] = part["weight"][:-2], part["num_local"] - 2
-    torch.save(part, tag_dir / head_file(1, 2))
+    file["sharded"]["head_optimizer"]["num_local"] -= 2
+    torch.save(file, tag_dir / head_file(1, 2))
     with pytest.raises(CheckpointError, match=r"the 2 head slices hold 48 classes, expected 50: they end at class 48 "):
         head_slices(tag_dir, 2, CLASSES, EMBEDDING)
     part["class_start"] = 20
-    torch.save(part, tag_dir / head_file(1, 2))
+    torch.save(file, tag_dir / head_file(1, 2))
     with pytest.raises(CheckpointError, match=r"head_rank1_of2.pt: head slice starts at class 20, expected 25: an overlap after head_rank0_of2.pt"):
         head_slices(tag_dir, 2, CLASSES, EMBEDDING)
 
@@ -170,7 +175,7 @@ def test_missing_corrupt_and_foreign_checkpoints(saved_checkpoint, tmp_path):
     other = RunConfig(model=ModelConfig(backbone="r_tiny", embedding_size=64), head=HeadConfig(num_classes=51))
     with pytest.raises(CheckpointError, match=r"ds_face_meta.json: does not fit this run: num_classes is 50 in the "
                                               r"checkpoint, 51 in the run config; embedding_size is 32"):
-        check_fits(meta, other, tag_dir / "ds_face_meta.json")
+        check_fits(meta, run_identity(other), tag_dir / "ds_face_meta.json")
     (tag_dir / "ds_face_meta.json").write_text("{")
     with pytest.raises(CheckpointError, match=r"ds_face_meta.json: corrupt"):
         read_meta(tag_dir)

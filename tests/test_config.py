@@ -44,7 +44,7 @@ def test_presets_load(preset, tmp_path):
 @pytest.mark.parametrize("ds", sorted((ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
 def test_ds_configs_load(ds):
     raw, layout = load_ds_config(ds, world_size=8)
-    assert layout.per_step == raw["train_micro_batch_size_per_gpu"] * raw.get("gradient_accumulation_steps", 1) * 8
+    assert layout.global_batch == raw["train_micro_batch_size_per_gpu"] * raw.get("gradient_accumulation_steps", 1) * 8
 
 
 def test_unknown_key_named_with_file_and_suggestion(tmp_path):
@@ -94,7 +94,7 @@ def ds_json(tmp_path, **fields):
 
 def test_batch_sizes_must_agree_with_world_size(tmp_path):
     path = ds_json(tmp_path, gradient_accumulation_steps=2, train_batch_size=128)
-    assert load_ds_config(path, 2)[1].per_step == 128
+    assert load_ds_config(path, 2)[1].global_batch == 128
     with pytest.raises(ConfigError) as err:
         load_ds_config(path, 3)
     assert str(path) in str(err.value) and "'train_batch_size' is 128" in str(err.value)

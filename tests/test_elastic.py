@@ -19,7 +19,7 @@ import torch
 
 from ds_face.config import DataConfig
 from ds_face.runtime.spawn import run_ranks
-from tests import conftest
+from tests import conftest, observe
 from tests.conftest import RESUMABLE
 from tests.elastic_drift import gathered as _state  # the whole state, gathered (a collective)
 
@@ -91,12 +91,11 @@ def _data(kind, root):
 
 def _run_with_ledger(rank, world_size, root, out, kind, max_steps, resume):
     trainer = make_trainer(world_size, Path(root) / out, stage=2, max_steps=max_steps, data=_data(kind, root))
-    trainer.ledger = []
     if resume:
         trainer.resume()
-    trainer.fit()
-    ledger = torch.cat(trainer.ledger, dim=1) if trainer.ledger else torch.empty(2, 0, dtype=torch.int64)
-    return {"lrs": trainer.lrs, "ledger": ledger, "dropped": trainer.dropped, "samples": trainer.position.samples}
+    dropped = trainer.plan().dropped
+    steps = observe.fit(trainer)
+    return {"lrs": steps.lrs, "ledger": steps.ledger, "dropped": dropped, "samples": trainer.position.samples}
 
 
 def reference_lr(samples, horizon=192, warmup=50, base=0.1, power=2.0):

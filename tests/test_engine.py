@@ -1,6 +1,6 @@
 """The head following the real DeepSpeed engine, on real gloo ranks.
 
-Every worker builds the actual ``ds_face.train.Trainer`` (DeepSpeed engine
+Every worker builds the actual ``ds_face.training.trainer.Trainer`` (DeepSpeed engine
 around an IResNet, Partial FC outside it) and drives it with ``micro_step``,
 the function the training loop uses.
 """
@@ -11,7 +11,7 @@ import torch
 
 from ds_face.data.arrow import normalize
 from ds_face.runtime.spawn import run_ranks
-from ds_face.train import loss_scale, micro_step
+from ds_face.training.trainer import loss_scale, micro_step
 from tests import conftest
 
 CLASSES, EMBEDDING = 11, 32
@@ -70,7 +70,7 @@ def test_same_update_however_the_batch_is_split():
 def _trajectory_worker(rank, world_size, stage):
     trainer = make_trainer(world_size, micro=8, stage=stage, sample_rate=0.5)
     losses = []
-    for step, batch in enumerate(trainer.loader.micro_batches(0, trainer.total_samples)):
+    for step, batch in enumerate(trainer.loader.micro_batches(0, trainer.plan().total)):
         losses.append(micro_step(trainer.engine, trainer.head, trainer.head_optimizer, batch, LR).loss.item())
         if step == 4:
             return losses
@@ -105,7 +105,7 @@ def _fp16_overflow_worker(rank, world_size):
     _enable_fp16_on_cpu()
     trainer = make_trainer(world_size, micro=4, precision="fp16")
     engine, head, head_opt = trainer.engine, trainer.head, trainer.head_optimizer
-    batches = trainer.loader.micro_batches(0, trainer.total_samples)
+    batches = trainer.loader.micro_batches(0, trainer.plan().total)
     out = {}
 
     micro_step(engine, head, head_opt, next(batches), LR)  # a normal step: momentum is now non-zero
@@ -158,7 +158,7 @@ def test_fp16_overflow_skips_backbone_and_head_on_every_rank():
 def _bf16_worker(rank, world_size):
     trainer = make_trainer(world_size, micro=8, precision="bf16")
     losses = [micro_step(trainer.engine, trainer.head, trainer.head_optimizer, batch, LR).loss.item()
-              for _, batch in zip(range(12), trainer.loader.micro_batches(0, trainer.total_samples))]
+              for _, batch in zip(range(12), trainer.loader.micro_batches(0, trainer.plan().total))]
     return {"losses": losses, "dtype": str(next(trainer.engine.module.parameters()).dtype)}
 
 

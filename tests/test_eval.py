@@ -485,3 +485,17 @@ def test_a_bin_with_an_object_array_is_refused_before_numpy_allocates_it(tmp_pat
     assert code == 1 and f"{path}: refused to unpickle: it asks for a numpy array of dtype object" in err, err
     print(f"object-array .bin declaring 10**9 elements: peak {peak >> 20} MiB")
     assert peak < 512 << 20
+
+
+def test_the_verification_table_is_the_shared_markdown_table():
+    from ds_face.eval.verification import format_table
+    from ds_face.runtime.markdown import markdown_table
+    result = dict(pairs=6000, accuracy=0.99583, std=0.0031, threshold=1.4123, xnorm=22.5, val=0.98, val_std=0.01,
+                  far=0.001)
+    assert format_table({"lfw": result}) == (
+        "| set | pairs | accuracy | threshold | XNorm | VAL@FAR=1e-3 |\n"
+        "| --- | ---: | --- | ---: | ---: | --- |\n"
+        "| lfw | 6000 | 0.99583 ± 0.00310 | 1.412 | 22.500 | 0.98000 ± 0.01000 @ 0.00100 |")
+    assert markdown_table(["a", "b"], [[1, None]]) == "| a | b |\n| --- | --- |\n| 1 | None |"
+    with pytest.raises(ValueError, match=r"align 'lx': one letter, l or r, for each of the 2 columns"):
+        markdown_table(["a", "b"], [], align="lx")

@@ -1,6 +1,6 @@
 """Export (`python -m ds_face.export`) and `--init-backbone`, on real checkpoints.
 
-The checkpoints come from the real DeepSpeed engine (``ds_face.train.Trainer``) on 1 and 2
+The checkpoints come from the real DeepSpeed engine (``ds_face.training.trainer.Trainer``) on 1 and 2
 gloo ranks, trained for two optimizer steps and saved by the trainer's own checkpointer.
 """
 from __future__ import annotations
@@ -162,9 +162,12 @@ def _copy(save_dir, tmp_path) -> Path:
 
 
 def _edit_shard(path, **changes):
-    shard = torch.load(path, weights_only=True)
-    shard.update(changes)
-    torch.save(shard, path)
+    """Change the head's slice in one rank's file (and the rows every sharded part says it holds)."""
+    file = torch.load(path, weights_only=True)
+    file["sharded"]["head"].update(changes)
+    for part in file["sharded"].values():
+        part.update({k: v for k, v in changes.items() if k in ("class_start", "num_local")})
+    torch.save(file, path)
 
 
 @pytest.mark.parametrize("damage,expect", [
@@ -179,11 +182,11 @@ def test_a_head_that_does_not_tile_the_classes_fails_naming_the_files(ckpts, tmp
     if damage == "missing":
         (tag_dir / "head_rank1_of2.pt").unlink()
     elif damage == "overlap":  # rank 0 owns classes 0..5; rank 1 (6..10) also claims 5
-        shard = torch.load(tag_dir / "head_rank1_of2.pt", weights_only=True)
+        shard = torch.load(tag_dir / "head_rank1_of2.pt", weights_only=True)["sharded"]["head"]
         _edit_shard(tag_dir / "head_rank1_of2.pt", class_start=5, num_local=6,
                     weight=torch.cat([shard["weight"][:1], shard["weight"]]))
     elif damage == "short":
-        shard = torch.load(tag_dir / "head_rank1_of2.pt", weights_only=True)
+        shard = torch.load(tag_dir / "head_rank1_of2.pt", weights_only=True)["sharded"]["head"]
         _edit_shard(tag_dir / "head_rank1_of2.pt", num_local=4, weight=shard["weight"][:4])
     else:  # a shard left over from a 3-rank save in the same directory
         shutil.copy(tag_dir / "head_rank0_of2.pt", tag_dir / "head_rank0_of3.pt")
@@ -373,7 +376,7 @@ def test_export_into_a_read_only_directory_is_one_line_and_writes_nothing(ckpts,
         proc = export_process(save_dir, *args)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         line = last_line(proc.stderr)
-        assert line.startswith(f"ds_face.export: error: --") and str(where) in line and expect in line, line
+        assert line.startswith("ds_face.export: error: --") and str(where) in line and expect in line, line
     assert list(ro.iterdir()) == [] and not (tmp_path / "model.pt").exists()  # nothing, not even the good one
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_face.checkpoint.manager import (
-    CheckpointError, _check_deepspeed_files, _check_position, check_resume, engine_kind, head_slices, latest_tag,
+from ds_face.checkpoint.files import (
+    CheckpointError, check_deepspeed_files, check_position, check_resume, engine_kind, head_slices, latest_tag, run_identity,
     read_meta,
 )
 from ds_face.checkpoint.safe_load import UnsafeFileError, check_checkpoint_dir, load_weights_only
@@ -280,10 +280,10 @@ def test_values_read_back_are_range_checked(saved, tmp_path, case, file, change,
     tag_dir = save_dir / TAG
     run = engine_kind({"zero_optimization": {"stage": CASES[case][0]},
                        **({"fp16": {"enabled": True}} if CASES[case][1] == "fp16" else {})})
-    _check_deepspeed_files(tag_dir, run, 2)  # the real files pass
+    check_deepspeed_files(tag_dir, run, 2)  # the real files pass
     rewrite(tag_dir / file, change)
     with pytest.raises(CheckpointError) as err:
-        _check_deepspeed_files(tag_dir, run, 2)
+        check_deepspeed_files(tag_dir, run, 2)
     assert str(err.value).startswith(f"{tag_dir / file}: {expect}"), str(err.value)
 
 
@@ -303,11 +303,11 @@ def test_meta_values_and_the_position_are_range_checked(saved, tmp_path):
         read_meta(tag_dir)
     meta_path.write_text(json.dumps(meta))
     slices = head_slices(tag_dir, 2, CLASSES, EMBEDDING)
-    _check_position(slices[0], meta, tag_dir)
+    check_position(slices[0], meta, tag_dir)
     slices[0]["replicated"]["position"]["samples"] = 10**9
     with pytest.raises(CheckpointError, match=r"head_rank0_of2\.pt: the run's position is .*, but ds_face_meta\.json "
                                               r"says \{'step': 2, 'samples': 8\}"):
-        _check_position(slices[0], meta, tag_dir)
+        check_position(slices[0], meta, tag_dir)
 
 
 # -- tensors checked against the run before anything is allocated from them --------------------------------------
@@ -359,19 +359,27 @@ def test_backbone_full_tensors_are_checked_against_the_model(saved, tmp_path, ch
         check_full_state(load_weights_only(saved["z2_fp32"] / TAG / "backbone_full.pt", mmap=True), engine, "adamw")
 
 
+def _head(change):
+    """``change`` applied to the head's part of a rank's file."""
+    return lambda file: change(file["sharded"]["head"])
+
+
 @pytest.mark.parametrize("change,expect", [
-    (lambda o: o.update(weight=o["weight"].half()), "'weight' is torch.float16, expected float32"),
-    (lambda o: o.update(weight=o["weight"].to(torch.int8)), "'weight' is torch.int8, expected float32"),
-    (lambda o: o["weight"].__setitem__((0, 0), math.nan), "'weight' holds NaN or inf"),
-    (lambda o: o.update(weight=torch.zeros(1).expand(3, EMBEDDING)), "weight'? is an expanded or overlapping"),
-    (lambda o: o.update(momentum=o["weight"]), "shares its storage with another tensor"),
+    (_head(lambda o: o.update(weight=o["weight"].half())), "'weight' is torch.float16, expected float32"),
+    (_head(lambda o: o.update(weight=o["weight"].to(torch.int8))), "'weight' is torch.int8, expected float32"),
+    (_head(lambda o: o["weight"].__setitem__((0, 0), math.nan)), "'sharded.head.weight' holds NaN or inf"),
+    (_head(lambda o: o.update(weight=torch.zeros(1).expand(3, EMBEDDING))), "weight'? is an expanded or overlapping"),
+    (_head(lambda o: o.update(momentum=o["weight"])), "shares its storage with another tensor"),
     (lambda o: o.update(rank="0"), "not a head slice"),
+    (lambda o: o["sharded"].pop("head_optimizer"), r"holds the sharded parts \['head'\], expected"),
+    (lambda o: o["sharded"]["head_optimizer"].update(num_local=1), r"part 'head_optimizer' holds classes 0\+1"),
+    (lambda o: o.pop("sharded"), "not a ds_face checkpoint file"),
 ])
 def test_head_file_tensors_are_checked(saved, tmp_path, change, expect):
     tag_dir = copy_run(saved, tmp_path) / TAG
     rewrite(tag_dir / "head_rank0_of2.pt", change)
     with pytest.raises(CheckpointError, match=expect) as err:
-        head_slices(tag_dir, 2, CLASSES, EMBEDDING)
+        head_slices(tag_dir, 2, CLASSES, EMBEDDING, ["head", "head_optimizer"])  # the parts a resume expects
     assert str(err.value).startswith(str(tag_dir / "head_rank0_of2.pt"))
 
 
@@ -379,5 +387,5 @@ def test_check_resume_accepts_the_real_checkpoint(saved):
     from ds_face.config import HeadConfig, ModelConfig, RunConfig
     cfg = RunConfig(model=ModelConfig(backbone="r_tiny", embedding_size=EMBEDDING),
                     head=HeadConfig(num_classes=CLASSES))
-    meta = check_resume(saved["z2_fp32"], cfg, engine_kind({"zero_optimization": {"stage": 2}}))
+    meta = check_resume(saved["z2_fp32"], run_identity(cfg), engine_kind({"zero_optimization": {"stage": 2}}))
     assert meta["global_step"] == 2

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ds_face.data.arrow import ArrowFaces, DataError
 from ds_face.data.loader import Loader
-from ds_face.data.order import Layout
+from ds_face.data.order import BatchLayout
 from ds_face.data.shards import (
     MANIFEST, MAX_MANIFEST_BYTES, SCHEMA, Manifest, ShardError, ShardInfo, check_shard_files, read_manifest,
     sha256_of, shard_name,
@@ -61,7 +61,7 @@ def refit_manifest(directory: Path) -> None:
 
 
 def first_batch(directory: Path, workers: int = 0, on_corrupt: str = "skip") -> dict:
-    loader = Loader(ArrowFaces(directory, on_corrupt=on_corrupt), Layout(ROWS, 1, 1, 0), streams=1,
+    loader = Loader(ArrowFaces(directory, on_corrupt=on_corrupt), BatchLayout(ROWS, 1, 1, 0), streams=1,
                     num_workers=workers)
     batches = list(loader.micro_batches(0, ROWS))
     return {**batches[0], "corrupt": loader.corrupt_images}
@@ -470,3 +470,19 @@ def test_a_huge_manifest_is_refused_unread(tmp_path):
                                          r"\(refused unread\)"):
         read_manifest(directory)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < (MAX_MANIFEST_BYTES >> 10) * 2
+
+
+def test_the_manifest_is_read_once_per_process_and_again_once_it_changes(tmp_path):
+    directory = write_dataset(tmp_path / "ds", rows_table())
+    first = read_manifest(directory)
+    assert read_manifest(directory) is first  # the config checks, num_classes: auto and the loader share one read
+    assert ArrowFaces(directory).manifest is first
+    edit(directory, setter(["num_classes"], 0))  # the same file, rewritten in place: read and checked again
+    with pytest.raises(ShardError, match=r"'num_classes' must be an integer in \[1, 2,147,483,647\], got 0"):
+        read_manifest(directory)
+    with pytest.raises(DataError, match=r"'num_classes' must be an integer"):
+        ArrowFaces(directory)
+    edit(directory, setter(["num_classes"], 7))  # fixed: the new value, not the first read's
+    assert read_manifest(directory).num_classes == 7 and first.num_classes == CLASSES
+    Manifest(**{**first.__dict__, "num_classes": 9}).write(directory)  # replaced by another file (a rename)
+    assert read_manifest(directory).num_classes == 9

@@ -1,4 +1,4 @@
-"""ds_face/runtime/quiet.py drops exactly the two messages it names, nothing near them (real warnings machinery and
+"""ds_face/runtime/quiet.py drops exactly the messages it names, nothing near them (real warnings machinery and
 DeepSpeed's real logger; the launch without them is tests/test_train_cli.py)."""
 import logging
 import warnings
@@ -68,3 +68,27 @@ def test_only_the_shm_op_line_is_held_back(capsys):
     except RuntimeError:
         pass
     assert capsys.readouterr().out == "said before a failure\n"
+
+
+def test_the_cpu_notice_shows_except_where_build_ops_drops_it_through_the_one_filter():
+    """`import ds_face` keeps DeepSpeed's "Setting accelerator to CPU" (on a GPU machine it means CUDA was not
+    found); build_ops adds it to the same filter, and the DeepSpeed logger holds that one filter only."""
+    import subprocess
+    import sys
+    code = """
+import logging, ds_face
+from deepspeed.utils import logger
+from ds_face.runtime.quiet import CPU_NOTICE, drop_deepspeed_log
+notice = CPU_NOTICE + ". If you have GPU or other accelerator, we were unable to detect it."
+def shown(path):
+    record = logger.makeRecord("DeepSpeed", logging.WARNING, path, 213, notice, (), None)
+    return all(f.filter(record) for f in logger.filters)
+accelerator = "/site-packages/deepspeed/accelerator/real_accelerator.py"
+print(shown(accelerator), len(logger.filters))
+drop_deepspeed_log("real_accelerator", CPU_NOTICE)  # what python -m ds_face.runtime.build_ops does
+drop_deepspeed_log("real_accelerator", CPU_NOTICE)
+print(shown(accelerator), shown("/site-packages/deepspeed/runtime/engine.py"), len(logger.filters))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # the last two lines: before them, DeepSpeed prints its own notice on stdout when its logger is imported
+    assert done.stdout.splitlines()[-2:] == ["True 1", "False True 1"], done.stdout + done.stderr

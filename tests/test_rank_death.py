@@ -48,7 +48,7 @@ def test_kill_one_rank_stops_the_launch_and_names_it(tmp_path):
         log.seek(0)
         output = log.read()
     assert returncode != 0, output[-3000:]
-    assert f"ds_face.train: rank 0: " in output and f"rank 1 (pid {victim}) died" in output, output[-3000:]
+    assert "ds_face.train: rank 0: " in output and f"rank 1 (pid {victim}) died" in output, output[-3000:]
     assert not any(f"output.dir={out}" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])), \
         "a rank outlived the launch"
 

@@ -153,7 +153,7 @@ def cut_file(tmp_path, size: int):
 def test_truncated_in_data(tmp_path, use_mmap):
     rec, idx = cut_file(tmp_path, 48 + 8 + 20)  # second record: header intact, data cut
     with RecordReader(rec, use_mmap=use_mmap) as reader:
-        with raises(rf"t\.rec, key 1, byte offset 48: part length 40 runs past the end of the file \(76 bytes\)"):
+        with raises(r"t\.rec, key 1, byte offset 48: part length 40 runs past the end of the file \(76 bytes\)"):
             reader.read_at(48, key=1)
         with raises(r"t\.rec, record #1, byte offset 48: part length 40 runs past the end"):
             list(reader.scan())

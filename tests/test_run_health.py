@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_face.checkpoint.manager import CheckpointError
+from ds_face.checkpoint.files import CheckpointError
 from ds_face.runtime.spawn import run_ranks
 from tests import conftest
 from tests.conftest import RESUMABLE
@@ -23,7 +23,7 @@ make_trainer = functools.partial(conftest.make_trainer, **RESUMABLE)
 
 
 def _nan_from_step(rank, world_size, root, first_bad_step, max_nonfinite, what):
-    from ds_face.train import NonFiniteLoss
+    from ds_face.training.trainer import NonFiniteLoss
     trainer = make_trainer(world_size, root, stage=2, every=4, samples=96)  # 6 steps an epoch; saves at 4, 6
     trainer.cfg.schedule.max_nonfinite_steps = max_nonfinite
 
@@ -81,7 +81,7 @@ def _zero3_nan_in(rank, world_size, root, where):
                 else:
                     owned_values(p)[0] = float("nan")
     try:
-        trainer.checkpointer.save(0, {})
+        trainer.checkpoints.save()  # at step 0
         error = None
     except CheckpointError as err:
         error = str(err)

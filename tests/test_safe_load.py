@@ -138,7 +138,7 @@ def _resume(rank, world_size, out_dir):
     from deepspeed.accelerator import get_accelerator
     get_accelerator().is_fp16_supported = lambda: True
 
-    from ds_face.checkpoint.manager import CheckpointError
+    from ds_face.checkpoint.files import CheckpointError
     trainer = make_trainer(world_size, out_dir, 2, "bf16")
     try:
         trainer.resume()

@@ -11,7 +11,6 @@ scaler driven to its minimum by gradients made non-finite (fault injection, as t
 poisons an output), and a NaN loss scale written into a real checkpoint's ZeRO shard and resumed by a launch.
 """
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 import torch
 
 from ds_face import fileio
-from ds_face.checkpoint.manager import CheckpointError
+from ds_face.checkpoint.files import CheckpointError
 from ds_face.runtime.spawn import run_ranks
 from tests import conftest
 
@@ -123,7 +122,7 @@ def test_final_name_of_a_temporary():
 
 def test_record_config_replaces_planted_links_never_their_targets(tmp_path):
     from ds_face.config import RunConfig
-    from ds_face.train import record_config
+    from ds_face.training.trainer import record_config
     file, directory = victims(tmp_path / "victims")
     out = tmp_path / "run"
     out.mkdir()
@@ -247,7 +246,7 @@ def _evaluator_over_a_linked_eval_dir(rank, world_size, root, bin_path, director
     trainer.cfg.eval.sets = [bin_path]
     (Path(root) / "eval").symlink_to(directory)
     try:
-        TrainingEvaluator(trainer)
+        TrainingEvaluator(trainer.cfg.eval, rank, Path(root) / "eval", trainer.engine.module, trainer.engine.device, 0)
     except fileio.WriteError as err:
         return str(err)
 
@@ -274,7 +273,7 @@ def _save_past_planted_links(rank, world_size, root, victim_root):
         checkpoints.symlink_to(directory)  # the whole checkpoints directory a link: refused, named
     torch.distributed.barrier()
     try:
-        trainer.checkpointer.save(0, {})
+        trainer.checkpoints.save()  # at step 0
     except CheckpointError as err:
         result["linked_dir"] = str(err)
     if rank == 0:
@@ -287,7 +286,8 @@ def _save_past_planted_links(rank, world_size, root, victim_root):
     torch.distributed.barrier()
     trainer.fit()  # saves step_2 at its end
     try:
-        trainer.checkpointer.save(2, {})  # again: `latest` names step_2, so it is never overwritten
+        trainer.checkpoints._saved_step = None  # as a new start at step 2 would: it tries to save step 2 again
+        trainer.checkpoints.save()  # and `latest` names step_2, so it is never overwritten
     except CheckpointError as err:
         result["again"] = str(err)
     fresh = conftest.make_trainer(world_size, root, stage=2, classes=20, samples=96)
@@ -311,7 +311,7 @@ def test_a_checkpoint_save_never_writes_through_planted_links(tmp_path):
         f"are written and pruned only in a directory ds_face made")
     assert results[0]["again"] == (f"{checkpoints}/step_2: checkpoint not saved ({checkpoints}/step_2: "
                                    f"{checkpoints}/latest names it, so it is not overwritten); nothing was written")
-    other = f"checkpoint not saved (rank 0 could not prepare it: its message says why); nothing was written"
+    other = "checkpoint not saved (rank 0 could not prepare it: its message says why); nothing was written"
     assert results[1]["linked_dir"] == f"{checkpoints}/step_0: {other}"
     assert results[1]["again"] == f"{checkpoints}/step_2: {other}"
     for r in results:
@@ -324,7 +324,7 @@ def test_a_checkpoint_save_never_writes_through_planted_links(tmp_path):
 # -- skipped steps --------------------------------------------------------------------------------------------
 
 def _forged_scale(rank, world_size, root, how):
-    from ds_face.train import SkippedSteps
+    from ds_face.training.trainer import SkippedSteps
     trainer = conftest.make_trainer(world_size, root, stage=2, classes=20, samples=800, max_steps=40)
     optimizer = trainer.engine.optimizer  # DeepSpeed's ZeRO optimizer, fp32: a static loss scale of 1
     if how == "nan" and rank == 0:  # one rank only, as in one forged ZeRO shard

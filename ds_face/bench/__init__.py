@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ds_face.runtime.cpus import threads_per_rank
+
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows "(default: X)" after every option that has a default (not after None or a flag's False)."""
@@ -48,16 +50,9 @@ def common_args(p: argparse.ArgumentParser, *, classes: int, batch: int, steps: 
     return p
 
 
-def threads_per_rank() -> int:
-    """Split the cores between the local ranks; oversubscribed ranks make gloo collectives crawl."""
-    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("WORLD_SIZE", 1)))
-    return max(1, (os.cpu_count() or 1) // local)
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+def launched_threads_per_rank() -> int:
+    """``threads_per_rank`` for a rank the deepspeed launcher started (its LOCAL_SIZE, else WORLD_SIZE)."""
+    return threads_per_rank(int(os.environ.get("LOCAL_SIZE", os.environ.get("WORLD_SIZE", 1))))
 
 
 def proc_status_kb(field: str) -> int:

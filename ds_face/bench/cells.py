@@ -6,7 +6,7 @@ A cell is where the classification layer lives (see ``ds_face.bench.memory``):
   backbone, under ZeRO stage s; every rank computes its own micro-batch's logits against all C classes
   (data parallel, as arcface_torch before Partial FC). ZeRO partitions the FC's optimizer state,
   gradients and (stage 3) parameters like any other parameter.
-* ``Model parallel`` / ``Partial FC r``: the project's own wiring (``ds_face.train.Trainer``): the
+* ``Model parallel`` / ``Partial FC r``: the project's own wiring (``ds_face.training.trainer.Trainer``): the
   backbone in the engine under ``zero_stage``, the head outside it, sharded over ranks, at rate 1.0 / r.
 
 Each cell runs in W fresh processes (``ds_face.runtime.spawn.run_ranks``) so that it inherits no memory from
@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from ds_face.bench import proc_status_kb, reset_peak_rss
 from ds_face.bench.estimator import estimate, parse_cell, total
 from ds_face.bench.configs import ds_config, run_config
 from ds_face.head import Margin, cosine
+from ds_face.runtime.cpus import threads_per_rank
 
 MiB = 2**20
 
@@ -92,7 +92,7 @@ def build_step(cell: str, classes: int, setting: Setting):
 
     from ds_face.backbones import get_backbone
     from ds_face.config import BatchLayout
-    from ds_face.train import Trainer, build_backbone_optimizer, micro_step, seed_everything
+    from ds_face.training.trainer import Trainer, build_backbone_optimizer, micro_step, seed_everything
 
     kind, arg = parse_cell(cell)
     samples = (setting.warmup + setting.steps) * setting.micro_batch * setting.world_size
@@ -255,7 +255,7 @@ def measure_cell(cell: str, classes: int, setting: Setting, timeout: float = 180
     so ``speed`` and ``report`` leave it off.
     """
     from ds_face.runtime.spawn import RankFailed, run_ranks
-    threads = max(1, (os.cpu_count() or 1) // setting.world_size)
+    threads = threads_per_rank(setting.world_size)
     env = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)} if for_memory else {}
     try:
         per_rank = run_ranks(setting.world_size, measure_rank, cell, classes, setting, timeout=timeout,

@@ -5,7 +5,7 @@
 Every variant gets the same backbone init (same seed), the same Partial FC head
 + HeadOptimizer, the same SGD settings, LR schedule and gradient clipping, and
 the very same pre-generated synthetic batches. The DeepSpeed variants are the
-project's own ``Trainer`` wiring stepped by ``ds_face.train.micro_step``; DDP
+project's own ``Trainer`` wiring stepped by ``ds_face.training.trainer.micro_step``; DDP
 averages gradients over ranks exactly as DeepSpeed does, so the head code is
 unchanged (loss scale 1). Rank 0 prints ms/step and the ratio engine / DDP, plus
 each variant's last loss as a check that all three trained the same thing: with
@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from ds_face.bench import common_args, configs, markdown_table, threads_per_rank
+from ds_face.bench import common_args, configs, launched_threads_per_rank
+from ds_face.runtime.markdown import markdown_table
 from ds_face.runtime.dist import exit_without_teardown, init, shutdown
 from ds_face.fileio import write_json_atomic
 
@@ -42,14 +43,14 @@ def run_config(args, total_steps: int, world: int):
 def deepspeed_variant(cfg, layout, stage: int, args):
     """The project's Trainer (engine + head + head optimizer), stepped by micro_step."""
     from ds_face.training.schedule import SampleSchedule
-    from ds_face.train import Trainer, micro_step
+    from ds_face.training.trainer import Trainer, micro_step
     # stage 2 as ds_configs/zero2_fp32.json
     trainer = Trainer(cfg, configs.ds_config(args.batch, stage, clipping=args.clip, overlap_comm=stage == 2), layout)
-    schedule = SampleSchedule(cfg.optimizer.lr, trainer.total_samples, 0, cfg.schedule.power)
+    schedule = SampleSchedule(cfg.optimizer.lr, trainer.plan().total, 0, cfg.schedule.power)
     done = [0]  # samples seen: the same curve as the DDP variant's step-counting LambdaLR
 
     def step(batch):
-        done[0] += layout.per_step
+        done[0] += layout.global_batch
         lr = schedule.apply(trainer.engine.optimizer, done[0])
         return micro_step(trainer.engine, trainer.head, trainer.head_optimizer, batch, lr).loss
     return step
@@ -64,7 +65,7 @@ def ddp_variant(cfg, total_steps: int, clip: float, device: str):
     from ds_face.data.arrow import normalize
     from ds_face.head import build_head
     from ds_face.training.schedule import poly_warmup_scheduler
-    from ds_face.train import build_backbone_optimizer, seed_everything
+    from ds_face.training.trainer import build_backbone_optimizer, seed_everything
 
     seed_everything(cfg.seed)
     backbone = get_backbone(cfg.model.backbone, cfg.model.embedding_size).to(device)
@@ -98,11 +99,11 @@ def main(argv=None) -> int:
     import deepspeed
 
     from ds_face.config import BatchLayout
-    from ds_face.train import build_loader
+    from ds_face.training.trainer import build_loader
 
     from deepspeed.accelerator import get_accelerator
     accelerator = get_accelerator()
-    torch.set_num_threads(threads_per_rank())
+    torch.set_num_threads(launched_threads_per_rank())
     if accelerator.device_name() != "cpu":  # one device per rank, chosen before any use (as ds_face.runtime.spawn)
         accelerator.set_device(args.local_rank)
     # the accelerator's backend (gloo on CPU, NCCL on GPUs), before deepspeed.initialize and DDP construction
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
     cfg, layout = run_config(args, total, world), BatchLayout(args.batch, 1, world)
     # once, untimed, and on the device before the clock starts: no host-to-device copy is timed
     batches = [{k: v.to(device) for k, v in batch.items()}
-               for batch in build_loader(cfg, layout, rank).micro_batches(0, total * layout.per_step)]
+               for batch in build_loader(cfg, layout, rank).micro_batches(0, total * layout.global_batch)]
 
     builders = {"DDP": lambda: ddp_variant(cfg, total, args.clip, device),
                 "DeepSpeed ZeRO 0": lambda: deepspeed_variant(cfg, layout, 0, args),
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
                  f"{r['last_loss']:.5f}"] for name, r in results.items()]
         print(f"{args.backbone}, embedding {args.embedding}, {args.classes} classes (sample rate {args.sample_rate}), "
               f"batch {args.batch}/rank x {world} ranks, fp32, {args.steps} timed steps after {args.warmup} "
-              f"warm-up, {threads_per_rank()} thread(s)/rank\n")
+              f"warm-up, {launched_threads_per_rank()} thread(s)/rank\n")
         print(markdown_table(["variant", "mean ms/step rank 0", "mean ms/step max rank", "median ms/step max rank",
                               "samples/s", "mean / DDP", "median / DDP", f"loss at step {total}"], rows), flush=True)
         if args.json:

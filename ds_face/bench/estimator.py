@@ -10,7 +10,7 @@ import functools
 import math
 import re
 
-from ds_face.bench import markdown_table
+from ds_face.runtime.markdown import markdown_table
 
 MiB = 2**20
 PRECISIONS = {"fp32": 4, "fp16": 2, "bf16": 2}  # bytes per parameter / activation element

@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from ds_face.bench import common_args, markdown_table, proc_status_kb, reset_peak_rss, threads_per_rank
+from ds_face.bench import common_args, proc_status_kb, reset_peak_rss, launched_threads_per_rank
+from ds_face.runtime.markdown import markdown_table
 from ds_face.bench.estimator import analytic_bytes
 from ds_face.runtime.dist import exit_without_teardown, init, shutdown
 from ds_face.fileio import write_json_atomic
@@ -47,7 +48,7 @@ def run_variant(rate: float, port: int, args: argparse.Namespace) -> dict:
     from ds_face.head import HeadOptimizer, Margin, PartialFC
 
     os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(threads_per_rank())
+    torch.set_num_threads(launched_threads_per_rank())
     init(dist_backend="gloo", verbose=False)
     rank = torch.distributed.get_rank()
     try:
@@ -104,7 +105,7 @@ def report(results: dict, args) -> str:
                          "seed_v100_1m": SEED_V100_1M}
     setup = (f"{args.classes} classes, embedding {args.embedding}, batch {args.batch}/rank x "
              f"{results['world_size']} ranks, {args.steps} timed steps after "
-             f"{args.warmup} warm-up, {threads_per_rank()} thread(s)/rank")
+             f"{args.warmup} warm-up, {launched_threads_per_rank()} thread(s)/rank")
     note = "" if mp_["peak_reset"] and pfc["peak_reset"] else \
         "\n(VmHWM could not be reset: peaks include import-time peaks)"
     return f"{setup}\n\n{table}\n\n{ratios}{note}"

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ import numpy as np
 
 from ds_face import ijb
 from ds_face.images import decode
+from ds_face.runtime.cpus import cores, worker_processes
+from ds_face.runtime.markdown import markdown_table
 
 
 def synthetic_meta(images: int, templates: int, pairs: int, genuine_fraction: float, rng) -> ijb.IJBMeta:
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
     parser.add_argument("--crops", type=int, default=200, help="JPEG crops per size for decode + align")
     parser.add_argument("--crop-sizes", default="250,600", help="crop sides in pixels, comma-separated")
     parser.add_argument("--worker-images", type=int, default=4000, help="images decoded by the workers (default 4000)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode processes")
+    parser.add_argument("--workers", type=int, default=worker_processes(), help="decode processes")
     parser.add_argument("--no-baseline", action="store_true", help="skip arcface_torch-style gather scoring")
     parser.add_argument("--parse", action="store_true", help="also time reading a pair list of --pairs lines")
     parser.add_argument("--skip-protocol", action="store_true", help="only decode + align")
@@ -153,32 +154,34 @@ def main(argv=None) -> int:
     args.crop_sizes = [int(s) for s in args.crop_sizes.split(",") if s]
     rng = np.random.default_rng(args.seed)
     import platform
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, numpy {np.__version__}")
-    report = {"cpus": os.cpu_count()}
+    print(f"{platform.processor() or platform.machine()}, {cores()} CPUs visible, numpy {np.__version__}")
+    report = {"cpus": cores()}
     if not args.skip_protocol:
         p = bench_protocol(args, rng)
         report["protocol"] = p
         print(f"\nAfter the backbone: {p['images']} images, {p['templates']} templates, {p['pairs']} pairs, "
               f"D={p['dim']}\n")
-        print("| step | seconds |\n| --- | ---: |")
+        steps = []
         if "parse_pairs_s" in p:
-            print(f"| read the pair list (np.loadtxt) | {p['parse_pairs_s']:.2f} |")
-        print(f"| template features (media mean, template sum, L2) | {p['templates_s']:.2f} |")
-        print(f"| pair scores, blocked template Gram (ds_face) | {p['scoring_s']:.2f} |")
+            steps.append(["read the pair list (np.loadtxt)", f"{p['parse_pairs_s']:.2f}"])
+        steps.append(["template features (media mean, template sum, L2)", f"{p['templates_s']:.2f}"])
+        steps.append(["pair scores, blocked template Gram (ds_face)", f"{p['scoring_s']:.2f}"])
         if "baseline_gather_s" in p:
-            print(f"| pair scores, gather 100k pairs at a time (arcface_torch's way, float32) | "
-                  f"{p['baseline_gather_s']:.2f} ({p['baseline_gather_s'] / p['scoring_s']:.1f}x; max |diff| "
-                  f"{p['max_abs_diff']:.1e}) |")
-        print(f"| ROC, TAR@FAR, AUC | {p['roc_s']:.2f} |")
+            steps.append(["pair scores, gather 100k pairs at a time (arcface_torch's way, float32)",
+                          f"{p['baseline_gather_s']:.2f} ({p['baseline_gather_s'] / p['scoring_s']:.1f}x; max |diff| "
+                          f"{p['max_abs_diff']:.1e})"])
+        steps.append(["ROC, TAR@FAR, AUC", f"{p['roc_s']:.2f}"])
+        print(markdown_table(["step", "seconds"], steps, align="lr"))
     rows = bench_decode(args, rng)
     report["decode_align"] = rows
     print("\nDecode + align to 112x112, per image (JPEG q95 loose crops, random landmarks)\n")
-    print("| crop | JPEG KB | decode ms | align ms | read+check+decode+align ms | img/s, 1 process | img/s, "
-          "workers |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        w = f"{r['workers_img_s']:.0f} ({r['workers']} workers)" if "workers" in r else "-"
-        print(f"| {r['side']}x{r['side']} | {r['jpeg_kb']:.0f} | {r['decode_ms']:.2f} | {r['align_ms']:.2f} | "
-              f"{r['in_process_ms']:.2f} | {r['in_process_img_s']:.0f} | {w} |")
+    header = ["crop", "JPEG KB", "decode ms", "align ms", "read+check+decode+align ms", "img/s, 1 process",
+              "img/s, workers"]
+    print(markdown_table(header, [
+        [f"{r['side']}x{r['side']}", f"{r['jpeg_kb']:.0f}", f"{r['decode_ms']:.2f}", f"{r['align_ms']:.2f}",
+         f"{r['in_process_ms']:.2f}", f"{r['in_process_img_s']:.0f}",
+         f"{r['workers_img_s']:.0f} ({r['workers']} workers)" if "workers" in r else "-"] for r in rows],
+        align="l" + "r" * (len(header) - 1)))
     if args.json:
         from ds_face.fileio import write_json_atomic
         write_json_atomic(args.json, report)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 import textwrap
 
-from ds_face.bench import cli, markdown_table
+from ds_face.bench import cli
+from ds_face.runtime.markdown import markdown_table
 from ds_face.bench.estimator import (MiB, PRECISIONS, SEED_NOTE, activation_elements_per_sample, backbone_params,
                                      breakdown_table, seed_comparison, table)
 

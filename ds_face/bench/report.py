@@ -23,7 +23,8 @@ import platform
 import sys
 from pathlib import Path
 
-from ds_face.bench import DefaultsHelpFormatter, markdown_table
+from ds_face.bench import DefaultsHelpFormatter
+from ds_face.runtime.markdown import markdown_table
 
 PRECISION_ORDER = ("fp32", "tf32", "fp16", "bf16")
 

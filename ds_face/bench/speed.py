@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import sys
 
-from ds_face.bench import cli, markdown_table
+from ds_face.bench import cli
+from ds_face.runtime.markdown import markdown_table
 
 
 def speed_tables(measured: dict, baseline: str | None) -> tuple[str, str | None]:

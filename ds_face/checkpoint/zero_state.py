@@ -107,7 +107,7 @@ def check_full_state(state, engine, optimizer: str) -> None:
     ``optimizer``'s states, every tensor float32 of the parameter's shape, a plain tensor within its storage (no
     expanded stride-0 view, no storage shared with another entry), finite; so its size is bounded by the model's
     by construction. (A file listing 20,001 parameters once drove a resize past 4 GB.) Counters and the loss
-    scaler are range-checked by ``ds_face.checkpoint.manager.check_states``. Raises ValueError saying what is wrong."""
+    scaler are range-checked by ``ds_face.checkpoint.files.check_states``. Raises ValueError saying what is wrong."""
     if not isinstance(state, dict):
         raise ValueError(f"not a full optimizer state (a {type(state).__name__}, not a dict)")
     unknown = sorted(str(k) for k in state if k not in FULL_STATE_KEYS)
@@ -230,23 +230,3 @@ def _set_module_weights(engine, fp32: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in fp32.items():
             params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
-
-
-def gathered_state(engine) -> dict:
-    """Collective. The full backbone state at any ZeRO stage, on every rank, in ``full_state``'s form: for
-    checks (a resize must leave it unchanged) and tools. Unpartitioned engines: read off the torch optimizer."""
-    if is_partitioned(engine):
-        return full_state(engine, keep=True)
-    optimizer = engine.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer):  # stage 0 fp16 keeps flat fp32 copies of its own
-        raise TypeError(f"{type(optimizer).__name__}: gathering is not supported for this optimizer")
-    params = {}
-    for name, param in engine.module.named_parameters():
-        if not param.requires_grad:
-            continue
-        state = optimizer.state.get(param, {})
-        params[name] = {"fp32": param.detach().float().cpu().clone(),
-                        **{k: v.detach().cpu().clone() for k, v in state.items()
-                           if torch.is_tensor(v) and v.shape == param.shape}}
-    return {"params": params, "state_keys": sorted({k for p in params.values() for k in p if k != "fp32"}),
-            "loss_scaler": {}, "zero_stage": engine.zero_optimization_stage()}

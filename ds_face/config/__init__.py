@@ -15,9 +15,11 @@ values, the DeepSpeed JSON's keys, what needs both files and the world size). Im
 from ds_face.config.checks import DS_KEYS, check_ds_json, check_together
 from ds_face.config.loading import load_ds_config, load_run_config, parse_set_overrides
 from ds_face.config.schema import (
-    DATA_SOURCES, OPTIMIZERS, BatchLayout, CheckpointConfig, ConfigError, DataConfig, EvalConfig, HeadConfig,
-    IJBEvalConfig, ModelConfig, OptimizerConfig, OutputConfig, RunConfig, ScheduleConfig,
+    OPTIMIZERS, CheckpointConfig, ConfigError, DataConfig, EvalConfig, HeadConfig, IJBEvalConfig, ModelConfig,
+    OptimizerConfig, OutputConfig, RunConfig, ScheduleConfig,
 )
+from ds_face.data.options import DATA_SOURCES
+from ds_face.data.order import BatchLayout
 
 __all__ = [
     "BatchLayout", "CheckpointConfig", "ConfigError", "DATA_SOURCES", "DS_KEYS", "DataConfig", "EvalConfig",

@@ -12,9 +12,11 @@ from pathlib import Path
 
 from ds_face.backbones import BACKBONES
 from ds_face.config.schema import (
-    DATA_SOURCES, MAX_LR, MAX_M1, MAX_M3, MAX_POWER, MAX_SCALE, MAX_SEED, MAX_WEIGHT_DECAY, ON_CORRUPT, OPTIMIZERS,
-    BatchLayout, ConfigError, EvalConfig, RunConfig, positive_int, type_ok,
+    MAX_LR, MAX_M1, MAX_M3, MAX_POWER, MAX_SCALE, MAX_SEED, MAX_WEIGHT_DECAY, OPTIMIZERS, ConfigError, EvalConfig,
+    RunConfig, positive_int, type_ok,
 )
+from ds_face.data.options import DATA_SOURCES, ON_CORRUPT
+from ds_face.data.order import BatchLayout
 
 
 def check_together(cfg: RunConfig, layout: BatchLayout, run_path: str | Path) -> None:
@@ -23,23 +25,21 @@ def check_together(cfg: RunConfig, layout: BatchLayout, run_path: str | Path) ->
     if cfg.head.num_classes < layout.world_size:
         errors.append(f"head.num_classes ({cfg.head.num_classes}) must be >= world size ({layout.world_size}): "
                       "every rank owns at least one class centre")
-    if cfg.data.source == "synthetic" and cfg.data.num_samples * cfg.schedule.epochs < layout.per_step:
+    if cfg.data.source == "synthetic" and cfg.data.num_samples * cfg.schedule.epochs < layout.global_batch:
         errors.append(f"data.num_samples ({cfg.data.num_samples}) x schedule.epochs is smaller than one optimizer "
-                      f"step's batch ({layout.per_step} = micro-batch x accumulation x world size)")
+                      f"step's batch ({layout.global_batch} = micro-batch x accumulation x world size)")
     if cfg.data.source == "arrow":
         from ds_face.data.shards import read_manifest
-        manifest = read_manifest(cfg.data.path)  # _check_arrow has read it once already
-        if manifest.num_samples * cfg.schedule.epochs < layout.per_step:
+        manifest = read_manifest(cfg.data.path)  # checked by _check_arrow; read once per process (shards.py)
+        if manifest.num_samples * cfg.schedule.epochs < layout.global_batch:
             errors.append(f"data.path {cfg.data.path}: {cfg.schedule.epochs} epoch(s) of {manifest.num_samples} "
-                          f"samples are fewer than one optimizer step ({layout.per_step} samples)")
-    if cfg.eval.sets and layout.zero_stage == 3:
-        errors.append("'eval.sets' is not supported under ZeRO stage 3 (the backbone's parameters are "
-                      "partitioned over the ranks, and evaluation runs on rank 0 alone); use stage 0-2, or "
-                      "evaluate exported checkpoints with python -m ds_face.eval")
-    if cfg.eval.ijb.root and layout.zero_stage == 3:
-        errors.append("'eval.ijb' is not supported under ZeRO stage 3 (the backbone's parameters are "
-                      "partitioned over the ranks, and evaluation runs on rank 0 alone); use stage 0-2, or "
-                      "evaluate exported checkpoints with python -m ds_face.eval ijb")
+                          f"samples are fewer than one optimizer step ({layout.global_batch} samples)")
+    for key, wanted, command in (("eval.sets", cfg.eval.sets, "python -m ds_face.eval"),
+                                 ("eval.ijb", cfg.eval.ijb.root, "python -m ds_face.eval ijb")):
+        if wanted and layout.zero_stage == 3:
+            errors.append(f"'{key}' is not supported under ZeRO stage 3 (the backbone's parameters are "
+                          "partitioned over the ranks, and evaluation runs on rank 0 alone); use stage 0-2, or "
+                          f"evaluate exported checkpoints with {command}")
     if errors:
         raise ConfigError(f"{run_path}: " + "\n  ".join(["invalid run config for this launch:"] + errors))
 
@@ -66,12 +66,12 @@ def check_ds_layout(ds: dict, world_size: int | None) -> tuple[list[str], BatchL
     if world_size is not None and world_size < 1:
         errors.append(f"world size must be >= 1, got {world_size}")
     if not errors:
-        layout = BatchLayout(micro, accumulation, world_size or 1, stage)
+        layout = BatchLayout(micro, accumulation, world_size or 1, zero_stage=stage)
         total = ds.get("train_batch_size")
-        if total is not None and world_size is not None and total != layout.per_step:
+        if total is not None and world_size is not None and total != layout.global_batch:
             errors.append(f"'train_batch_size' is {total}, but train_micro_batch_size_per_gpu ({micro}) x "
                           f"gradient_accumulation_steps ({accumulation}) x world size ({world_size}) = "
-                          f"{layout.per_step}; fix it or drop it and let DeepSpeed compute it")
+                          f"{layout.global_batch}; fix it or drop it and let DeepSpeed compute it")
     return errors, layout
 
 
@@ -281,6 +281,9 @@ def check_run(cfg: RunConfig) -> list[str]:
         errors += _check_arrow(cfg)
     if cfg.checkpoint.every_steps < 0:
         errors.append(f"'checkpoint.every_steps' must be >= 0, got {cfg.checkpoint.every_steps}")
+    if not (0 <= cfg.checkpoint.every_minutes <= 10**6):  # NaN fails this too
+        errors.append(f"'checkpoint.every_minutes' must be a number of minutes in [0, 1e6], got "
+                      f"{cfg.checkpoint.every_minutes}")
     if cfg.checkpoint.keep_last < 0:
         errors.append(f"'checkpoint.keep_last' must be >= 0, got {cfg.checkpoint.keep_last}")
     if cfg.output.log_every < 1:
@@ -325,7 +328,7 @@ def _check_eval(e: EvalConfig) -> list[str]:
             errors.append(f"'eval.sets[{i}]': file not found: {path}")
     ijb = e.ijb
     if ijb.root:
-        if not re.match(r"^[A-Za-z0-9_-]+$", ijb.target or ""):
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", ijb.target or ""):
             errors.append(f"'eval.ijb.target' must be a set name such as IJBC or IJBB, got {ijb.target!r}")
         else:
             from ds_face.config.ijb_layout import check_layout  # existence only; rank 0 parses them when training starts

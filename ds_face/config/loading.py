@@ -14,11 +14,10 @@ import yaml
 
 from ds_face.config.bounded import MAX_SET_VALUE_BYTES, parse_json, parse_yaml, read_bounded
 from ds_face.config.checks import check_ds_json, check_ds_layout, check_run
-from ds_face.config.schema import (
-    NUMBER, BatchLayout, ConfigError, RunConfig, accepts_float, type_name, type_ok,
-)
+from ds_face.config.schema import NUMBER, ConfigError, RunConfig, accepts_float, type_name, type_ok
+from ds_face.data.order import BatchLayout
 
-_KEY_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_KEY_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 def parse_set_overrides(pairs: list[str]) -> dict:
     """``--set KEY=VALUE`` pairs -> {dotted key: value}; VALUE is YAML (``[1.0, 0.5, 0.0]``, ``true``,

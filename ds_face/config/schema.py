@@ -1,5 +1,5 @@
 """The run config's schema: one dataclass per YAML section, with its defaults, the value bounds the checks use,
-the batch layout DeepSpeed computes, and the rules for what a field's type accepts. Imports no torch.
+and the rules for what a field's type accepts. Imports no torch.
 """
 from __future__ import annotations
 
@@ -12,11 +12,6 @@ OPTIMIZERS = ("sgd", "adamw")  # for the backbone (torch.optim) and the head (ds
 
 class ConfigError(ValueError):
     pass
-
-
-# synthetic: class-dependent generated images (ds_face.data.synthetic);
-# arrow: a directory of shards written by data_prep (ds_face.data.arrow)
-DATA_SOURCES = ("synthetic", "arrow")
 
 
 @dataclass
@@ -53,12 +48,9 @@ class ScheduleConfig:
     max_skipped_steps: int = 20  # stop after more optimizer steps than this in a row were skipped (any precision)
 
 
-ON_CORRUPT = ("skip", "fail")  # data.on_corrupt: what an undecodable image does
-
-
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # one of DATA_SOURCES
+    source: str = "synthetic"  # one of ds_face.data.options.DATA_SOURCES
     path: str = ""  # arrow: the directory written by data_prep (holds manifest.json)
     num_samples: int = 0  # synthetic only: images per epoch
     num_workers: int = 2  # arrow: DataLoader worker processes per rank (decode, flip)
@@ -78,6 +70,8 @@ class OutputConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # also save every N optimizer steps (0: only at each epoch's end and at the finish)
+    every_minutes: float = 0.0  # also save once this many minutes passed since the last save (0: off); bounds
+    # the work a lost node costs, whatever the step time
     keep_last: int = 3  # complete checkpoints kept in <output.dir>/checkpoints (0: all)
     keep_global_batch: bool = True  # on a resume with another world size, adjust accumulation to keep it
 
@@ -119,22 +113,9 @@ MAX_POWER = 100.0  # polynomial decay exponent
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit; torch's and Python's take any such value
 
 
-@dataclass(frozen=True)
-class BatchLayout:
-    """The batch sizes, as DeepSpeed will compute them."""
-    micro_batch: int
-    accumulation: int
-    world_size: int
-    zero_stage: int = 0
-
-    @property
-    def per_step(self) -> int:
-        return self.micro_batch * self.accumulation * self.world_size
-
-
 # A number as people write it. YAML 1.1 (PyYAML) reads `1e-3` and `5E4` as strings (it wants `1.0e-3`);
 # a float field given such a string takes the number it obviously means.
-NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\Z")
 
 
 def type_ok(value: Any, kind) -> bool:

@@ -1,5 +1,7 @@
 """Data: sources of rows (Arrow shards, synthetic), the run's sample order, and the per-rank loader.
 
+    ds_face.data.options  what the data section may name (sources, on_corrupt): the config checks against these
+    ds_face.data.seeds    every value a run draws from its seed (order, flips, synthetic rows, negatives)
     ds_face.data.shards   the shard format data_prep writes (no torch needed)
     ds_face.data.folder   an image folder (one sub-directory per identity) listed: embed and folder2arrow
     ds_face.data.order    run position -> (epoch, dataset row): one global order, whatever the world size

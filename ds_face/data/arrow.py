@@ -20,7 +20,8 @@ import os
 import numpy as np
 import torch
 
-from ds_face.config.schema import ON_CORRUPT
+from ds_face.data.options import ON_CORRUPT
+from ds_face.data.seeds import flip_bits
 from ds_face.data.shards import ShardError, open_shard, read_manifest, shard_where
 from ds_face.images import ImageFormatError, decode, header_size
 
@@ -39,25 +40,6 @@ def decode_rgb(data: bytes, size: tuple[int, int] | None = None, out: np.ndarray
         if (height, width) != tuple(size):
             raise ValueError(f"image is {width}x{height}, expected {size[1]}x{size[0]}")
     return decode(data, out)
-
-
-def flip_coin(seed: int, epoch: int, index: int) -> bool:
-    """A fair coin fixed by (seed, epoch, sample index): the same flip after a resume, whatever the position."""
-    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)  # splitmix64 finaliser
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
-    return bool((x ^ (x >> 31)) & 1)
-
-
-def flip_coins(seed: int, epochs: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``flip_coin`` for many samples at once (numpy uint64 arithmetic wraps exactly like the & 2**64 - 1)."""
-    u = np.uint64
-    with np.errstate(over="ignore"):
-        x = (u(seed * 0x9E3779B97F4A7C15 & (2**64 - 1)) + epochs.astype(u) * u(0xBF58476D1CE4E5B9)
-             + rows.astype(u) * u(0x94D049BB133111EB))
-        x = (x ^ (x >> u(30))) * u(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> u(27))) * u(0x94D049BB133111EB)
-    return ((x ^ (x >> u(31))) & u(1)).astype(bool)
 
 
 def flip_images(images: np.ndarray, which: np.ndarray) -> None:
@@ -156,7 +138,7 @@ class ArrowFaces:
             source = good[i % len(good)]
             images[i], labels[i] = images[source], labels[source]
         if self.flip:
-            flip_images(images, np.flatnonzero(flip_coins(self.seed, epochs, rows)))
+            flip_images(images, np.flatnonzero(flip_bits(self.seed, epochs, rows)))
         return {"image": batch, "label": labels, "sample": rows, "corrupt": corrupt}
 
 

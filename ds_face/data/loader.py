@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 
 from ds_face.data.arrow import DataError
-from ds_face.data.order import Layout, SampleStream
+from ds_face.data.order import BatchLayout, SampleStream
 
 log = logging.getLogger("ds_face")
 
@@ -25,7 +25,7 @@ log = logging.getLogger("ds_face")
 class _MicroBatches(torch.utils.data.Dataset):
     """Micro-batch k of this rank, k counted from the first step of this pass (runs in the workers)."""
 
-    def __init__(self, source, stream: SampleStream, layout: Layout, start: int, steps: int):
+    def __init__(self, source, stream: SampleStream, layout: BatchLayout, start: int, steps: int):
         self.source, self.stream, self.layout, self.start, self.steps = source, stream, layout, start, steps
 
     def __len__(self) -> int:
@@ -55,7 +55,7 @@ class Loader:
     [B] (dataset row), "epoch": int64 [B]}``. The training step normalises the images where the model runs
     (``ds_face.data.arrow.normalize``): a quarter of float32's bytes cross to the device."""
 
-    def __init__(self, source, layout: Layout, *, streams: int = 16, seed: int = 2048, num_workers: int = 0):
+    def __init__(self, source, layout: BatchLayout, *, streams: int = 16, seed: int = 2048, num_workers: int = 0):
         self.source, self.layout, self.num_workers = source, layout, num_workers
         self.streams, self.seed = streams, seed
         self.stream = SampleStream(source.shard_rows, streams, seed)

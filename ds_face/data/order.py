@@ -33,9 +33,7 @@ from functools import lru_cache
 
 import numpy as np
 
-
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng([int(k) & (2**63 - 1) for k in key])
+from ds_face.data.seeds import rng
 
 
 class EpochOrder:
@@ -48,7 +46,7 @@ class EpochOrder:
         self.num_samples = int(self.shard_rows.sum())
         self.seed, self.epoch = seed, epoch
         num_streams = max(1, min(streams, len(shard_rows)))
-        shard_order = _rng(seed, epoch, 0x5EED).permutation(len(shard_rows))
+        shard_order = rng(seed, epoch, 0x5EED).permutation(len(shard_rows))
         # stream j: shards shard_order[j], shard_order[j + S], ...; its length and each shard's start in it
         self.stream_shards = [shard_order[j::num_streams] for j in range(num_streams)]
         self.stream_offsets = [np.concatenate([[0], np.cumsum(self.shard_rows[s])]) for s in self.stream_shards]
@@ -67,7 +65,7 @@ class EpochOrder:
         self._shard_permutation = lru_cache(maxsize=64)(self._permute_shard)
 
     def _permute_shard(self, shard: int) -> np.ndarray:
-        return _rng(self.seed, self.epoch, shard, 0x12345).permutation(int(self.shard_rows[shard]))
+        return rng(self.seed, self.epoch, shard, 0x12345).permutation(int(self.shard_rows[shard]))
 
     def rows(self, positions: np.ndarray) -> np.ndarray:
         """The dataset rows at these positions of the epoch (any order, any count)."""
@@ -109,21 +107,28 @@ class Slot:
 
 
 @dataclass(frozen=True)
-class Layout:
-    """How steps cut the stream: micro-batch B, accumulation A, world size W, this rank."""
+class BatchLayout:
+    """The batch sizes as DeepSpeed computes them from its JSON and the world size, and how steps cut the
+    stream with them: micro-batch B, accumulation A, world size W, this rank; and the ZeRO stage (the config
+    checks need it). ``ds_face.config`` builds it; the loader takes it with this rank filled in."""
     micro_batch: int
     accumulation: int
     world_size: int
     rank: int = 0
+    zero_stage: int = 0
 
     @property
     def global_batch(self) -> int:
+        """G: the samples of one optimizer step."""
         return self.micro_batch * self.accumulation * self.world_size
+
 
     def slot(self, step_start: int, micro_step: int) -> Slot:
         """This rank's micro-batch ``micro_step`` of the step that starts at run position ``step_start``."""
         k = micro_step * self.world_size + self.rank
         return Slot(step_start + k * self.micro_batch, self.micro_batch)
+
+
 
 
 class SampleStream:

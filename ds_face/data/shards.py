@@ -107,7 +107,7 @@ class Manifest:
         return [str(confined(directory, s.file, f"shards[{i}].file")) for i, s in enumerate(self.shards)]
 
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def _plain_name_problem(name) -> str | None:
@@ -272,18 +272,35 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     """The manifest of a converted dataset, checked for shape (not checksums: `data_prep.verify` does those).
 
     Bounded (at most MAX_MANIFEST_BYTES read, JSON nesting limited before parsing) and default deny:
-    only the keys ds_face writes, each of its type, every number range-checked; ShardError names the key."""
+    only the keys ds_face writes, each of its type, every number range-checked; ShardError names the key.
+
+    Read and checked once per process (the config's checks, ``head.num_classes: auto`` and the loader all ask):
+    a later call returns the same checked Manifest (do not change it) while manifest.json is the same file
+    with the same size and times; any change to it is read and checked again."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         hint = " (a conversion that never finished leaves no manifest)" if Path(directory).is_dir() else ""
         raise ShardError(f"{path}: not found; is {directory} a dataset written by data_prep{hint}?")
+    st = path.stat()  # before the read: a change during the read leaves a key that no later stat matches
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    where = os.path.realpath(path)
+    cached = _MANIFESTS.get(where)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     from ds_face.config.bounded import load_json_file  # the one bounded JSON reader (imports no torch)
     from ds_face.config.schema import ConfigError
     try:
         raw = load_json_file(path, MAX_MANIFEST_BYTES, "manifest")  # size bounded before, depth while parsing
     except ConfigError as err:
         raise ShardError(str(err)) from None
-    return _manifest_from_json(raw, path)
+    manifest = _manifest_from_json(raw, path)
+    if len(_MANIFESTS) >= 16:  # a process reads one or two datasets; tests read many
+        _MANIFESTS.pop(next(iter(_MANIFESTS)))
+    _MANIFESTS[where] = (key, manifest)
+    return manifest
+
+
+_MANIFESTS: dict[str, tuple[tuple, Manifest]] = {}  # realpath of manifest.json -> (its stat key, the checked Manifest)
 
 
 def _manifest_from_json(raw, path: Path) -> Manifest:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ds_face.data.seeds import noise_seed, pattern_seed, synthetic_labels
+
 IMAGE_SIZE = 112
 _PATTERN = 8  # coarse grid: 112 / 8 = 14 pixels per cell
 _SHARD_ROWS = 10_000  # synthetic "shards": units of the epoch order, as for Arrow data
 
 
 def class_pattern(label: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(int(label) * 7919 + 17)
+    generator = torch.Generator().manual_seed(pattern_seed(label))
     return torch.rand(3, _PATTERN, _PATTERN, generator=generator) * 2 - 1
 
 
@@ -31,9 +33,7 @@ class SyntheticFaces:
         return {"source": "synthetic", "num_samples": self.num_samples, "num_classes": self.num_classes}
 
     def label(self, rows: np.ndarray) -> np.ndarray:
-        mixed = (rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(self.seed * 0xBF58476D1CE4E5B9 & (2**64 - 1))
-        mixed ^= mixed >> np.uint64(31)
-        return (mixed % np.uint64(self.num_classes)).astype(np.int64)
+        return synthetic_labels(self.seed, rows, self.num_classes)
 
     def make(self, epochs: np.ndarray, rows: np.ndarray) -> dict:
         labels = self.label(rows)
@@ -43,8 +43,7 @@ class SyntheticFaces:
         noise = torch.empty_like(images)
         generator = torch.Generator()
         for i, (epoch, row) in enumerate(zip(epochs.tolist(), rows.tolist())):
-            # torch takes a 64-bit seed: large run seeds (up to 2**32 - 1 is allowed) wrap rather than overflow
-            generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + row) % 2**64)
+            generator.manual_seed(noise_seed(self.seed, epoch, row))
             noise[i].normal_(generator=generator)
         pixels = (images + self.noise * noise).clamp_(-1.0, 1.0).add_(1.0).mul_(127.5).round_()
         return {"image": pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous(),  # uint8 NHWC, like Arrow rows

@@ -33,6 +33,7 @@ import numpy as np
 from ds_face.eval.bin_sets import BinError, VerificationSet, decode_images, load_bin
 from ds_face.fileio import write_json_atomic
 from ds_face.eval.inference import add_model_args, flip_embeddings, load_model
+from ds_face.runtime.markdown import markdown_table
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 NUM_FOLDS = 10
@@ -141,12 +142,9 @@ def evaluate(model, data, batch_size: int = 128, device=None, deadline: float | 
 
 
 def format_table(results: dict[str, dict]) -> str:
-    lines = ["| set | pairs | accuracy | threshold | XNorm | VAL@FAR=1e-3 |",
-             "| --- | ---: | --- | ---: | ---: | --- |"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['pairs']} | {r['accuracy']:.5f} ± {r['std']:.5f} | {r['threshold']:.3f} "
-                     f"| {r['xnorm']:.3f} | {r['val']:.5f} ± {r['val_std']:.5f} @ {r['far']:.5f} |")
-    return "\n".join(lines)
+    rows = [[name, r["pairs"], f"{r['accuracy']:.5f} ± {r['std']:.5f}", f"{r['threshold']:.3f}", f"{r['xnorm']:.3f}",
+             f"{r['val']:.5f} ± {r['val_std']:.5f} @ {r['far']:.5f}"] for name, r in results.items()]
+    return markdown_table(["set", "pairs", "accuracy", "threshold", "XNorm", "VAL@FAR=1e-3"], rows, align="lrlrrl")
 
 
 def set_names(paths: list[str]) -> list[str]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
-# torch, DeepSpeed and ds_face.checkpoint.manager (torch) are imported by the functions that use them, so that
+# torch, DeepSpeed and ds_face.checkpoint.files (torch) are imported by the functions that use them, so that
 # --help answers at once.
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -28,19 +28,19 @@ class ExportError(Exception):
 # -- finding the checkpoint -------------------------------------------------------------------------
 
 def _looks_like_tag_dir(path: Path) -> bool:
-    from ds_face.checkpoint.manager import META
+    from ds_face.checkpoint.files import META
     return (path / META).exists() or any(path.glob("*_model_states.pt")) or any(path.glob("head_rank*_of*.pt"))
 
 
 def _tags_in(save_dir: Path) -> list[str]:
     """The save_dir's tags (``checkpoint_tags``, oldest first) that hold checkpoint files."""
-    from ds_face.checkpoint.manager import checkpoint_tags
+    from ds_face.checkpoint.files import checkpoint_tags
     return [tag for tag in checkpoint_tags(save_dir) if _looks_like_tag_dir(save_dir / tag)]
 
 
 def resolve_tag_dir(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Path:
     """The tag directory meant by ``ckpt_dir`` (a save_dir or a tag directory) and ``tag``."""
-    from ds_face.checkpoint.manager import LATEST
+    from ds_face.checkpoint.files import LATEST
     path = Path(ckpt_dir)
     if not path.exists():
         raise ExportError(f"{path}: no such directory")
@@ -62,7 +62,7 @@ def resolve_tag_dir(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Path
         return path
     latest = path / LATEST
     if latest.is_file():
-        from ds_face.checkpoint.manager import CheckpointError, latest_tag
+        from ds_face.checkpoint.files import CheckpointError, latest_tag
         try:  # the one reader of `latest`, resume's
             return path / latest_tag(path)
         except CheckpointError as err:
@@ -75,9 +75,9 @@ def resolve_tag_dir(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Path
 
 
 def read_meta(tag_dir: Path) -> dict:
-    """ds_face_meta.json, checked where resume checks it (ds_face.checkpoint.manager), its counts bounded by the files."""
-    from ds_face.checkpoint.manager import META, CheckpointError
-    from ds_face.checkpoint.manager import read_meta as checked
+    """ds_face_meta.json, checked where resume checks it (ds_face.checkpoint.files), its counts bounded by the files."""
+    from ds_face.checkpoint.files import META, CheckpointError
+    from ds_face.checkpoint.files import read_meta as checked
     from ds_face.checkpoint.safe_load import check_meta_counts
     try:
         meta = checked(tag_dir)
@@ -127,7 +127,7 @@ def load_backbone_state(ckpt_dir: str | os.PathLike, tag: str | None = None) -> 
 
     ``meta`` is ``ds_face_meta.json`` plus ``meta["source"]``: where the weights came from.
     """
-    from ds_face.checkpoint.manager import META
+    from ds_face.checkpoint.files import META
     tag_dir = resolve_tag_dir(ckpt_dir, tag)
     states_file = tag_dir / MODEL_STATES
     if not states_file.exists() and (tag_dir / ZERO3_MODEL_STATES.format(rank=0)).exists():
@@ -255,7 +255,7 @@ def _zero_fp32(tag_dir: Path, stage: int, world_size: int, optim_files: list[Pat
 def _check_against(state: dict, ref_state: dict, meta: dict, tag_dir: Path) -> None:
     """The weights about to be written: the backbone's keys, shapes and dtypes, dense, finite
     (``ds_face.checkpoint.tensor_checks.check_state``; views of DeepSpeed's flat buffers are fine, they are cloned)."""
-    from ds_face.checkpoint.manager import META
+    from ds_face.checkpoint.files import META
     from ds_face.checkpoint.tensor_checks import TensorCheckError, check_state
     try:
         check_state(state, ref_state, tag_dir, f"backbone {meta['backbone']!r} with embedding "
@@ -270,15 +270,15 @@ def gather_head(ckpt_dir: str | os.PathLike, tag: str | None = None, meta: dict 
     """The full [num_classes, D] fp32 centre matrix from all ranks' ``head_rank{r}_of{W}.pt``.
 
     Fails, naming the files, unless the shards are one checkpoint's complete set and their class ranges
-    tile ``[0, num_classes)`` exactly (``ds_face.checkpoint.manager.head_slices``, the check resume makes).
+    tile ``[0, num_classes)`` exactly (``ds_face.checkpoint.files.head_slices``, the check resume makes).
     """
     import torch
-    from ds_face.checkpoint.manager import CheckpointError, head_slices
+    from ds_face.checkpoint.files import CheckpointError, head_slices
     tag_dir = resolve_tag_dir(ckpt_dir, tag)
     meta = meta if meta is not None else read_meta(tag_dir)
     check_files(tag_dir)
     try:
-        slices = head_slices(tag_dir, int(meta["world_size"]), int(meta["num_classes"]), int(meta["embedding_size"]))
+        files = head_slices(tag_dir, int(meta["world_size"]), int(meta["num_classes"]), int(meta["embedding_size"]))
     except CheckpointError as err:
         raise ExportError(str(err)) from None
-    return torch.cat([s["weight"].detach().float() for s in slices]).contiguous()
+    return torch.cat([f["sharded"]["head"]["weight"].detach().float() for f in files]).contiguous()

@@ -88,10 +88,6 @@ class HeadOptimizer:
             for key, value in state.items():
                 self.state[key][rows] = value
 
-    def state_dict(self) -> dict:
-        return {"name": self.name, "state": dict(self.state),
-                "steps_applied": self.steps_applied, "steps_skipped": self.steps_skipped}
-
     # -- checkpoints: this rank's optimizer rows, re-sliced to any world size like the head's weight --
     def shard_state(self) -> dict:
         return {"name": self.name, "class_start": self.head.class_start, "num_local": self.head.num_local,
@@ -107,13 +103,3 @@ class HeadOptimizer:
             for key, value in self.state.items():
                 value.copy_(rows_of(shards, lambda s: s["state"][key], self.head.class_start, self.head.num_local))
         self.steps_applied, self.steps_skipped = shards[0]["steps_applied"], shards[0]["steps_skipped"]
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["name"] != self.name:
-            raise ValueError(f"head optimizer state is for {state['name']!r}, this run uses {self.name!r}")
-        for key, value in state["state"].items():
-            if value.shape != self.state[key].shape:
-                raise ValueError(f"head optimizer state {key!r} has shape {tuple(value.shape)}, "
-                                 f"expected {tuple(self.state[key].shape)}")
-            self.state[key].copy_(value)
-        self.steps_applied, self.steps_skipped = state["steps_applied"], state["steps_skipped"]

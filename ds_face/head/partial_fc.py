@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds_face.data.seeds import init_seed, sampler_seed
 from ds_face.runtime import dist
 from ds_face.head.margins import Margin
 
@@ -60,7 +61,7 @@ class PartialFC(nn.Module):
         self.num_sample = int(sample_rate * self.num_local)
 
         # Seeded per rank so runs are reproducible; arcface_torch's N(0, 0.01) init.
-        init = torch.Generator().manual_seed(seed * 1000 + self.rank)
+        init = torch.Generator().manual_seed(init_seed(seed, self.rank))
         weight = torch.normal(0.0, 0.01, (self.num_local, embedding_size), generator=init)
         # A buffer, not a Parameter: autograd never sees the full slice; see ActiveRows.
         self.register_buffer("weight", weight.to(device))
@@ -78,8 +79,7 @@ class PartialFC(nn.Module):
     # -- sampling ---------------------------------------------------------------------------------
     def reseed(self, position: int) -> None:
         """Fix this micro-step's negative sampling by the run's position (e.g. its first sample's index)."""
-        key = (self.seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + self.class_start) % (2**63)
-        self.sampler.manual_seed(key)
+        self.sampler.manual_seed(sampler_seed(self.seed, position, self.class_start))
 
     def sample(self, positives: torch.Tensor) -> torch.Tensor | None:
         """Sorted local row ids to use this step, or None for all rows."""
@@ -140,9 +140,6 @@ class PartialFC(nn.Module):
         grads = torch.cat([p.weight.grad for p in pending])
         rows, where = torch.unique(index, return_inverse=True)
         return rows, torch.zeros(rows.numel(), grads.shape[1], device=grads.device).index_add_(0, where, grads)
-
-    def discard_gradients(self) -> None:
-        self._pending = []
 
     def pending_rows(self) -> list[ActiveRows]:
         """The active rows of the micro-steps since the last optimizer step (for inspection and tests)."""

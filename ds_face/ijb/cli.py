@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 from ds_face.ijb.features import MAX_PIXELS, image_features, load_features, save_features
 from ds_face.ijb.meta import IJBError, read_meta
 from ds_face.ijb.scoring import evaluate_features, format_table, plot_roc
+from ds_face.runtime.cpus import worker_processes
 
 
 def main(argv=None) -> int:
@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     parser.add_argument("--root", required=True, help="IJB release directory (loose_crop/, meta/)")
     parser.add_argument("--target", default="IJBC", help="IJBC or IJBB: meta/<target lower case>_*.txt (default IJBC)")
     add_model_args(parser, model_required=False)
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=int, default=worker_processes(),
                         help="decode+align processes (0: in this process; default min(8, CPUs))")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                         help=f"largest image decoded, width x height (default {MAX_PIXELS})")

@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from ds_face.ijb.meta import IJBMeta
+from ds_face.runtime.markdown import markdown_table
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 GRAM_BYTES = 128 << 20  # a scoring block of the template Gram matrix
@@ -131,12 +132,10 @@ def evaluate_features(meta: IJBMeta, feats: np.ndarray, fars=FARS) -> tuple[dict
 
 def format_table(reports: list[dict]) -> str:
     keys = list(reports[0]["tar_at_far"])
-    lines = ["| set | templates | pairs | " + " | ".join(f"TAR@FAR={k}" for k in keys) + " | AUC |",
-             "| --- | ---: | ---: | " + " | ".join("---:" for _ in keys) + " | ---: |"]
-    for r in reports:
-        cells = " | ".join(f"{100 * r['tar_at_far'][k]['tar']:.2f}" for k in keys)
-        lines.append(f"| {r['target']} | {r['templates']} | {r['pairs']} | {cells} | {100 * r['auc']:.2f} |")
-    return "\n".join(lines) + f"\n\nTAR and AUC in %; {RULE}."
+    rows = [[r["target"], r["templates"], r["pairs"], *(f"{100 * r['tar_at_far'][k]['tar']:.2f}" for k in keys),
+             f"{100 * r['auc']:.2f}"] for r in reports]
+    header = ["set", "templates", "pairs", *(f"TAR@FAR={k}" for k in keys), "AUC"]
+    return markdown_table(header, rows, align="l" + "r" * (len(header) - 1)) + f"\n\nTAR and AUC in %; {RULE}."
 
 
 ROC_FPR_MIN = 1e-6  # the plot's left edge

@@ -5,25 +5,20 @@
 Where it is built and why there: ``ds_face/runtime/op_cache.py``. ``make setup`` runs this as its last step, and
 ``launch.sh`` runs it with ``--if-missing`` on a machine without a GPU (a venv set up before this step existed,
 or a ``pip install``): a look for the built library (no torch import, milliseconds) and, only when it is
-missing, the build, said in one line instead of a silent minute or more inside the first rank. On a GPU machine
-there is nothing to build: DeepSpeed's CUDA accelerator has no such op, and ds_face uses no other JIT op.
+missing, the build, said in one line instead of a silent minute or more inside the first rank. The build is
+DeepSpeed's own (``deepspeed.comm.torch.build_shm_op``, what every CPU rank's ``init_distributed`` calls), so it
+builds exactly what the ranks load. On a GPU machine there is nothing to build: DeepSpeed's CUDA accelerator has
+no such op, and ds_face uses no other JIT op.
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
 
 from ds_face.runtime.op_cache import SHM_OP, built_library
-
-
-class _DropCpuNotice(logging.Filter):
-    """DeepSpeed's 'Setting accelerator to CPU' says what this command's line says ('for CPU ranks')."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Setting accelerator to CPU" not in record.getMessage()
+from ds_face.runtime.quiet import CPU_NOTICE, SHM_OP_LOADED, drop_deepspeed_log, printing_without
 
 
 def build(if_missing: bool = False) -> int:
@@ -31,12 +26,11 @@ def build(if_missing: bool = False) -> int:
     ``if_missing`` when it is built. 0 when the op is ready or not used here, 1 when the build failed."""
     if if_missing and built_library():
         return 0
-    logging.getLogger("DeepSpeed").addFilter(_DropCpuNotice())
-    import deepspeed.ops
+    drop_deepspeed_log("real_accelerator", CPU_NOTICE)  # this command's own line says "for CPU ranks"
     from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
     accelerator = get_accelerator()
-    builder = accelerator.create_op_builder("ShareMemCommBuilder")
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(SHM_OP, False):
+    if accelerator.device_name() != "cpu":  # only DeepSpeed's CPU accelerator has the op
         if not if_missing:
             print(f"ds_face.runtime.build_ops: nothing to build: DeepSpeed's {accelerator.device_name()} accelerator does "
                   f"not use its {SHM_OP} op here")
@@ -51,10 +45,14 @@ def build(if_missing: bool = False) -> int:
               f"(once per venv: 0.5-1 min on 2 idle cores, more on busy ones) ...", end="", flush=True)
     start = time.monotonic()
     try:
-        builder.load(verbose=False)
+        with printing_without(SHM_OP_LOADED):  # DeepSpeed's line after the load: this command's line says it
+            op = build_shm_op()
     except Exception as err:  # a compiler or ninja problem: every rank would fail the same way, later
         print(f" failed: {type(err).__name__}: {err}", flush=True)
         return 1
+    if op is None:  # DeepSpeed's builder reports the op incompatible with this machine: the ranks go without
+        print(f" not used: DeepSpeed reports its {SHM_OP} op incompatible here", flush=True)
+        return 0
     after = built_library()
     if before and after and os.stat(after).st_mtime_ns == stamp:
         print(" up to date", flush=True)

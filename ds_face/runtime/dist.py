@@ -6,11 +6,24 @@ Gloo has no reduce-scatter, so the backward passes use all-reduce.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+
+TIMEOUT_ENV = "DS_FACE_TIMEOUT_MIN"  # minutes a collective may wait for a peer (30 unless set)
+
+
+def collective_timeout() -> datetime.timedelta:
+    """The process group's timeout: how long a rank waits in a collective for a peer before it fails (a dead
+    node, a rank stuck in evaluation). ``DS_FACE_TIMEOUT_MIN`` minutes, 30 by default."""
+    value = os.environ.get(TIMEOUT_ENV, "30")
+    if not (value.isdigit() and 0 < int(value) <= 7 * 24 * 60):
+        raise ValueError(f"{TIMEOUT_ENV}={value!r}: expected whole minutes in [1, 10080]")
+    return datetime.timedelta(minutes=int(value))
 
 
 def init(**kwargs) -> None:

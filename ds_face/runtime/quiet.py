@@ -14,7 +14,10 @@ Each is matched exactly, by message and by the module that emits it; everything 
   ``ds_face.runtime.dist.init`` runs it inside ``printing_without(SHM_OP_LOADED)``.
 
 Kept on purpose: DeepSpeed's ``Setting accelerator to CPU. If you have GPU ...`` (on a GPU machine it means
-CUDA was not found), and every warning about the user's own data, configs or checkpoints.
+CUDA was not found; only ``ds_face.runtime.build_ops``, whose own line says "for CPU ranks", drops it), and every
+warning about the user's own data, configs or checkpoints.
+
+DeepSpeed's log lines are dropped by ONE filter on its logger (``drop_deepspeed_log`` adds a line to it).
 """
 from __future__ import annotations
 
@@ -29,23 +32,37 @@ from ds_face.runtime.op_cache import SHM_OP
 ALL_GATHER_DEPRECATED = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
 UNTESTED_OPTIMIZER = "You are using ZeRO with an untested optimizer, proceed with caution"
 SHM_OP_LOADED = f"DeepSpeed deepspeed.ops.comm.{SHM_OP}_op built successfully"  # deepspeed/comm/torch.py
+CPU_NOTICE = "Setting accelerator to CPU"  # deepspeed/accelerator/real_accelerator.py
 
 
-class _DropUntestedOptimizer(logging.Filter):
+class _DropDeepSpeedLines(logging.Filter):
+    """The one filter on DeepSpeed's logger: a record is dropped when it comes from one of ``dropped``'s
+    modules (``record.module``, a file name without .py) and holds that module's text; any other shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropped: set[tuple[str, str]] = set()  # (module, text)
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.module == "engine" and UNTESTED_OPTIMIZER in record.getMessage())
+        return not any(record.module == module and text in record.getMessage() for module, text in self.dropped)
 
 
-_FILTER = _DropUntestedOptimizer()
+_FILTER = _DropDeepSpeedLines()
 
 
-def quiet() -> None:
-    """Install both filters (idempotent). Cheap: imports neither torch nor DeepSpeed."""
-    warnings.filterwarnings("ignore", message=ALL_GATHER_DEPRECATED, category=FutureWarning,
-                            module=r"torch\.distributed\.c10d_logger")
+def drop_deepspeed_log(module: str, text: str) -> None:
+    """Drop, in this process, DeepSpeed's log records from ``module`` that hold ``text`` (idempotent)."""
+    _FILTER.dropped.add((module, text))
     deepspeed_logger = logging.getLogger("DeepSpeed")  # the logger DeepSpeed creates and logs through
     if _FILTER not in deepspeed_logger.filters:
         deepspeed_logger.addFilter(_FILTER)
+
+
+def quiet() -> None:
+    """Drop the warning and the log line above (idempotent). Cheap: imports neither torch nor DeepSpeed."""
+    warnings.filterwarnings("ignore", message=ALL_GATHER_DEPRECATED, category=FutureWarning,
+                            module=r"torch\.distributed\.c10d_logger")
+    drop_deepspeed_log("engine", UNTESTED_OPTIMIZER)
 
 
 @contextlib.contextmanager

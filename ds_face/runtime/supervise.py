@@ -49,6 +49,8 @@ def watch_sibling_ranks(rank: int):
 
     def dead(wait: float = 0.0) -> str:
         """The siblings that have exited; with ``wait``, up to that many seconds for a first one to show."""
+        if not siblings:  # the only rank on its node (an elastic node of one rank): nothing to wait for
+            return ""
         deadline = time.monotonic() + wait
         while True:
             gone = [pid for pid in sorted(siblings) if exited(pid)]
@@ -63,7 +65,10 @@ def watch_sibling_ranks(rank: int):
 
     def on_sigterm(signum, frame):
         # the launcher stops the survivors after it has reaped the dead rank: its exit is visible by now
-        why = dead() or "no other rank on this node died (a rank on another node, or a user's stop)"
+        if os.environ.get("TORCHELASTIC_RUN_ID"):  # torch's elastic agent stops its workers to re-rendezvous
+            why = dead() or "by the elastic agent (a node left or joined: the run resumes `latest`)"
+        else:
+            why = dead() or "no other rank on this node died (a rank on another node, or a user's stop)"
         print(f"ds_face.train: rank {rank}: stopped by SIGTERM: {why}", file=sys.stderr, flush=True)
         os._exit(128 + signum)
     signal.signal(signal.SIGTERM, on_sigterm)

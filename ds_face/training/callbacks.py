@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import time
+from pathlib import Path
+
+import torch
 
 from ds_face.eval.bin_sets import VerificationSet
 from ds_face.eval.verification import evaluate, set_names
 from ds_face.fileio import real_dir, write_json_atomic
 from ds_face.eval.inference import EvalTimeout
+from ds_face.runtime.cpus import worker_processes
+from ds_face.runtime.dist import collective_timeout
+from ds_face.runtime.progress import log
 
 
 class TrainingEvaluator:
@@ -21,19 +26,16 @@ class TrainingEvaluator:
     under that timeout, rank 0 gives up on the remaining sets (warning) once half of it has passed.
     Unsupported under ZeRO-3 (parameters partitioned; ``check_together`` refuses the combination)."""
 
-    def __init__(self, trainer, progress=None):
-        import torch
-        self.cfg = trainer.cfg.eval
-        self.trainer, self.rank = trainer, trainer.rank
-        self.writer = getattr(progress, "writer", None)
+    def __init__(self, cfg, rank: int, directory: Path, model, device, step: int, writer=None):
+        """``cfg``: the run YAML's ``eval`` block; ``directory``: where the reports go (output.dir/eval);
+        ``model``: the backbone (evaluated in place); ``step``: the run's step now (a resume's best so far is
+        read back up to it); ``writer``: rank 0's tensorboard writer, if any."""
+        self.cfg, self.rank, self.dir, self.model, self._device, self.writer = cfg, rank, directory, model, device, writer
         self.enabled = bool(self.cfg.sets) or bool(self.cfg.ijb.root)
         self.sets: list[VerificationSet] = []
         self.ijb = None  # ds_face.ijb.IJBMeta: eval.ijb, parsed once, evaluated at the last step
         self.best: dict[str, float] = {}
-        self.dir = trainer.output_dir / "eval"
-        self.budget = 0.5 * 60 * int(os.environ.get("DS_FACE_TIMEOUT_MIN", 30))
-        self._device = trainer.engine.device
-        self._torch = torch
+        self.budget = 0.5 * collective_timeout().total_seconds()
         if not self.enabled:
             return
         error = None
@@ -42,8 +44,7 @@ class TrainingEvaluator:
                 real_dir(self.dir)  # checked now, not after hours of training: a link there is refused, named
                 self.sets = [VerificationSet.load(path, name)
                              for name, path in zip(set_names(self.cfg.sets), self.cfg.sets)]
-                self._restore_best(trainer.global_step)
-                from ds_face.runtime.progress import log
+                self._restore_best(step)
                 if self.sets:
                     log.info("evaluation every " + (f"{self.cfg.every_steps} steps" if self.cfg.every_steps else
                              "run end") + ": " + ", ".join(f"{s.name} ({s.pairs} pairs)" for s in self.sets))
@@ -58,7 +59,6 @@ class TrainingEvaluator:
 
     def _agree(self, error: Exception | None) -> None:
         """All ranks wait for rank 0; if it failed, every rank raises."""
-        torch = self._torch
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self._device)
             torch.distributed.broadcast(flag, src=0)
@@ -82,29 +82,29 @@ class TrainingEvaluator:
             except (OSError, ValueError, KeyError, TypeError):
                 continue
 
-    def due(self, step: int, last: bool) -> bool:
-        """.bin sets: every eval.every_steps and at the last step; IJB: at the last step only."""
-        return self.enabled and (last or bool(self.cfg.sets and self.cfg.every_steps
-                                              and step % self.cfg.every_steps == 0))
+    def due(self, step: int, last: bool) -> tuple[bool, bool]:
+        """(the .bin sets, IJB) due at this step: the sets every eval.every_steps and at the last step; IJB at the
+        last step only."""
+        sets = bool(self.cfg.sets) and (last or bool(self.cfg.every_steps and step % self.cfg.every_steps == 0))
+        return sets, last and bool(self.cfg.ijb.root)
 
     def __call__(self, step: int, last: bool = False) -> dict | None:
-        if not self.due(step, last):
+        sets_due, ijb_due = self.due(step, last)
+        if not (sets_due or ijb_due):
             return None
         error, results = None, None
         if self.rank == 0:
             try:
-                results = self._run(step, last)
+                results = self._run(step, sets_due, ijb_due)
             except Exception as err:
                 error = err
         self._agree(error)
         return results
 
-    def _run(self, step: int, last: bool = False) -> dict:
-        from ds_face.runtime.progress import log
-        model = self.trainer.engine.module
+    def _run(self, step: int, sets_due: bool, ijb_due: bool) -> dict:
+        model = self.model
         deadline = time.monotonic() + self.budget
         results = {}
-        sets_due = last or bool(self.cfg.every_steps and step % self.cfg.every_steps == 0)
         for vset in self.sets if sets_due else []:
             try:
                 r = evaluate(model, vset, self.cfg.batch_size, deadline=deadline)
@@ -121,7 +121,7 @@ class TrainingEvaluator:
             if self.writer is not None:
                 for key in ("accuracy", "std", "threshold", "xnorm", "best_accuracy"):
                     self.writer.add_scalar(f"eval/{vset.name}/{key}", r[key], step)
-        ijb = self._run_ijb(model, step, deadline) if last and self.ijb is not None else None
+        ijb = self._run_ijb(model, step, deadline) if ijb_due and self.ijb is not None else None
         if self.writer is not None:
             self.writer.flush()
         real_dir(self.dir)  # a link at eval/ would send the reports where it points
@@ -132,12 +132,11 @@ class TrainingEvaluator:
     def _run_ijb(self, model, step: int, deadline: float) -> dict | None:
         """eval.ijb at the last step, under the same deadline as the .bin sets; also eval/<target>_step_<N>.png."""
         from ds_face import ijb
-        from ds_face.runtime.progress import log
         meta = self.ijb
         started = time.perf_counter()
         try:
             feats = ijb.image_features(meta, model, self.cfg.batch_size, self._device,
-                                       workers=min(8, os.cpu_count() or 1), deadline=deadline)
+                                       workers=worker_processes(), deadline=deadline)
         except EvalTimeout as err:
             log.warning(f"[{meta.target}][{step}] IJB evaluation skipped ({err}): half of the process-group "
                         f"timeout DS_FACE_TIMEOUT_MIN has passed and the other ranks are waiting")

@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 
 from ds_face.bench import DefaultsHelpFormatter
-from tests.gpu.checks import BY_NAME, CHECKS, ROOT, CheckFailed, Context
+from tests.gpu.checks import BY_NAME, ROOT, CheckFailed, Context
 
 DEFAULT_OUT = f"reports/gpu-check-{socket.gethostname()}.md"
 
@@ -79,7 +79,7 @@ def check_list(names: list[str]) -> str:
 def render(spec: list[tuple[str, str]], ctx: Context, outcomes: list[tuple[str, str, float, str]],
            seconds: float, where: str) -> str:
     """The report: ``outcomes`` are (check name, "passed"/"FAILED", seconds, markdown body)."""
-    from ds_face.bench import markdown_table
+    from ds_face.runtime.markdown import markdown_table
     failed = [name for name, status, _, _ in outcomes if status != "passed"]
     lines = [f"# GPU check: {where}", "",
              f"Written by `make gpu-check` (`python -m tests.gpu.check`) on {datetime.date.today().isoformat()}: "

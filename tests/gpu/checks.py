@@ -10,7 +10,6 @@ The small correctness runs use the trainer the CPU tests use (``tests.conftest.m
 from __future__ import annotations
 
 import functools
-import os
 import re
 import subprocess
 import sys
@@ -20,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from ds_face.bench import markdown_table
+from ds_face.runtime.markdown import markdown_table
 from ds_face.runtime.spawn import RankFailed, free_port, run_ranks
-from tests import conftest
+from tests import conftest, observe
 
 ROOT = Path(__file__).resolve().parents[2]
 LR = 0.1
@@ -111,7 +110,7 @@ def _snapshot(trainer, stage):
 
 def _engine_rank(rank, world_size, root, stage):
     from ds_face.data.arrow import normalize
-    from ds_face.train import loss_scale, micro_step
+    from ds_face.training.trainer import loss_scale, micro_step
     out = {}
     trainer = _trainer(world_size, Path(root) / f"fp16_z{stage}", stage, "fp16", micro=8)
     engine, head, head_opt = trainer.engine, trainer.head, trainer.head_optimizer
@@ -181,7 +180,7 @@ def check_engine(ctx: Context) -> str:
                 rows.append([stage, f"{r['scale_before']:g} -> {r['scale_after']:g}", "skipped, unchanged",
                              "head skipped on every rank", f"{losses[:3].mean():.3f} -> {losses[-3:].mean():.3f}"])
     return ("r_tiny, 11 classes, micro-batch 8 per GPU (`tests.conftest.make_trainer`), driven by "
-            "`ds_face.train.micro_step`. fp16: an inf gradient injected at rank 0's embeddings; then a NaN in the "
+            "`ds_face.training.trainer.micro_step`. fp16: an inf gradient injected at rank 0's embeddings; then a NaN in the "
             "last rank's head gradient only. bf16: 12 steps.\n\n"
             + markdown_table(["ZeRO", "fp16 loss scale at the overflow", "backbone, head, momentum",
                               "NaN in one head gradient", "bf16 loss, first 3 -> last 3 steps"], rows))
@@ -265,8 +264,8 @@ def check_head(ctx: Context) -> str:
             lines.append(f"- sample rate 1.0: loss, embedding gradients, weight gradients and the weights after one "
                          f"SGD step equal the fp64 CPU reference within {worst:.2g} (tolerance 1e-4)")
         else:
-            lines.append(f"- sample rate 0.5: on every rank every positive class was sampled, and "
-                         f"max(0.5 x its classes, positives) rows in all")
+            lines.append("- sample rate 0.5: on every rank every positive class was sampled, and "
+                         "max(0.5 x its classes, positives) rows in all")
     return f"{HEAD_CLASSES} classes over {W} GPU(s), embedding {HEAD_DIM}, {HEAD_PER_RANK} samples per GPU, ArcFace.\n\n" \
         + "\n".join(lines)
 
@@ -281,8 +280,8 @@ def _state(trainer, stage, gather_optimizer):
     momentum (collective; DeepSpeed links them to the parameters at the first step after a load)."""
     import deepspeed
 
-    from ds_face.train import loss_scale
-    from ds_face.checkpoint.zero_state import gathered_state
+    from ds_face.training.trainer import loss_scale
+    from tests.engine_state import gathered_state
     module = trainer.engine.module
     with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=stage == 3):
         weights = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
@@ -306,15 +305,15 @@ def _resume_rank(rank, world_size, root, stage, precision):
     make = functools.partial(_trainer, world_size, stage=stage, precision=precision,
                              **{**conftest.RESUMABLE, "samples": 24 * world_size}, every=2, keep_last=2)
     whole = make(Path(root) / "whole")
-    whole.fit()  # 6 steps, 2 epochs
+    whole_steps = observe.fit(whole)  # 6 steps, 2 epochs
     first = make(Path(root) / "cut", max_steps=4)
     first.fit()  # saves step 4, mid-epoch 1
     saved = _state(first, stage, gather_optimizer=False)
     second = make(Path(root) / "cut")
     second.resume()
     restored = _state(second, stage, gather_optimizer=False)
-    second.fit()
-    return {"restored_exactly": _same(saved, restored), "whole": whole.losses, "second": second.losses,
+    second_steps = observe.fit(second)
+    return {"restored_exactly": _same(saved, restored), "whole": whole_steps.losses, "second": second_steps.losses,
             "final_same": _same(_state(whole, stage, True), _state(second, stage, True)), "scale": restored["scale"]}
 
 
@@ -347,7 +346,7 @@ def check_resume(ctx: Context) -> str:
 
 # -- 5. export from a GPU checkpoint; ONNX parity ----------------------------------------------------------
 def _save_rank(rank, world_size, out_dir):
-    from ds_face.checkpoint.zero_state import gathered_state
+    from tests.engine_state import gathered_state
     trainer = _trainer(world_size, out_dir, 2, "fp16", micro=8, max_steps=2)
     trainer.fit()  # 2 steps, then the trainer's own save
     params = gathered_state(trainer.engine)["params"]
@@ -479,7 +478,7 @@ def speed_text(results, ctx: Context) -> str:
             f"{ctx.warmup} warm-up + {ctx.steps} timed steps per loop, both loops in the same processes on the same "
             f"batches ({device} on rank 0), gradient clipping 5, SGD, cudnn.benchmark on in both (arcface_torch sets "
             f"it; `ds_face.train` does not). ds_face: the "
-            f"DeepSpeed engine at ZeRO 0 + Partial FC (`ds_face.train.micro_step`, the `bench speed` cell); plain: "
+            f"DeepSpeed engine at ZeRO 0 + Partial FC (`ds_face.training.trainer.micro_step`, the `bench speed` cell); plain: "
             f"arcface_torch train_v2.py's loop (DDP, torch.autocast, GradScaler for fp16) around the same head "
             f"maths (`tests/gpu/speed.py`). samples/s: global batch / the slowest rank's mean step. Peak: "
             f"allocated memory above the rank's baseline, the largest rank; estimator: "

@@ -1,4 +1,4 @@
-"""Training speed: ds_face's step (the DeepSpeed engine + Partial FC, ``ds_face.train.micro_step``) against a
+"""Training speed: ds_face's step (the DeepSpeed engine + Partial FC, ``ds_face.training.trainer.micro_step``) against a
 plain PyTorch loop of the shape of arcface_torch's ``train_v2.py``, in the same processes, on the same batches.
 
 The plain loop (``plain_step``), as arcface_torch's: the backbone under ``DistributedDataParallel``
@@ -36,7 +36,7 @@ def plain_step(setting: Setting, classes: int, rate: float):
     from ds_face.backbones import get_backbone
     from ds_face.data.arrow import normalize
     from ds_face.head import build_head
-    from ds_face.train import build_backbone_optimizer, seed_everything
+    from ds_face.training.trainer import build_backbone_optimizer, seed_everything
 
     device = torch.device(get_accelerator().current_device_name())
     samples = (setting.warmup + setting.steps) * setting.micro_batch * setting.world_size
