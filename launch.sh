@@ -11,6 +11,10 @@
 # quoted, host names/address/ports/variable names allow-listed, a stop ends only this launch; see its
 # --help text in ds_face/launch/multinode.py); DS_FACE_*, HF_*, OMP_NUM_THREADS, GLOO_*/TORCH_* variables and
 # ~/.deepspeed_env, ./.deepspeed_env reach every node.
+# With --elastic MIN:MAX (and a hostfile): one torch elastic agent (torchrun) per host, rendezvous at the first
+# host; the run shrinks to MIN nodes when one is lost and grows back to MAX when one joins (python -m
+# ds_face.launch.elastic: its options --max-restarts, --rdzv-port, --rdzv-id, --ssh_port, --venv_script;
+# docs/elastic.md).
 # Before anything starts, python -m ds_face.launch.preflight checks both configs and output.dir; on a single node
 # also the master port (a busy --master_port stops the launch; a busy default 29500 is replaced by a free
 # port, said on stderr). Without a GPU, DeepSpeed's shm op for CPU ranks is built first if `make setup`
@@ -26,13 +30,15 @@ fi
 run_config=$1 ds_config=$2
 shift 2
 
-runner=() trainer=() hostfile=
+runner=() trainer=() hostfile= elastic=
 while [ $# -gt 0 ]; do
     case $1 in
         --set|--init-backbone) trainer+=("$1" "${2?$1 needs a value}"); shift 2 ;;
         --set=*|--init-backbone=*|--resume) trainer+=("$1"); shift ;;
         --hostfile|-H) hostfile=given; runner+=("$1" "${2?$1 needs a file}"); shift 2 ;;
         --hostfile=*) hostfile=given; runner+=("$1"); shift ;;
+        --elastic) elastic=given; runner+=("$1" "${2?$1 needs MIN:MAX}"); shift 2 ;;
+        --elastic=*) elastic=given; runner+=("$1"); shift ;;
         *) runner+=("$1"); shift ;;
     esac
 done
@@ -52,6 +58,15 @@ if ! printf '%s\n' "${runner[@]+"${runner[@]}"}" | grep -Eq "^($placement)(=|$)"
 fi
 
 preflight=("$python_bin" -m ds_face.launch.preflight "$run_config" "$ds_config")
+
+if [ -n "$elastic" ]; then
+    # Elastic: torch's elastic agent on every host of the hostfile (ds_face/launch/elastic.py), started over the
+    # same quoted ssh path as the multi-node runner.
+    [ -n "$hostfile" ] || { echo "launch.sh: error: --elastic needs --hostfile: the hosts an elastic run may use" >&2; exit 2; }
+    "${preflight[@]}" --hostfile-launch -- "${trainer[@]+"${trainer[@]}"}" || exit 2
+    exec "$python_bin" -m ds_face.launch.elastic "${runner[@]}" -- \
+        --config "$run_config" --deepspeed_config "$ds_config" "${trainer[@]+"${trainer[@]}"}"
+fi
 
 if [ -z "$hostfile" ]; then
     # Single node: configs, output.dir and the master port, in about a second. DeepSpeed starts the ranks

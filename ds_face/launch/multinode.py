@@ -123,10 +123,13 @@ class _Host:
 
 
 def run_on_hosts(commands: dict[str, list[str]], cwd: str, env: dict[str, str], *, ssh_port: int | None = None,
-                 source: str | None = None, local: bool = False) -> int:
+                 source: str | None = None, local: bool = False,
+                 failed_host_grace: float | None = FAILED_HOST_GRACE_S, outcome=max) -> int:
     """Run ``commands[host]`` (an argv) on each host over ssh, quoted by construction (``remote_command``),
-    under the --node guard; relay output as ``HOST: line``; return the highest exit status (128+N for a
-    signal). SIGTERM/SIGINT/SIGHUP here, or this process's death, stop every host's command and only them.
+    under the --node guard; relay output as ``HOST: line``; return ``outcome`` of the hosts' exit statuses
+    (128+N for a signal): by default the highest. SIGTERM/SIGINT/SIGHUP here, or this process's death, stop
+    every host's command and only them. ``failed_host_grace``: once one host's command failed, the others are
+    stopped after that many seconds; None: they run on (torch's elastic agents carry on without a lost node).
     ``local``: one host, run here without ssh or a shell (``env`` added to this environment)."""
     lock = threading.Lock()
     shell_lines = {host: remote_command(node_argv(argv), cwd, env, source) for host, argv in commands.items()}
@@ -158,7 +161,8 @@ def run_on_hosts(commands: dict[str, list[str]], cwd: str, env: dict[str, str], 
     while any(h.proc.poll() is None for h in hosts):
         if failed_at is None and any(h.proc.returncode for h in hosts):
             failed_at = time.monotonic()
-        if stop_at is None and (stop.is_set() or (failed_at and time.monotonic() - failed_at > FAILED_HOST_GRACE_S)):
+        if stop_at is None and (stop.is_set() or (failed_at and failed_host_grace is not None
+                                                  and time.monotonic() - failed_at > failed_host_grace)):
             stop_at = time.monotonic()
             for h in hosts:
                 h.release()
@@ -177,7 +181,7 @@ def run_on_hosts(commands: dict[str, list[str]], cwd: str, env: dict[str, str], 
         raise LaunchError(start_error)
     if signalled:
         return 128 + signalled[0]
-    return max(rc if rc >= 0 else 128 - rc for rc in (h.proc.returncode for h in hosts))
+    return outcome([rc if rc >= 0 else 128 - rc for rc in (h.proc.returncode for h in hosts)])
 
 
 # -- the guard on each node ----------------------------------------------------------------------------------
