@@ -36,21 +36,19 @@ def two_hosts(*args, timeout=480):
 
 
 @needs_sshd
-def test_two_hosts_over_ssh_train_and_checkpoint():
-    assert "run_two_hosts: OK: 2 nodes x 1 rank, checkpoint step_6" in two_hosts()
+def test_two_hosts_over_ssh_train_and_checkpoint_with_hostile_values_arriving_verbatim():
+    """One real launch for both (``run_two_hosts.sh --hostile``): started from a hostile directory with hostile
+    values, it trains 6 steps and checkpoints with every check of the plain run (``check_trained``)."""
+    out = two_hosts("--hostile")
+    assert "run_two_hosts: OK: 2 nodes x 1 rank, checkpoint step_6" in out
+    assert "transport: OK: 27 hostile values verbatim on both hosts, no marker; kill -9 stops only its launch" in out
+    assert "run_two_hosts: OK: launch from '" in out and "arrived verbatim, no marker" in out
 
 
 @needs_sshd
 @pytest.mark.parametrize("rank", [0, 1])
 def test_killing_one_node_rank_stops_both_nodes(rank):
     assert f"run_two_hosts: OK: rank {rank} killed" in two_hosts("--kill-rank", str(rank))
-
-
-@needs_sshd
-def test_hostile_values_arrive_verbatim_on_both_hosts():
-    out = two_hosts("--hostile")
-    assert "transport: OK: 27 hostile values verbatim on both hosts, no marker; kill -9 stops only its launch" in out
-    assert "run_two_hosts: OK: launch from '" in out and "arrived verbatim, no marker" in out
 
 
 @needs_sshd

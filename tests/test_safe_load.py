@@ -161,9 +161,17 @@ def test_a_real_resume_refuses_a_malicious_file_on_every_rank(ckpts, tmp_path, n
     assert not marker.exists()
 
 
-def run_export(*args):
-    return subprocess.run([sys.executable, "-m", "ds_face.export", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+def run_export(*args) -> subprocess.CompletedProcess:
+    """``python -m ds_face.export ...`` as its ``main(argv)`` in this process, from the checkout: a payload that
+    ran would leave its marker file here as in a fresh process (os.system and subprocess.call start a shell)."""
+    import contextlib
+    import io
+    from ds_face.export import cli as export
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = export.main(argv)
+    return subprocess.CompletedProcess(["ds_face.export", *argv], code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("case,name", [("z2_bf16", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"),
@@ -192,24 +200,28 @@ def test_export_still_works_on_the_real_files(ckpts, tmp_path):
 
 @pytest.mark.parametrize("payload", list(PAYLOADS))
 @pytest.mark.parametrize("raw", [False, True])
-def test_model_pt_is_refused_by_init_backbone_eval_and_embed(tmp_path, payload, raw):
+def test_model_pt_is_refused_by_init_backbone_eval_and_embed(tmp_path, payload, raw, capsys, monkeypatch):
+    """eval and embed as their ``main(argv)`` in this process: a payload that ran would leave its marker here."""
     from ds_face.backbones import get_backbone
+    from ds_face.eval import embed, verification
     from ds_face.training.init_backbone import BackboneFileError, load_backbone_file
     marker = tmp_path / "pwned"
     model_pt = tmp_path / "model.pt"
     refused = write_malicious(model_pt, payload, marker, protocol=2 if raw else 4, raw=raw)
     with pytest.raises(BackboneFileError, match=f"{model_pt}: refused to load: it names the global {refused}"):
         load_backbone_file(model_pt, get_backbone("r_tiny", 16), "r_tiny")
-    for module, extra in (("ds_face.eval.verification", ["--bin", tmp_path / "none.bin"]),
-                          ("ds_face.eval.embed", ["--folder", tmp_path / "faces", "--out", tmp_path / "e.npy"])):
+    monkeypatch.chdir(ROOT)
+    for main, extra in ((verification.main, ["--bin", tmp_path / "none.bin"]),
+                        (embed.main, ["--folder", tmp_path / "faces", "--out", tmp_path / "e.npy"])):
         # a valid set and a valid folder, so that only the model can fail
         (tmp_path / "none.bin").write_bytes(pickle.dumps(([bytes([i]) * 64 for i in range(20)], [True] * 10)))
         (tmp_path / "faces" / "id0").mkdir(parents=True, exist_ok=True)
         (tmp_path / "faces" / "id0" / "a.jpg").write_bytes(b"x")
-        proc = subprocess.run([sys.executable, "-m", module, "--model", model_pt, "--backbone", "r_tiny",
-                               "--embedding", "16", *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        assert f"{model_pt}: refused to load: it names the global {refused}" in proc.stderr
+        capsys.readouterr()  # only this command's output
+        code = main([str(a) for a in ["--model", model_pt, "--backbone", "r_tiny", "--embedding", "16", *extra]])
+        stderr = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
+        assert f"{model_pt}: refused to load: it names the global {refused}" in stderr
         assert not marker.exists()
 
 

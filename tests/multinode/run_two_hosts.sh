@@ -12,7 +12,9 @@
 #                                                   also kill -9s a launcher), and a real launch.sh training
 #                                                   started from a directory named with a space and $(...),
 #                                                   with hostile --venv_script, --enable_each_rank_log,
-#                                                   output.dir and env values, runs with no marker file
+#                                                   output.dir and env values, runs with no marker file and
+#                                                   passes every check of the plain run (6 steps, checkpoint):
+#                                                   one launch for both in tests/test_multinode.py
 #   tests/multinode/run_two_hosts.sh --stop         two launches from the same venv on the same two nodes:
 #                                                   SIGTERM to the first stops all of its processes on both,
 #                                                   the second trains on to its end
@@ -113,6 +115,23 @@ ssh 127.0.0.2 true || { echo "run_two_hosts: error: no ssh to 127.0.0.2:$port" >
 
 printf '# two "nodes" on this machine\n127.0.0.1 slots=1\n127.0.0.2 slots=1\n' > "$tmp/hostfile"
 
+# What a finished two-host training run shows: each node's output prefixed with its host, DS_FACE_TIMEOUT_MIN
+# exported to both, 2 ranks of ZeRO-2 fp32, step 6 reached, a checkpoint saved. (`fail` is each mode's own.)
+steps=6
+check_trained() {  # check_trained LAUNCH_LOG OUTPUT_DIR
+    grep -q '^127\.0\.0\.1: .*node_rank=0' "$1" || fail "no node_rank=0 line from host 127.0.0.1"
+    grep -q '^127\.0\.0\.2: .*node_rank=1' "$1" || fail "no node_rank=1 line from host 127.0.0.2"
+    grep -q '^ds_face.launch.multinode: 2 host(s): 127.0.0.1, 127.0.0.2 (one ssh each); exporting .*DS_FACE_TIMEOUT_MIN' "$1" \
+        || fail "DS_FACE_TIMEOUT_MIN not forwarded to the nodes"
+    grep -q 'world size 2, ZeRO stage 2, fp32' "$2/training.log" || fail "training.log: no 'world size 2'"
+    grep -q "Global Step: $steps/$steps" "$2/training.log" || fail "training.log: step $steps not reached"
+    [ -f "$2/checkpoints/latest" ] || fail "no checkpoint ($2/checkpoints/latest)"
+    local step
+    step=$(cat "$2/checkpoints/latest")
+    ls "$2/checkpoints/$step" > "$tmp/ckpt_files"
+    echo "run_two_hosts: OK: 2 nodes x 1 rank, checkpoint $step: $(tr '\n' ' ' < "$tmp/ckpt_files")"
+}
+
 if [ -n "$hostile" ]; then
     fail() { echo "run_two_hosts: FAIL: $*" >&2; exit 1; }
     # Control (where pdsh is installed): DeepSpeed's pdsh runner by itself runs a $(...) from an exported value
@@ -134,6 +153,7 @@ if [ -n "$hostile" ]; then
     # A real training launch through launch.sh, started from a directory whose name holds a space, quotes and
     # $(...), with a hostile --venv_script path, --enable_each_rank_log directory, output.dir, an exported
     # value, a .deepspeed_env value and a YAML list without spaces (glob characters): all arrive verbatim.
+    # It is also the plain run's training (check_trained): one launch for both.
     # (a name cannot hold '/': these markers are relative, looked for wherever a shell could have run them)
     here="$tmp/launch dir \$(touch pwned30) 'q'"
     logs="$tmp/rank logs;\`touch pwned31\`"
@@ -147,12 +167,12 @@ if [ -n "$hostile" ]; then
         timeout -k 10 "${TWO_HOSTS_TIMEOUT_S:-300}" "$root/launch.sh" "$root/configs/cpu_demo.yaml" \
         "$root/ds_configs/cpu_zero2_fp32.json" --hostfile "$tmp/hostfile" --master_addr 127.0.0.1 \
         --master_port "$master_port" --launcher pdsh --venv_script "$venv" --enable_each_rank_log "$logs" \
-        --set schedule.max_steps=2 --set output.log_every=1 --set "head.margin=[1.0,0.4,0.0]" \
+        --set schedule.max_steps=$steps --set output.log_every=1 --set "head.margin=[1.0,0.4,0.0]" \
         --set "output.dir=$out") > "$tmp/verbatim.log" 2>&1
     rc=$?
     set -e
     [ "$rc" -eq 0 ] || { tail -n 40 "$tmp/verbatim.log" >&2; fail "verbatim launch exited $rc"; }
-    grep -q 'Global Step: 2/2' "$out/training.log" || fail "no training.log in '$out'"
+    grep -q "Global Step: $steps/$steps" "$out/training.log" || fail "no training.log in '$out'"
     grep -q 'world size 2' "$out/training.log" || fail "not 2 ranks"
     grep -q '^127\.0\.0\.2: .*node_rank=1' "$tmp/verbatim.log" || fail "no node_rank=1 from 127.0.0.2"
     [ "$(ls "$logs" | grep -c '_rank[01]\.log$')" = 2 ] || fail "no per-rank logs in '$logs': $(ls "$logs")"
@@ -161,6 +181,7 @@ if [ -n "$hostile" ]; then
     markers=$(ls -d "$tmp"/pwned* "$here"/pwned* "$HOME"/pwned* "$root"/pwned* "$logs"/pwned* 2>/dev/null || true)
     [ -z "$markers" ] || fail "a marker file appeared: $markers"
     echo "run_two_hosts: OK: launch from '$here' with hostile venv script, rank-log dir, output.dir and env arrived verbatim, no marker"
+    check_trained "$tmp/verbatim.log" "$out"
     exit 0
 fi
 
@@ -213,7 +234,6 @@ fi
 out=$tmp/run
 log=$tmp/launch.log
 start=$(date +%s)
-steps=6
 [ -n "$kill_rank" ] && steps=300  # minutes of training: the kill comes long before the end
 set +e
 DS_FACE_TIMEOUT_MIN=3 timeout -k 10 "${TWO_HOSTS_TIMEOUT_S:-300}" \
@@ -260,13 +280,4 @@ if [ -n "$kill_rank" ]; then
 fi
 
 [ "$rc" -eq 0 ] || fail "launch exit status $rc"
-grep -q '^127\.0\.0\.1: .*node_rank=0' "$log" || fail "no node_rank=0 line from host 127.0.0.1"
-grep -q '^127\.0\.0\.2: .*node_rank=1' "$log" || fail "no node_rank=1 line from host 127.0.0.2"
-grep -q '^ds_face.launch.multinode: 2 host(s): 127.0.0.1, 127.0.0.2 (one ssh each); exporting .*DS_FACE_TIMEOUT_MIN' "$log" \
-    || fail "DS_FACE_TIMEOUT_MIN not forwarded to the nodes"
-grep -q 'world size 2, ZeRO stage 2, fp32' "$out/training.log" || fail "training.log: no 'world size 2'"
-grep -q 'Global Step: 6/6' "$out/training.log" || fail "training.log: step 6 not reached"
-[ -f "$out/checkpoints/latest" ] || fail "no checkpoint ($out/checkpoints/latest)"
-step=$(cat "$out/checkpoints/latest")
-ls "$out/checkpoints/$step" > "$tmp/ckpt_files"
-echo "run_two_hosts: OK: 2 nodes x 1 rank, checkpoint $step: $(tr '\n' ' ' < "$tmp/ckpt_files")"
+check_trained "$log" "$out"
