@@ -31,6 +31,20 @@ def launch(*args, timeout=300):
     return run_command(cmd, cwd=ROOT, timeout=timeout)  # a deadline a busy machine stretches (ds_face.runtime.spawn)
 
 
+def in_turn(rank: int, world_size: int, runs: dict[str, tuple]) -> dict:
+    """``{name: function(rank, world_size, *args)}`` for each ``name: (function, args)`` of ``runs``, one after
+    the other on these ranks: several runs for one process start-up (seconds of imports per rank). For
+    ``run_ranks``; a failure names its run in the rank's traceback."""
+    out = {}
+    for name, (function, args) in runs.items():
+        try:
+            out[name] = function(rank, world_size, *args)
+        except BaseException as error:
+            error.add_note(f"in run {name!r}")
+            raise
+    return out
+
+
 # -- trainers ----------------------------------------------------------------------------------------
 # The small run the resume tests share: 50 classes (25/25 on 2 ranks, 17/17/16 on 3), 2 epochs with a
 # warm-up, clipping on, and sampling (its RNG must resume too).

@@ -105,19 +105,28 @@ def train(rank: int, world_size: int, run_yaml: str, ds_json: str, max_steps: in
     return {"losses": steps.losses, "resized": resized, "state": state, "step": trainer.global_step}
 
 
-def resize_runs(directory: Path, *, cut: int, steps: int, stage: int, lr: float, sample_rate: float,
-                threads: int = 0, want_state: bool = False, timeout: float = 1800) -> dict:
-    """The uninterrupted 2-rank run to ``steps``, the 2-rank run cut at ``cut`` (saving it), and its 1-rank
-    resume to ``steps``: {"whole": losses, "cut": rank 0's result, "resumed": the 1 rank's result}."""
+def resize_runs(directory: Path, conditions: dict[str, dict], *, cut: int, steps: int, threads: int = 0,
+                want_state: bool = False, timeout: float = 1800) -> dict[str, dict]:
+    """Per condition (``stage``, ``lr``, ``sample_rate``): the uninterrupted 2-rank run to ``steps``, the 2-rank
+    run cut at ``cut`` (saving it), and its 1-rank resume to ``steps``: {condition: {"whole": losses, "cut": the
+    cut run's result per rank, "resumed": the 1 rank's result}}. The conditions' 2-rank runs share one process
+    group, one run after the other, and so do their 1-rank resumes."""
     from ds_face.runtime.spawn import run_ranks
-    samples = steps * 16
-    args = dict(stage=stage, lr=lr, sample_rate=sample_rate, samples=samples)
-    whole_run, whole_ds = write_configs(directory / "whole", **args)
-    cut_run, cut_ds = write_configs(directory / "cut", **args)
-    whole = run_ranks(2, train, str(whole_run), str(whole_ds), None, False, threads, False, timeout=timeout)
-    first = run_ranks(2, train, str(cut_run), str(cut_ds), cut, False, threads, want_state, timeout=timeout)
-    resumed = run_ranks(1, train, str(cut_run), str(cut_ds), None, True, threads, want_state, timeout=timeout)
-    return {"whole": whole[0]["losses"], "cut": first, "resumed": resumed[0]}
+
+    from tests.conftest import in_turn
+    two_ranks, one_rank = {}, {}
+    for k, (name, condition) in enumerate(conditions.items()):
+        args = dict(**condition, samples=steps * 16)
+        whole_run, whole_ds = write_configs(directory / str(k) / "whole", **args)
+        cut_run, cut_ds = write_configs(directory / str(k) / "cut", **args)
+        two_ranks[f"{name} whole"] = (train, (str(whole_run), str(whole_ds), None, False, threads, False))
+        two_ranks[f"{name} cut"] = (train, (str(cut_run), str(cut_ds), cut, False, threads, want_state))
+        one_rank[name] = (train, (str(cut_run), str(cut_ds), None, True, threads, want_state))
+    deadline = timeout * len(conditions)  # a hang still fails; a busy machine stretches it (spawn.Deadline)
+    first = run_ranks(2, in_turn, two_ranks, timeout=deadline)
+    resumed = run_ranks(1, in_turn, one_rank, timeout=deadline)[0]
+    return {name: {"whole": first[0][f"{name} whole"]["losses"], "cut": [r[f"{name} cut"] for r in first],
+                   "resumed": resumed[name]} for name in conditions}
 
 
 def relative_drift(whole: list[float], resumed: list[float], cut: int) -> list[float]:
@@ -147,8 +156,9 @@ def main(argv=None) -> int:
         if args.only and name not in args.only:
             continue
         condition = {**BASE, **change}
+        threads = condition.pop("threads")
         with tempfile.TemporaryDirectory() as tmp:
-            runs = resize_runs(Path(tmp), cut=args.cut, steps=args.steps, **condition)
+            runs = resize_runs(Path(tmp), {name: condition}, cut=args.cut, steps=args.steps, threads=threads)[name]
         drift = relative_drift(runs["whole"], runs["resumed"]["losses"], args.cut)
         over = next((k + 1 for k, d in enumerate(drift) if d > 1e-4), None)
         rows.append((name, drift, over, growth_per_step(drift)))

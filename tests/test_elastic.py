@@ -22,6 +22,7 @@ from ds_face.runtime.spawn import run_ranks
 from tests import conftest, observe
 from tests.conftest import RESUMABLE
 from tests.elastic_drift import gathered as _state  # the whole state, gathered (a collective)
+from tests.conftest import in_turn  # several runs on one set of ranks, one after the other
 
 CLASSES, EMBEDDING, MICRO = 50, 32, 8  # 50 classes: 25/25 on 2 ranks, 17/17/16 on 3
 make_trainer = functools.partial(conftest.make_trainer, **RESUMABLE)
@@ -52,12 +53,46 @@ def _resume(rank, world_size, root, stage, optimizer, precision):
 CASES = [(stage, old, new, "sgd", "fp32") for stage in (0, 2, 3) for old, new in ((2, 3), (3, 2), (2, 1))]
 CASES += [(2, 2, 3, "adamw", "fp32"), (3, 3, 2, "adamw", "fp32"), (2, 2, 1, "sgd", "fp16")]
 CASES += [(2, 2, 2, "sgd", "fp32")]  # no resize: the state DeepSpeed loads itself, read before any step
+OLD, NEW = 1, 2  # a case's world sizes: CASES[k][OLD] saves, CASES[k][NEW] resumes
+
+
+def case_name(case) -> str:
+    """The case's pytest id ("0-2-3-sgd-fp32"), also its output directory and its key in the results."""
+    return "-".join(map(str, case))
+
+
+def by_world_size(side: int) -> dict[tuple[int, bool], list]:
+    """The cases grouped by their world size on one side (OLD or NEW): one process group runs each group. fp16
+    cases patch DeepSpeed's accelerator in-process (``_save``), so they form groups of their own."""
+    groups = {}
+    for case in CASES:
+        groups.setdefault((case[side], case[4] == "fp16"), []).append(case)
+    return groups
+
+
+@pytest.fixture(scope="module")
+def resizes(tmp_path_factory):
+    """{case name: (what each old rank held after saving step_3, what each new rank held after resuming it)}.
+    One process group per group of ``by_world_size``, its cases one after the other, each in its own directory.
+    Every save runs before any resume: the world-size-2 resumes include cases saved on 3 ranks."""
+    root = tmp_path_factory.mktemp("resize")
+    found = {}
+    for side, step in ((OLD, _save), (NEW, _resume)):
+        for (world_size, _), cases in by_world_size(side).items():
+            runs = {}
+            for stage, old, new, optimizer, precision in cases:
+                name = case_name((stage, old, new, optimizer, precision))
+                runs[name] = (step, (str(root / name), stage, optimizer, precision))
+            per_rank = run_ranks(world_size, in_turn, runs, timeout=300.0 * len(runs))  # a hang still fails
+            for name in runs:
+                found.setdefault(name, []).append([r[name] for r in per_rank])
+    return found
 
 
 @pytest.mark.parametrize("stage,old,new,optimizer,precision", CASES)
-def test_resize_carries_the_whole_optimizer_state(tmp_path, stage, old, new, optimizer, precision):
-    saved = run_ranks(old, _save, str(tmp_path), stage, optimizer, precision)
-    resumed = run_ranks(new, _resume, str(tmp_path), stage, optimizer, precision)
+def test_resize_carries_the_whole_optimizer_state(resizes, stage, old, new, optimizer, precision):
+    saved, resumed = resizes[case_name((stage, old, new, optimizer, precision))]
+    assert len(saved) == old and len(resumed) == new
     before = saved[0]
     expected_keys = {"sgd": ["momentum_buffer"], "adamw": ["exp_avg", "exp_avg_sq"]}[optimizer]
     assert before["keys"] == expected_keys
@@ -105,16 +140,30 @@ def reference_lr(samples, horizon=192, warmup=50, base=0.1, power=2.0):
     return base * max(0.0, 1 - (samples - warmup) / (horizon - warmup)) ** power
 
 
+@pytest.fixture(scope="module")
+def ledgers(tmp_path_factory):
+    """{kind: (the uninterrupted 2-rank run, the 2-rank run cut after 3 steps, its 3-rank resume), per rank}.
+    Both kinds' 2-rank runs share one process group (one run after the other), and so do their resumes."""
+    from tests.conftest import write_shards
+    root = tmp_path_factory.mktemp("ledger")
+    write_shards(root / "arrow", 100, 4, num_classes=CLASSES)  # before any rank starts
+    kinds = ("synthetic", "arrow")
+    two_ranks = {f"{run}-{kind}": (_run_with_ledger, (str(root), f"{run}-{kind}", kind, max_steps, False))
+                 for kind in kinds for run, max_steps in (("whole", None), ("cut", 3))}
+    three_ranks = {f"resumed-{kind}": (_run_with_ledger, (str(root), f"cut-{kind}", kind, None, True))
+                   for kind in kinds}
+    first = run_ranks(2, in_turn, two_ranks, timeout=300.0 * len(two_ranks))
+    then = run_ranks(3, in_turn, three_ranks, timeout=300.0 * len(three_ranks))
+    return {kind: ([r[f"whole-{kind}"] for r in first], [r[f"cut-{kind}"] for r in first],
+                   [r[f"resumed-{kind}"] for r in then]) for kind in kinds}
+
+
 @pytest.mark.parametrize("kind", ["synthetic", "arrow"])
-def test_mid_epoch_2_to_3_resize_trains_every_sample_once_on_the_same_lr_curve(tmp_path, kind):
+def test_mid_epoch_2_to_3_resize_trains_every_sample_once_on_the_same_lr_curve(ledgers, kind):
     # 100 samples x 2 epochs. 2 ranks x 8 = 16 per step: the run ends at 192 (12 steps), 8 samples untrained.
     # Cut after 3 steps (48 samples, mid-epoch 0), resume on 3 ranks x 8 = 24 per step: 6 steps to 192.
-    if kind == "arrow":
-        from tests.conftest import write_shards
-        write_shards(tmp_path / "arrow", 100, 4, num_classes=CLASSES)
-    whole = run_ranks(2, _run_with_ledger, str(tmp_path), "whole", kind, None, False)
-    first = run_ranks(2, _run_with_ledger, str(tmp_path), "cut", kind, 3, False)
-    resumed = run_ranks(3, _run_with_ledger, str(tmp_path), "cut", kind, None, True)
+    whole, first, resumed = ledgers[kind]
+    assert (len(whole), len(first), len(resumed)) == (2, 2, 3)
 
     assert [s for s, _ in whole[0]["lrs"]] == list(range(16, 193, 16))
     assert [s for s, _ in resumed[0]["lrs"]] == list(range(72, 193, 24))
@@ -144,15 +193,27 @@ def test_mid_epoch_2_to_3_resize_trains_every_sample_once_on_the_same_lr_curve(t
 # two runs sum gradients in another order and the rounding differences grow step by step: measured, not tested
 # (python -m tests.elastic_drift).
 
-@pytest.mark.parametrize("stage,lr", [(2, 0.02), (3, 0.1)])
-def test_2_to_1_resize_with_the_global_batch_kept_is_exact_at_the_resize(tmp_path, stage, lr):
+KEPT_BATCH_CUT = 3
+KEPT_BATCH = [(2, 0.02), (3, 0.1)]  # (ZeRO stage, lr)
+
+
+@pytest.fixture(scope="module")
+def kept_batch(tmp_path_factory):
+    """Per (stage, lr): ``resize_runs``' uninterrupted and cut 2-rank runs and the 1-rank resume, 2 steps past
+    the cut; both conditions' 2-rank runs share one process group, and so do their resumes."""
+    from tests.elastic_drift import resize_runs
+    conditions = {f"{stage}-{lr}": dict(stage=stage, lr=lr, sample_rate=1.0) for stage, lr in KEPT_BATCH}
+    return resize_runs(tmp_path_factory.mktemp("kept_batch"), conditions, cut=KEPT_BATCH_CUT,
+                       steps=KEPT_BATCH_CUT + 2, threads=1, want_state=True, timeout=300)
+
+
+@pytest.mark.parametrize("stage,lr", KEPT_BATCH)
+def test_2_to_1_resize_with_the_global_batch_kept_is_exact_at_the_resize(kept_batch, stage, lr):
     """At sample_rate 1.0: below it, each micro-step draws its negatives per rank from its own class range for
     its own micro-batch (16 samples on 2 ranks, 8 on 1 rank accumulating 2), so a resized run draws other
     negatives: the same objective, another sample of it (the state still carries over exactly, above)."""
-    from tests.elastic_drift import resize_runs
-    cut = 3
-    runs = resize_runs(tmp_path, cut=cut, steps=cut + 2, stage=stage, lr=lr, sample_rate=1.0, threads=1,
-                       want_state=True)
+    cut = KEPT_BATCH_CUT
+    runs = kept_batch[f"{stage}-{lr}"]
     saved, resumed = runs["cut"], runs["resumed"]
     assert resumed["resized"] == (f"resuming step_{cut} with another layout: 2 rank(s) x micro-batch 8 x "
                                   f"accumulation 1 = 16 -> 1 rank(s) x micro-batch 8 x accumulation 2 = 16 "

@@ -13,6 +13,7 @@ from ds_face.data.arrow import normalize
 from ds_face.runtime.spawn import run_ranks
 from ds_face.training.trainer import loss_scale, micro_step
 from tests import conftest
+from tests.conftest import in_turn  # several runs on one set of ranks, one after the other
 
 CLASSES, EMBEDDING = 11, 32
 make_trainer = functools.partial(conftest.make_trainer, classes=CLASSES, embedding=EMBEDDING, samples=100_000)
@@ -28,6 +29,18 @@ def global_batch(size, seed=5):
 
 def full_head_weight(seed=6):
     return torch.randn(CLASSES, EMBEDDING, generator=torch.Generator().manual_seed(seed)) * 0.1
+
+
+# The 2-rank runs of sections 3, 4 and 5 (bf16) share one process group, one run after the other: each rank's
+# process start-up (imports) costs seconds. fp16's run patches DeepSpeed in-process and keeps its own (section 5).
+@pytest.fixture(scope="module")
+def on_two_ranks():
+    """{run: its result per rank}: the one-step split of section 3, the trajectory of each ZeRO stage, bf16."""
+    runs = {"micro 8 x 1": (_one_step_worker, (8, 1)),
+            **{f"ZeRO {stage}": (_trajectory_worker, (stage,)) for stage in (0, 1, 2, 3)},
+            "bf16": (_bf16_worker, ())}
+    per_rank = run_ranks(2, in_turn, runs, timeout=300.0 * len(runs))  # a hang still fails
+    return {name: [r[name] for r in per_rank] for name in runs}
 
 
 # -- 3. the same update however the global batch is split -------------------------------------------
@@ -49,10 +62,12 @@ def _one_step_worker(rank, world_size, micro, accumulation):
             "head": head.weight.clone(), "global_steps": trainer.engine.global_steps}
 
 
-def test_same_update_however_the_batch_is_split():
-    two_ranks = run_ranks(2, _one_step_worker, 8, 1)
-    accumulated = run_ranks(1, _one_step_worker, 8, 2)[0]
-    one_big = run_ranks(1, _one_step_worker, 16, 1)[0]
+def test_same_update_however_the_batch_is_split(on_two_ranks):
+    two_ranks = on_two_ranks["micro 8 x 1"]
+    one_rank = run_ranks(1, in_turn, {"micro 8 x 2": (_one_step_worker, (8, 2)),
+                                      "micro 16 x 1": (_one_step_worker, (16, 1))})[0]  # one after the other
+    accumulated, one_big = one_rank["micro 8 x 2"], one_rank["micro 16 x 1"]
+    assert len(two_ranks) == 2
     two_rank_head = torch.cat([r["head"] for r in two_ranks])
     for other in (accumulated, one_big):
         torch.testing.assert_close(two_rank_head, other["head"], atol=1e-6, rtol=1e-5)
@@ -76,8 +91,8 @@ def _trajectory_worker(rank, world_size, stage):
             return losses
 
 
-def test_zero_stages_give_the_same_loss_trajectory():
-    trajectories = {stage: run_ranks(2, _trajectory_worker, stage)[0] for stage in (0, 1, 2, 3)}
+def test_zero_stages_give_the_same_loss_trajectory(on_two_ranks):
+    trajectories = {stage: on_two_ranks[f"ZeRO {stage}"][0] for stage in (0, 1, 2, 3)}
     reference = torch.tensor(trajectories[0])
     assert reference[-1] < reference[0], "the run must actually learn for the comparison to mean anything"
     for stage in (1, 2, 3):
@@ -162,8 +177,8 @@ def _bf16_worker(rank, world_size):
     return {"losses": losses, "dtype": str(next(trainer.engine.module.parameters()).dtype)}
 
 
-def test_bf16_trains():
-    out = run_ranks(2, _bf16_worker)[0]
+def test_bf16_trains(on_two_ranks):
+    out = on_two_ranks["bf16"][0]
     losses = torch.tensor(out["losses"])
     assert out["dtype"] == "torch.bfloat16"
     assert torch.isfinite(losses).all()
