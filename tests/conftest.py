@@ -45,6 +45,19 @@ def in_turn(rank: int, world_size: int, runs: dict[str, tuple]) -> dict:
     return out
 
 
+def mount_tmpfs(where: Path, size: str, read_only: bool = False):
+    """A real tmpfs of ``size`` at ``where`` (made here), for disks that are full or read-only; a generator for
+    a pytest fixture: skips where this user cannot mount (needs root), unmounts after."""
+    where.mkdir()
+    options = f"size={size}" + (",ro" if read_only else "")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
+                          text=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); needs root")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
 # -- trainers ----------------------------------------------------------------------------------------
 # The small run the resume tests share: 50 classes (25/25 on 2 ranks, 17/17/16 on 3), 2 epochs with a
 # warm-up, clipping on, and sampling (its RNG must resume too).
@@ -54,7 +67,7 @@ RESUMABLE = dict(classes=50, clip=5.0, sample_rate=0.5, epochs=2, warmup_epochs=
 def make_trainer(world_size, out_dir=None, stage=2, precision="fp32", *, classes, micro=8, accumulation=1,
                  clip=None, embedding=32, sample_rate=1.0, optimizer="sgd", epochs=None, warmup_epochs=None,
                  max_steps=None, samples=1000, data=None, every=None, keep_last=None, init_backbone=None,
-                 extra_ds=None):
+                 extra_ds=None, storage="device", storage_dtype="float32"):
     """A real ``Trainer`` of an r_tiny backbone on this rank. ``None``: the run config's default (and no
     ``gradient_clipping`` in the DeepSpeed JSON); ``out_dir`` None: a fresh temporary directory; ``data``
     None: ``samples`` synthetic images an epoch; AdamW runs at lr 1e-3 (SGD's 0.1 would diverge)."""
@@ -74,7 +87,8 @@ def make_trainer(world_size, out_dir=None, stage=2, precision="fp32", *, classes
         ds["bf16"] = {"enabled": True}
     ds.update(extra_ds or {})
     cfg = RunConfig(model=ModelConfig(backbone="r_tiny", embedding_size=embedding),
-                    head=HeadConfig(num_classes=classes, sample_rate=sample_rate),
+                    head=HeadConfig(num_classes=classes, sample_rate=sample_rate, storage=storage,
+                                    storage_dtype=storage_dtype),
                     optimizer=OptimizerConfig(name=optimizer, lr=0.1 if optimizer == "sgd" else 1e-3),
                     schedule=ScheduleConfig(**given(epochs=epochs, warmup_epochs=warmup_epochs), max_steps=max_steps),
                     data=data or DataConfig(num_samples=samples),

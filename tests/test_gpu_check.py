@@ -10,7 +10,7 @@ import pytest
 from tests.gpu import check
 from tests.gpu.checks import CHECKS, SPEED_HEADER, Context
 
-ISSUE_CHECKS = ["nccl", "engine", "head", "resume", "export", "launch", "speed", "bench", "parent"]
+ISSUE_CHECKS = ["nccl", "engine", "head", "head_storage", "resume", "export", "launch", "speed", "bench", "parent"]
 
 
 def test_the_check_list_covers_the_issue():

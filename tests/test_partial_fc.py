@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ds_face.data.seeds import mix, splitmix64
 from ds_face.head import HeadOptimizer, Margin, PartialFC, class_shard, cosine
+from ds_face.head.sampling import BLOCK, active_classes, hash64, initial_rows
 from ds_face.runtime.spawn import RankFailed, run_ranks
 
 DIM, PER_RANK = 16, 4
@@ -129,9 +131,6 @@ def test_partial_fc_sampling_and_sparse_update():
             positives = torch.unique(labels[(labels >= start) & (labels < start + count)] - start)
             # Every positive centre this rank owns is in the sample ...
             assert set(positives.tolist()) <= set(index.tolist())
-            # ... and the sample size is max(floor(rate * local classes), positives), as documented.
-            assert got["num_sample"] == int(SAMPLE_RATE * count)
-            assert index.numel() == max(got["num_sample"], positives.numel())
             assert torch.equal(index, torch.unique(index)), "sorted, no duplicates"
             global_index.append(index + start)
             # Rows outside the sample: weight and momentum untouched by the step.
@@ -140,8 +139,12 @@ def test_partial_fc_sampling_and_sparse_update():
             assert torch.equal(s["weight_after"][untouched], s["weight_before"][untouched])
             assert torch.equal(s["momentum_after"][untouched], s["momentum_before"][untouched])
             assert not torch.equal(s["weight_after"][index], s["weight_before"][index])
-        # The loss equals the full-softmax reference restricted to the sampled classes.
+        # Together the ranks use max(floor(rate * classes), positives) centres (the 101 classes are one block),
+        # the very set one rank alone draws: the negatives do not depend on the world size.
         sampled = torch.cat(global_index)
+        assert sampled.numel() == max(int(SAMPLE_RATE * SAMPLED_CLASSES), torch.unique(labels).numel())
+        assert torch.equal(sampled, active_classes(1, 0, SAMPLED_CLASSES, SAMPLE_RATE, labels, 0, SAMPLED_CLASSES))
+        # The loss equals the full-softmax reference restricted to the sampled classes.
         if step == 0:
             current = weight
         else:  # the reference must use the weights as the first step left them
@@ -213,3 +216,54 @@ def test_reported_loss_is_arcface_torchs_on_an_anti_parallel_sample_and_the_grad
         torch.testing.assert_close(got["emb_grad"] / world_size, ref_emb_grad[rows], atol=1e-5, rtol=1e-5)
         start, count = got["start"], got["count"]
         torch.testing.assert_close(got["weight_grad"], ref_weight_grad[start:start + count], atol=1e-5, rtol=1e-5)
+
+
+def test_hash64_gives_splitmix64s_bits():
+    """The sampler's torch hash (int64 products that wrap) equals the numpy uint64 splitmix64 of the seeds."""
+    keys = torch.arange(0, 2**40, 2**40 // 5003, dtype=torch.int64)
+    got = hash64(7, 2**50 + 3, keys).numpy().view("uint64")
+    assert (got == splitmix64(mix(7, 2**50 + 3, keys.numpy()))).all()
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.1, 0.5, 0.97])
+def test_negatives_are_the_same_centres_on_any_world_size(rate):
+    """DESIGN.md invariant 8: the classes a micro-step uses are a function of (seed, position, labels) alone.
+    Over 2.5 blocks of classes, the union of every rank's draw is the same set for 1, 2, 3 and 7 ranks; it
+    holds every positive, max(floor(rate * block), positives in it) classes of each block, and another
+    position draws another set."""
+    classes = 2 * BLOCK + BLOCK // 2
+    labels = torch.cat([torch.randint(0, classes, (200,), generator=torch.Generator().manual_seed(5)),
+                        torch.arange(BLOCK - 40, BLOCK + 40)])  # positives on both sides of a block edge
+    drawn = {}
+    for world_size in (1, 2, 3, 7):
+        parts = []
+        for rank in range(world_size):
+            start, count = class_shard(classes, rank, world_size)
+            index = active_classes(11, 1234, classes, rate, labels, start, count)
+            assert torch.equal(index, torch.unique(index)) and (index >= 0).all() and (index < count).all()
+            parts.append(index + start)
+        drawn[world_size] = torch.cat(parts)
+    assert all(torch.equal(drawn[1], other) for other in drawn.values())
+    assert set(labels.tolist()) <= set(drawn[1].tolist())
+    for block in range(3):
+        lo, size = block * BLOCK, min(BLOCK, classes - block * BLOCK)
+        held = torch.unique(labels[(labels >= lo) & (labels < lo + size)]).numel()
+        in_block = ((drawn[1] >= lo) & (drawn[1] < lo + size)).sum().item()
+        assert in_block == max(int(rate * size), held)
+    assert not torch.equal(drawn[1], active_classes(11, 1235, classes, rate, labels, 0, classes))
+
+
+def test_initial_centres_are_the_same_on_any_world_size():
+    """A class starts from the same centre however the classes are split, block by block."""
+    classes, dim = BLOCK + 300, 4
+
+    def slice_of(start, count):
+        out = torch.empty(count, dim)
+        initial_rows(3, classes, dim, start, count, lambda row, values: out[row:row + len(values)].copy_(values))
+        return out
+
+    whole = slice_of(0, classes)
+    for world_size in (2, 3):
+        assert torch.equal(torch.cat([slice_of(*class_shard(classes, r, world_size)) for r in range(world_size)]),
+                           whole)
+    assert abs(whole.std().item() - 0.01) < 1e-3

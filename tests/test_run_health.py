@@ -7,7 +7,6 @@ gradients, and so does the head: the weights stay finite) or, once, one weight o
 real 6 MB tmpfs (skipped where this user cannot mount one).
 """
 import functools
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from ds_face.checkpoint.files import CheckpointError
 from ds_face.runtime.spawn import run_ranks
 from tests import conftest
-from tests.conftest import RESUMABLE
+from tests.conftest import RESUMABLE, mount_tmpfs
 
 make_trainer = functools.partial(conftest.make_trainer, **RESUMABLE)
 
@@ -101,14 +100,7 @@ def test_zero3_padding_is_not_a_weight_to_check(tmp_path, where):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if proc.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); needs root")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    yield from mount_tmpfs(tmp_path / f"disk-{uuid.uuid4().hex[:6]}", "6m")
 
 
 def _fill_the_disk(rank, world_size, root):

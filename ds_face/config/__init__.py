@@ -15,7 +15,7 @@ values, the DeepSpeed JSON's keys, what needs both files and the world size). Im
 from ds_face.config.checks import DS_KEYS, check_ds_json, check_together
 from ds_face.config.loading import load_ds_config, load_run_config, parse_set_overrides
 from ds_face.config.schema import (
-    OPTIMIZERS, CheckpointConfig, ConfigError, DataConfig, EvalConfig, HeadConfig, IJBEvalConfig, ModelConfig,
+    HEAD_STORAGE_DTYPES, HEAD_STORAGES, OPTIMIZERS, CheckpointConfig, ConfigError, DataConfig, EvalConfig, HeadConfig, IJBEvalConfig, ModelConfig,
     OptimizerConfig, OutputConfig, RunConfig, ScheduleConfig,
 )
 from ds_face.data.options import DATA_SOURCES
@@ -23,6 +23,6 @@ from ds_face.data.order import BatchLayout
 
 __all__ = [
     "BatchLayout", "CheckpointConfig", "ConfigError", "DATA_SOURCES", "DS_KEYS", "DataConfig", "EvalConfig",
-    "HeadConfig", "IJBEvalConfig", "ModelConfig", "OPTIMIZERS", "OptimizerConfig", "OutputConfig", "RunConfig",
+    "HEAD_STORAGES", "HEAD_STORAGE_DTYPES", "HeadConfig", "IJBEvalConfig", "ModelConfig", "OPTIMIZERS", "OptimizerConfig", "OutputConfig", "RunConfig",
     "ScheduleConfig", "check_ds_json", "check_together", "load_ds_config", "load_run_config", "parse_set_overrides",
 ]

@@ -13,8 +13,7 @@ from pathlib import Path
 from ds_face.backbones import BACKBONES
 from ds_face.config.schema import (
     MAX_LR, MAX_M1, MAX_M3, MAX_POWER, MAX_SCALE, MAX_SEED, MAX_WEIGHT_DECAY, OPTIMIZERS, ConfigError, EvalConfig,
-    RunConfig, positive_int, type_ok,
-)
+    RunConfig, positive_int, type_ok, HEAD_STORAGES, HEAD_STORAGE_DTYPES)
 from ds_face.data.options import DATA_SOURCES, ON_CORRUPT
 from ds_face.data.order import BatchLayout
 
@@ -247,6 +246,11 @@ def check_run(cfg: RunConfig) -> list[str]:
     elif not (0 < margin[0] <= MAX_M1 and 0 <= margin[1] < math.pi / 2 and 0 <= margin[2] <= MAX_M3):
         errors.append(f"'head.margin' {margin} out of range: need 0 < m1 <= {MAX_M1}, 0 <= m2 < pi/2, "
                       f"0 <= m3 <= {MAX_M3}")
+    if cfg.head.storage not in HEAD_STORAGES:
+        errors.append(f"'head.storage' must be one of {', '.join(HEAD_STORAGES)}, got {cfg.head.storage!r}")
+    if cfg.head.storage_dtype not in HEAD_STORAGE_DTYPES:
+        errors.append(f"'head.storage_dtype' must be one of {', '.join(HEAD_STORAGE_DTYPES)}, "
+                      f"got {cfg.head.storage_dtype!r}")
     if not 0 < cfg.head.scale <= MAX_SCALE:
         errors.append(f"'head.scale' must be in (0, {MAX_SCALE}], got {cfg.head.scale}")
     if cfg.optimizer.name not in OPTIMIZERS:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union, get_args, get_origin
 
 OPTIMIZERS = ("sgd", "adamw")  # for the backbone (torch.optim) and the head (ds_face.head.optim)
+HEAD_STORAGES = ("device", "host", "disk")  # where the head's state lives (ds_face.head.storage)
+HEAD_STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -28,6 +30,12 @@ class HeadConfig:
     sample_rate: float = 1.0
     margin: list = field(default_factory=lambda: [1.0, 0.5, 0.0])  # (m1, m2, m3); ArcFace m2=0.5
     scale: float = 64.0
+    # where this rank's centres and their optimizer state live: device (accelerator memory), host (host memory,
+    # rows copied to the device per step) or disk (memory-mapped scratch files in storage_dir: the page cache
+    # is the cache); the checkpoint is the same for all three
+    storage: str = "device"
+    storage_dtype: str = "float32"  # or bfloat16 / float16: stored so, always computed on in float32
+    storage_dir: str = ""  # disk storage only: a local disk (NVMe); empty: <output.dir>/head_storage
 
 
 @dataclass

@@ -2,14 +2,17 @@
 resume or a resize on any world size draws exactly what an uninterrupted run draws, with no state to save.
 
 Each derivation is kept bit for bit as runs have drawn it (a change would give a run being resumed another
-sample order, other flips, other synthetic rows or other negatives):
+sample order, other flips, other synthetic rows or other negatives). One change so far: the head's negatives
+and initial centres moved from per-rank draws to per-class-block draws (the same on any world size); a
+checkpoint from before resumes with its weights and momentum and draws the new negatives from then on:
 
 * ``rng(*key)``: numpy's SeedSequence over the key: the epoch's shard order and each shard's row permutation;
 * ``mix(seed, a, b)``: the keys weighted by splitmix64's odd constants, summed mod 2**64; ``splitmix64``
-  finalises such a sum into well-mixed bits: the flips (``flip_bits``), Partial FC's negatives
-  (``sampler_seed``);
+  finalises such a sum into well-mixed bits: the flips (``flip_bits``), the head's initial weights per class
+  block (``init_seed``); Partial FC's negatives use the same sum and finaliser on torch tensors
+  (``ds_face.head.sampling.hash64``);
 * the synthetic dataset's label of a row, its noise and its class pattern (``synthetic_labels``,
-  ``noise_seed``, ``pattern_seed``), and the head's initial weights (``init_seed``).
+  ``noise_seed``, ``pattern_seed``).
 """
 from __future__ import annotations
 
@@ -58,14 +61,10 @@ def flip_bits(seed: int, epochs: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return (splitmix64(mix(seed, epochs, rows)) & np.uint64(1)).astype(bool)
 
 
-def sampler_seed(seed: int, position: int, class_start: int) -> int:
-    """Partial FC's negatives at a run position, per class shard (a non-negative 63-bit torch seed)."""
-    return (mix(seed, position) + class_start) % 2**63
-
-
-def init_seed(seed: int, rank: int) -> int:
-    """The head's N(0, 0.01) initial weights of this rank's class shard."""
-    return seed * 1000 + rank
+def init_seed(seed: int, block: int) -> int:
+    """The head's N(0, 0.01) initial weights of one block of classes (``ds_face.head.sampling.BLOCK``): the same
+    centres on any world size (a non-negative 63-bit torch seed)."""
+    return int(splitmix64(np.asarray(mix(seed, block), np.uint64))) % 2**63
 
 
 def synthetic_labels(seed: int, rows: np.ndarray, num_classes: int) -> np.ndarray:

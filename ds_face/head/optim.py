@@ -11,8 +11,9 @@ for the backbone, in lock-step with it:
   gradient is inf/NaN on any rank (agreed by an all-reduce);
 * the learning rate is the engine's for the same step, so one schedule drives both.
 
-Updates are sparse: only the rows the step used are read, changed and written
-back (PLSC-style gather-update-scatter); momentum and weight decay of rows the
+Updates are sparse: only the rows the step used are read from the head's store,
+changed and written back (PLSC-style gather-update-scatter), wherever the store
+keeps them; momentum and weight decay of rows the
 step did not sample are left alone. At sample_rate 1.0 every row is used and the
 update is plain SGD / AdamW, identical to ``torch.optim``.
 """
@@ -22,7 +23,7 @@ import torch
 
 from ds_face.runtime import dist
 from ds_face.config import OPTIMIZERS
-from ds_face.head.partial_fc import PartialFC, rows_of
+from ds_face.head.partial_fc import PartialFC, row_pieces
 
 
 class HeadOptimizer:
@@ -32,15 +33,21 @@ class HeadOptimizer:
             raise ValueError(f"head optimizer must be one of {OPTIMIZERS}, got {name!r}")
         self.head, self.name = head, name
         self.momentum, self.weight_decay, self.betas, self.eps = momentum, weight_decay, betas, eps
-        weight = head.weight
-        if name == "sgd":
-            self.state = {"momentum_buffer": torch.zeros_like(weight)}
-        else:
-            self.state = {"exp_avg": torch.zeros_like(weight), "exp_avg_sq": torch.zeros_like(weight),
-                          # per-row step count: a row's bias correction counts only the steps that moved it
-                          "step": torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device)}
+        # The optimizer state lives beside the centres, in the head's store (same rows, same home and dtype).
+        store, width = head.store, head.embedding_size
+        self.names = ("momentum_buffer",) if name == "sgd" else ("exp_avg", "exp_avg_sq", "step")
+        for key in self.names:
+            if key == "step":  # per-row step count: a row's bias correction counts only the steps that moved it
+                store.add(key, None, torch.int64)
+            else:
+                store.add(key, width)
         self.steps_applied = 0
         self.steps_skipped = 0
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The optimizer state as stored (for checkpoints and inspection)."""
+        return {key: self.head.store.whole(key) for key in self.names}
 
     def step(self, lr: float, loss_scale: float = 1.0, engine_applied: bool = True) -> bool:
         """Apply the accumulated head gradients; returns whether the step was applied.
@@ -61,11 +68,11 @@ class HeadOptimizer:
         return True
 
     def _update(self, rows: torch.Tensor | None, grad: torch.Tensor, lr: float) -> None:
-        # Gather the used rows (a copy), update them, scatter them back. With
-        # rows None every row is used: plain views, updated in place, no copies.
-        at = slice(None) if rows is None else rows
-        weight = self.head.weight[at]
-        state = {key: value[at] for key, value in self.state.items()}
+        # Read the used rows (a copy), update them, write them back. With rows None every row is used: on the
+        # device in float32 the reads are the tables themselves, updated in place, no copies.
+        store = self.head.store
+        weight = store.read("weight", rows)
+        state = {key: store.read(key, rows) for key in self.names}
         if self.name == "sgd":
             buf = state["momentum_buffer"]
             # In place on grad (ours, dropped after the step): at rate 1.0 a temporary would be a whole
@@ -83,15 +90,15 @@ class HeadOptimizer:
             bias2 = (1.0 - beta2 ** step.double()).float()[:, None]
             denom = (exp_avg_sq / bias2).sqrt_().add_(self.eps)
             weight.addcdiv_(exp_avg / bias1, denom, value=-lr)
-        if rows is not None:
-            self.head.weight[rows] = weight
-            for key, value in state.items():
-                self.state[key][rows] = value
+        store.write("weight", rows, weight)
+        for key, value in state.items():
+            store.write(key, rows, value)
 
     # -- checkpoints: this rank's optimizer rows, re-sliced to any world size like the head's weight --
     def shard_state(self) -> dict:
         return {"name": self.name, "class_start": self.head.class_start, "num_local": self.head.num_local,
-                "state": {k: v.cpu() for k, v in self.state.items()},
+                "state": {k: v.to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+                          for k, v in self.state.items()},
                 "steps_applied": self.steps_applied, "steps_skipped": self.steps_skipped}
 
     def load_shards(self, shards: list[dict]) -> None:
@@ -99,7 +106,8 @@ class HeadOptimizer:
         names = {s["name"] for s in shards}
         if names != {self.name}:
             raise ValueError(f"head optimizer state is for {sorted(names)}, this run uses {self.name!r}")
-        with torch.no_grad():
-            for key, value in self.state.items():
-                value.copy_(rows_of(shards, lambda s: s["state"][key], self.head.class_start, self.head.num_local))
+        for key in self.names:
+            for row, values in row_pieces(shards, lambda s: s["state"][key], self.head.class_start,
+                                          self.head.num_local):
+                self.head.store.fill(key, row, values)
         self.steps_applied, self.steps_skipped = shards[0]["steps_applied"], shards[0]["steps_skipped"]

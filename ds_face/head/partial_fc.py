@@ -6,16 +6,19 @@ more). One forward call, on every rank:
 
 1. all-gather the embeddings and labels of the global micro-batch (N = W x B);
 2. pick this step's active centres: with ``sample_rate == 1`` all of them (model
-   parallelism); otherwise every positive centre this rank owns plus uniformly
-   drawn negatives, ``max(floor(sample_rate * num_local), positives)`` in all;
+   parallelism); otherwise every positive centre plus negatives drawn per block of
+   classes from the seed and the run's position alone (``ds_face.head.sampling``:
+   the same centres on any world size, at a cost that grows with the rows used);
 3. cosine logits of all N embeddings against the active centres, margin on the
    target entries, distributed softmax cross-entropy (max and sum all-reduced);
    the loss is the mean over the N samples and identical on every rank.
 
-Memory: the active centres are a fresh leaf tensor each micro-step (a gathered
-copy of the sampled rows, or an alias of the whole weight at rate 1.0), so
-autograd allocates gradient only for rows the step used. ``HeadOptimizer``
-then updates exactly those rows (gather, update, scatter).
+Memory: the active centres are a fresh leaf tensor each micro-step (the sampled
+rows read from the head's store, or an alias of the whole slice at rate 1.0 on
+the device), so autograd allocates gradient only for rows the step used.
+``HeadOptimizer`` then updates exactly those rows (read, update, write back).
+Where the slice and its optimizer state live (device, host memory, disk) and in
+which dtype is the store's business (``ds_face.head.storage``), not the maths'.
 """
 from __future__ import annotations
 
@@ -26,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_face.data.seeds import init_seed, sampler_seed
 from ds_face.runtime import dist
 from ds_face.head.margins import Margin
+from ds_face.head.sampling import active_classes, initial_rows, mean_rows_used
+from ds_face.head.storage import HeadStore
 
 
 def class_shard(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -47,7 +51,8 @@ class ActiveRows:
 class PartialFC(nn.Module):
     def __init__(self, embedding_size: int, num_classes: int, sample_rate: float, margin: Margin,
                  rank: int | None = None, world_size: int | None = None,
-                 device: torch.device | str = "cpu", seed: int = 0):
+                 device: torch.device | str = "cpu", seed: int = 0, storage: str = "device",
+                 storage_dtype: str = "float32", storage_dir=None):
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
@@ -58,54 +63,63 @@ class PartialFC(nn.Module):
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.sample_rate, self.margin = sample_rate, margin
         self.class_start, self.num_local = class_shard(num_classes, self.rank, self.world_size)
-        self.num_sample = int(sample_rate * self.num_local)
-
-        # Seeded per rank so runs are reproducible; arcface_torch's N(0, 0.01) init.
-        init = torch.Generator().manual_seed(init_seed(seed, self.rank))
-        weight = torch.normal(0.0, 0.01, (self.num_local, embedding_size), generator=init)
-        # A buffer, not a Parameter: autograd never sees the full slice; see ActiveRows.
-        self.register_buffer("weight", weight.to(device))
-        # Negatives are drawn from a generator re-seeded every micro-step from (seed, position, class range):
-        # sampling is a function of where the run is, with no state to save, and is the same after a resume.
-        self.seed = seed
-        self.sampler = torch.Generator(device=self.weight.device)
-        self.reseed(0)
+        self.num_sample = mean_rows_used(sample_rate, self.num_local)  # about; positives come on top
+        self.seed, self.position = seed, 0
+        # The slice [num_local, D] lives in the store (device, host or disk); a buffer of this module would pin
+        # it to the device. Its initial values are arcface_torch's N(0, 0.01), seeded per block of classes.
+        self.store = HeadStore(self.num_local, storage, storage_dtype, device, storage_dir, self.rank)
+        self.store.add("weight", embedding_size)
+        initial_rows(seed, num_classes, embedding_size, self.class_start, self.num_local,
+                     lambda row, values: self.store.fill("weight", row, values))
+        self.device = torch.device(device)
         self._pending: list[ActiveRows] = []
+        self._prepared = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """This rank's centres as stored (storage dtype, wherever the store keeps them)."""
+        return self.store.whole("weight")
 
     def extra_repr(self) -> str:
         return (f"classes={self.class_start}..{self.class_start + self.num_local - 1} of {self.num_classes}, "
                 f"embedding={self.embedding_size}, sample_rate={self.sample_rate}")
 
     # -- sampling ---------------------------------------------------------------------------------
-    def reseed(self, position: int) -> None:
-        """Fix this micro-step's negative sampling by the run's position (e.g. its first sample's index)."""
-        self.sampler.manual_seed(sampler_seed(self.seed, position, self.class_start))
+    def set_position(self, position: int) -> None:
+        """Fix the next micro-step's negatives by the run's position (its first sample's index in the run)."""
+        self.position = position
 
-    def sample(self, positives: torch.Tensor) -> torch.Tensor | None:
-        """Sorted local row ids to use this step, or None for all rows."""
+    def sample(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Sorted local row ids to use this micro-step (``labels``: the global micro-batch's), or None for all."""
         if self.sample_rate >= 1.0:
             return None
-        positives = torch.unique(positives)
-        if positives.numel() >= self.num_sample:
-            return positives
-        score = torch.rand(self.num_local, generator=self.sampler, device=self.weight.device)
-        score[positives] = 2.0  # above any uniform draw: positives always make the cut
-        return score.topk(self.num_sample).indices.sort().values
+        return active_classes(self.seed, self.position, self.num_classes, self.sample_rate,
+                              labels.to(self.store.home), self.class_start, self.num_local)
 
     # -- forward ----------------------------------------------------------------------------------
-    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        embeddings = dist.all_gather_with_grad(local_embeddings.float())
+    def prepare(self, local_labels: torch.Tensor) -> None:
+        """Gather the micro-batch's labels and pick its centres before the backbone's forward, so that the
+        copy of those rows from host or disk storage (in ``forward``) runs while the accelerator computes the
+        forward. Optional: ``forward`` does it itself when it was not called (the same result)."""
         labels = dist.all_gather_no_grad(local_labels.long())
         self._check_labels(labels)
+        self._prepared = (local_labels, labels, self.sample(labels))
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        if self._prepared is None or self._prepared[0] is not local_labels:
+            self.prepare(local_labels)
+        _, labels, index = self._prepared
+        self._prepared = None
+        embeddings = dist.all_gather_with_grad(local_embeddings.float())
+        labels = labels.to(embeddings.device)
 
         local = labels - self.class_start
         rows = torch.nonzero((local >= 0) & (local < self.num_local)).squeeze(1)
-        index = self.sample(local[rows])
+        active = self.store.read("weight", index).requires_grad_(True)  # an alias at rate 1.0 on the device
         if index is None:
-            active = self.weight.detach().requires_grad_(True)  # alias: no copy at rate 1.0
             cols = local[rows]
         else:
-            active = self.weight[index].requires_grad_(True)
+            index = index.to(embeddings.device)
             cols = torch.searchsorted(index, local[rows])
         self._pending.append(ActiveRows(index, active))
 
@@ -147,25 +161,25 @@ class PartialFC(nn.Module):
 
     # -- checkpoints: this rank's class range, re-sliced to any world size on load ----------------
     def shard_state(self) -> dict:
+        """Float32 on the CPU whatever the storage: one checkpoint format (a float32 store's table as it is)."""
         return {"class_start": self.class_start, "num_local": self.num_local, "num_classes": self.num_classes,
-                "embedding_size": self.embedding_size, "weight": self.weight.detach().cpu()}
+                "embedding_size": self.embedding_size, "weight": self.weight.detach().to("cpu", torch.float32)}
 
     def load_shards(self, shards: list[dict]) -> None:
         """Take this rank's rows from the slices of all ranks of a save (any world size; checked to tile)."""
-        with torch.no_grad():
-            self.weight.copy_(rows_of(shards, lambda s: s["weight"], self.class_start, self.num_local))
+        for row, values in row_pieces(shards, lambda s: s["weight"], self.class_start, self.num_local):
+            self.store.fill("weight", row, values)
 
 
-def rows_of(shards: list[dict], get, start: int, count: int) -> torch.Tensor:
-    """Rows [start, start + count) of the class-indexed tensor ``get(shard)`` over slices that tile the
-    classes in order (each has ``class_start`` and ``num_local``)."""
-    parts = []
+def row_pieces(shards: list[dict], get, start: int, count: int):
+    """Rows [start, start + count) of the class-indexed tensor ``get(shard)`` over slices that tile the classes
+    in order (each has ``class_start`` and ``num_local``), as ``(row within the range, tensor)`` pieces: a
+    store fills itself piece by piece, with no whole-slice temporary."""
     for shard in shards:
         lo = max(start, shard["class_start"])
         hi = min(start + count, shard["class_start"] + shard["num_local"])
         if lo < hi:
-            parts.append(get(shard)[lo - shard["class_start"]:hi - shard["class_start"]])
-    return torch.cat(parts)
+            yield lo - start, get(shard)[lo - shard["class_start"]:hi - shard["class_start"]]
 
 
 def cosine(embeddings: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:

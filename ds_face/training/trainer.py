@@ -82,6 +82,7 @@ def micro_step(engine, head, head_optimizer, batch: dict, lr: float) -> MicroSte
         images = normalize(images)
     images = images.to(model_dtype(engine))
     labels = batch["label"].to(engine.device, non_blocking=True)
+    head.prepare(labels)  # picks the step's centres first: reading them from host/disk overlaps the forward
     loss = head(engine(images), labels)
     engine.backward(loss)
     boundary = engine.is_gradient_accumulation_boundary()
@@ -228,9 +229,9 @@ class Trainer:
         log.info(f"{self.cfg.schedule.epochs} epoch(s) of {self.epoch_size} samples; at sample {p.samples} "
                  f"(step {p.step}), {to_go} steps to go, {p.step + to_go} in all"
                  + (f", stopping after step {self.cfg.schedule.max_steps}" if self.cfg.schedule.max_steps else ""))
-        log.info(f"Partial FC: {h.num_classes} classes, {h.num_local} on rank 0 ({h.num_local * h.embedding_size * 4 / 2**20:.1f} MiB "
-                 f"fp32 weights), sample_rate {h.sample_rate} -> {h.num_sample if h.sample_rate < 1 else h.num_local} "
-                 f"centres per rank per step")
+        log.info(f"Partial FC: {h.num_classes} classes, {h.num_local} on rank 0 ({h.store.nbytes() / 2**20:.1f} MiB "
+                 f"of centres and optimizer state, {h.store.dtype_name}, on {h.store.storage}), sample_rate "
+                 f"{h.sample_rate} -> {'about ' if h.sample_rate < 1 else ''}{h.num_sample} centres per rank per step")
 
     def _skip_cause(self, result: MicroStep, skipped: int, max_skipped: int, loss: float) -> str | None:
         """Why optimizer steps are skipped and will go on being skipped, or None."""
@@ -276,7 +277,8 @@ class Trainer:
         for batch in self.loader.micro_batches(position.samples, stop):
             if micro == 0:  # a new optimizer step: its LR is the curve at the samples seen once it is done
                 lr = schedule.apply(self.engine.optimizer, position.samples + G)
-            self.head.reseed(position.samples * self.layout.accumulation + micro)
+            # negatives: a function of the micro-step's first sample in the run (any world size draws the same)
+            self.head.set_position(position.samples + micro * self.layout.micro_batch * self.layout.world_size)
             if on_step is not None:
                 trained.append(torch.stack([batch["epoch"], batch["sample"]]))
             result = micro_step(self.engine, self.head, self.head_optimizer, batch, lr)

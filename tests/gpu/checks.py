@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -215,7 +216,7 @@ def _head_rank(rank, world_size, rate):
     assert optimizer.step(LR)
     return {"loss": loss.detach().cpu(), "emb_grad": local.grad.cpu(), "rows": None if rows is None else rows.cpu(),
             "weight_grad": grad.cpu(), "weight": head.weight.cpu(), "start": head.class_start, "count": head.num_local,
-            "on_device": _on_device(head.weight) and head.sampler.device.type == torch.device(device).type}
+            "on_device": _on_device(head.weight) and (rows is None or _on_device(rows))}
 
 
 def _head_reference(world_size):
@@ -239,6 +240,7 @@ def _head_reference(world_size):
 
 
 def check_head(ctx: Context) -> str:
+    from ds_face.head.sampling import active_classes
     W = ctx.world_size
     ref_loss, ref_emb_grad, ref_grad, ref_weight, labels = _head_reference(W)
     lines = []
@@ -258,16 +260,71 @@ def check_head(ctx: Context) -> str:
             else:  # the sampled softmax is another function: which rows it used is checked
                 positives = {int(c) - start for c in labels if start <= int(c) < start + count}
                 assert positives <= set(r["rows"].tolist()), f"rank {rank}: a positive class was not sampled"
-                assert len(r["rows"]) == max(int(rate * count), len(positives)), f"rank {rank}: sampled row count"
+                on_cpu = active_classes(1, 0, HEAD_CLASSES, rate, labels, start, count)
+                assert torch.equal(r["rows"], on_cpu), f"rank {rank}: the GPU drew other centres than the CPU"
         if rate == 1.0:
             assert worst < 1e-4, f"sample rate 1.0: GPU head vs fp64 CPU reference differs by {worst:.3g}"
             lines.append(f"- sample rate 1.0: loss, embedding gradients, weight gradients and the weights after one "
                          f"SGD step equal the fp64 CPU reference within {worst:.2g} (tolerance 1e-4)")
         else:
-            lines.append("- sample rate 0.5: on every rank every positive class was sampled, and "
-                         "max(0.5 x its classes, positives) rows in all")
+            lines.append("- sample rate 0.5: on every rank every positive class was sampled, and the rows drawn on "
+                         "the GPU are the ones the CPU draws (`ds_face.head.sampling`: integer hashing, the same on "
+                         "every device)")
     return f"{HEAD_CLASSES} classes over {W} GPU(s), embedding {HEAD_DIM}, {HEAD_PER_RANK} samples per GPU, ArcFace.\n\n" \
         + "\n".join(lines)
+
+
+# -- head storage: host and disk against device on the same GPU ---------------------------------------------
+STORAGE_CLASSES, STORAGE_ROWS, STORAGE_BATCH = 2_000_000, 100_000, 128  # per rank: rows used per step
+
+
+def _storage_rank(rank, world_size, storage, directory, classes, rows, batch):
+    """Peak device memory and median step time of the head alone (forward, backward, sparse SGD step) with its
+    state in ``storage``; and the first steps' losses, to compare the storages."""
+    from deepspeed.accelerator import get_accelerator
+
+    from ds_face.head import HeadOptimizer, Margin, PartialFC
+    acc = get_accelerator()
+    device = acc.current_device_name()
+    head = PartialFC(512, classes, 1.0, Margin.arcface(), device=device, seed=1, storage=storage,
+                     storage_dir=directory)
+    head.sample_rate = min(1.0, rows / head.num_local)  # the same rows used whatever the storage
+    optimizer = HeadOptimizer(head, "sgd")
+    gen = torch.Generator().manual_seed(rank)
+    acc.synchronize()
+    acc.reset_peak_memory_stats()
+    times, losses = [], []
+    for step in range(12):
+        embeddings = torch.randn(batch, 512, generator=gen).to(device).requires_grad_(True)
+        labels = torch.randint(0, classes, (batch,), generator=gen).to(device)
+        acc.synchronize()
+        started = time.perf_counter()
+        head.set_position(step)
+        loss = head(embeddings, labels)
+        loss.backward()
+        optimizer.step(0.1)
+        acc.synchronize()
+        times.append(time.perf_counter() - started)
+        losses.append(loss.item())
+    return {"peak": acc.max_memory_allocated(), "step": statistics.median(times[2:]), "losses": losses}
+
+
+def check_head_storage(ctx: Context) -> str:
+    sizes = (STORAGE_CLASSES, STORAGE_ROWS, STORAGE_BATCH)
+    results = {s: ctx.ranks(_storage_rank, s, str(ctx.workdir / "head_storage"), *sizes)
+               for s in ("device", "host", "disk")}
+    rows = []
+    for storage, ranks in results.items():
+        peak = max(r["peak"] for r in ranks) / 2**20
+        step = statistics.median([r["step"] for r in ranks]) * 1e3
+        base = statistics.median([r["step"] for r in results["device"]]) * 1e3
+        rows.append([storage, f"{peak:,.0f}", f"{step:.1f}", f"{step / base:.2f}"])
+        same = all(r["losses"] == d["losses"] for r, d in zip(ranks, results["device"]))
+        assert same or storage == "device", f"{storage} storage: other losses than device storage on the GPU"
+    return (f"The head alone, {STORAGE_CLASSES:,} classes over {ctx.world_size} GPU(s), embedding 512, "
+            f"{STORAGE_ROWS:,} rows used per rank per step, {STORAGE_BATCH} samples per GPU, SGD, fp32 storage; "
+            f"12 steps, the median of the last 10. The losses of host and disk storage equal device storage's.\n\n"
+            + markdown_table(["storage", "peak device MiB (max over ranks)", "step ms", "time vs device"], rows))
 
 
 # -- 4. exact resume after a save on the GPU ----------------------------------------------------------------
@@ -532,6 +589,8 @@ CHECKS = [
     Check("engine", "DeepSpeed engine at ZeRO 0/2/3: fp16 dynamic loss scaling with a forced overflow; bf16",
           check_engine),
     Check("head", "Partial FC head on the GPU against an fp64 CPU reference", check_head),
+    Check("head_storage", "Head state in host memory and on disk against device storage: peak device memory, "
+                          "step time, the same losses", check_head_storage),
     Check("resume", "Exact resume after a save on the GPU", check_resume),
     Check("export", "Export from a GPU checkpoint; ONNX parity with onnxruntime (CUDA EP if installed)",
           check_export),
