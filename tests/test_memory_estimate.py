@@ -65,7 +65,8 @@ def test_head_outside_zero_exact():
         "classifier_transients": max(6 * 8 * 50 * 4 + 50 * row, 5 * 50 * row),
         "embeddings": 2 * 2 * 4 * row, "activations": 400, "overhead": 0}
     adam = estimate(cell="Partial FC 0.1", **{**TINY, "optimizer": "adamw"})
-    assert adam["head_optimizer_state"] == 2 * 500 * row and adam["optimizer_state"] == 8000
+    # AdamW: exp_avg and exp_avg_sq, plus the int64 step count of each row
+    assert adam["head_optimizer_state"] == 2 * 500 * row + 500 * 8 and adam["optimizer_state"] == 8000
     # uneven split: the largest shard, ceil(C / W); at least one active row
     assert estimate(cell="Model parallel", **{**TINY, "classes": 1001})["head_weight"] == 501 * row
     assert estimate(cell="Partial FC 0.001", **TINY)["classifier_transients"] == max(6 * 8 * 4 + row, 5 * row)
@@ -75,14 +76,126 @@ def test_head_outside_zero_exact():
     assert engine_z3 == (1000, 2000, 1000, 2000)
 
 
-def test_head_matches_analytic_bytes_of_a_live_head():
+@pytest.mark.parametrize("storage, dtype", [("device", "float32"), ("device", "bfloat16"), ("host", "float16")])
+def test_head_matches_analytic_bytes_of_a_live_head(storage, dtype):
     from ds_face.head import Margin, PartialFC
     for rate in (1.0, 0.1):
-        head = PartialFC(8, 1000, rate, Margin.arcface(), rank=0, world_size=2)
+        head = PartialFC(8, 1000, rate, Margin.arcface(), rank=0, world_size=2, storage=storage, storage_dtype=dtype)
         live = estimator.analytic_bytes(head, batch=4)
-        est = estimate(cell=estimator.pfc_cell(rate), **TINY)
+        est = estimate(cell=estimator.pfc_cell(rate), storage=storage, storage_dtype=dtype, **TINY)
         assert live == {"weight": est["head_weight"], "optimizer_state": est["head_optimizer_state"],
                         "transients": est["classifier_transients"]}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_head_tables_are_what_a_live_store_holds(optimizer, tmp_path):
+    """The estimator's table bytes against ``HeadStore.nbytes()`` of a real head and optimizer, every storage and
+    dtype (disk: real memory-mapped files)."""
+    from ds_face.config import HEAD_STORAGE_DTYPES, HEAD_STORAGES
+    from ds_face.head import HeadOptimizer, Margin, PartialFC
+    assert estimator.STORAGES == HEAD_STORAGES and tuple(estimator.STORAGE_WIDTHS) == HEAD_STORAGE_DTYPES
+    for storage in HEAD_STORAGES:
+        for dtype in HEAD_STORAGE_DTYPES:
+            head = PartialFC(8, 1001, 0.1, Margin.arcface(), rank=0, world_size=2, storage=storage,
+                             storage_dtype=dtype, storage_dir=tmp_path / storage)
+            HeadOptimizer(head, optimizer)
+            tables = estimator.head_tables(head.num_local, 8, optimizer, dtype)
+            assert head.store.nbytes() == sum(tables.values()), (storage, dtype)
+
+
+def test_host_and_disk_storage_move_the_tables_off_the_device():
+    row, active = 8 * 4, 50  # 500 rows per rank, 50 used at rate 0.1
+    tables = 2 * 500 * row  # fp32 centres + SGD momentum
+    # the step's device peak is unchanged: the forward's 6 logit matrices and the rows' copy, 5 R in backward
+    step = max(6 * 8 * active * 4 + active * row, 5 * active * row)
+    on_device = estimate(cell="Partial FC 0.1", **TINY)
+    assert (on_device["head_weight"] + on_device["head_optimizer_state"], on_device["classifier_transients"]) == \
+        (tables, step)
+    assert estimator.placement(cell="Partial FC 0.1", **TINY) == {"device": total(on_device), "host": 0, "disk": 0}
+    staging = active * row  # the fp32 rows one table writes back through the host
+    for where in ("host", "disk"):
+        off = estimate(cell="Partial FC 0.1", storage=where, **TINY)
+        assert off == {**on_device, "head_weight": 0, "head_optimizer_state": 0}
+        placed = estimator.placement(cell="Partial FC 0.1", storage=where, **TINY)
+        assert placed == {"device": total(on_device) - tables, "host": staging + (tables if where == "host" else 0),
+                          "disk": tables if where == "disk" else 0}
+    # a 16-bit store: the write-back also holds the rows at the storage width on the host
+    assert estimator.placement(cell="Partial FC 0.1", storage="disk", storage_dtype="bfloat16", **TINY)["host"] == \
+        staging + staging // 2
+
+
+def test_16_bit_storage_halves_the_stored_bytes():
+    for cell in ("Model parallel", "Partial FC 0.1"):
+        for optimizer in ("sgd", "adamw"):
+            kw = {**TINY, "optimizer": optimizer}
+            full = estimator.placement(cell=cell, storage="disk", **kw)["disk"]
+            for dtype in ("bfloat16", "float16"):
+                half = estimator.placement(cell=cell, storage="disk", storage_dtype=dtype, **kw)["disk"]
+                counter = 500 * 8 if optimizer == "adamw" else 0  # AdamW's int64 step counts keep their width
+                assert half - counter == (full - counter) // 2
+                dev = estimate(cell=cell, storage_dtype=dtype, **kw)
+                assert dev["head_weight"] == 500 * 8 * 2
+    # on the device a 16-bit table is read as an fp32 copy even at rate 1.0 (float32 tables are read in place)
+    f32, bf16 = (estimate(cell="Model parallel", storage_dtype=d, **TINY)["classifier_transients"]
+                 for d in ("float32", "bfloat16"))
+    assert (f32, bf16) == (max(6 * 8 * 500 * 4, 3 * 500 * 32), max(6 * 8 * 500 * 4 + 500 * 32, 5 * 500 * 32))
+
+
+def test_optimizer_step_phase_counts_adamw_rows():
+    # micro-batch 1: the logits are small, so the optimizer step is the peak: the summed gradient, the weight,
+    # exp_avg, exp_avg_sq rows and two update temporaries (6 R), plus the rows' int64 step counts
+    kw = {**TINY, "micro_batch": 1, "optimizer": "adamw", "storage": "host"}
+    assert estimate(cell="Partial FC 0.1", **kw)["classifier_transients"] == 6 * 50 * 32 + 50 * 8
+    assert estimate(cell="Partial FC 0.1", **{**kw, "optimizer": "sgd"})["classifier_transients"] == 5 * 50 * 32
+
+
+def test_seed_row_at_float32_device_storage_is_unchanged():
+    """29M identities, seed 003's setting, the head on the device in float32: the figure the issue quotes
+    (28.7 GB per GPU), term by term."""
+    c = estimate(classes=29_000_000, cell="Partial FC 0.1", **SEED)
+    assert c == estimate(classes=29_000_000, cell="Partial FC 0.1", storage="device", storage_dtype="float32", **SEED)
+    p, rows, n = estimator.backbone_params("r50", 512), 29_000_000 // 8, 8 * 128
+    active = rows // 10
+    expected = (12 * p  # fp16 params + fp32 master + fp16 grads + fp32 momentum (ZeRO-0)
+                + 2 * rows * 512 * 4  # fp32 centres + momentum
+                + 6 * n * active * 4 + active * 512 * 4  # the forward's logits and the rows' copy
+                + 2 * n * 512 * 4  # all-gathered embeddings and their gradient
+                + estimator.activation_elements_per_sample("r50", 512) * 2 * 128 + 400 * MiB)
+    assert total(c) == expected
+    assert round(total(c) / MiB / 1000, 1) == 28.7  # 28,687 MiB: the issue's "28.7 GB" counts thousands of MiB
+
+
+def test_100m_row_fits_16gib_only_off_the_device_and_with_a_smaller_micro_batch():
+    gib16 = 16 * 2**30
+    kw = {k: v for k, v in SEED.items() if k != "micro_batch"}
+    fit = estimator.FIT_16GB
+    placed = estimator.placement(**fit, **kw)
+    assert placed["device"] <= 16e9  # under 16 GB in any reading: 16e9 B < 16,000 MiB < 16 GiB
+    rows, active, n = 100_000_000 // 8, 100_000_000 // 80, 8 * fit["micro_batch"]
+    # the peak of the step there: 5 [A, D] fp32 in backward (more than the forward's 6 logit matrices + 1)
+    assert 5 * active * 512 * 4 > 6 * n * active * 4 + active * 512 * 4
+    assert placed["host"] == 2 * rows * 512 * 2 + active * 512 * (4 + 2)  # bf16 tables + write-back staging
+    # seed 003's micro-batch 128 at rate 0.1: no storage fits (the fp32 logits alone are 6 x 1024 x 1.25M x 4 B)
+    for storage in estimator.STORAGES:
+        for dtype in estimator.STORAGE_WIDTHS:
+            assert total(estimate(classes=100_000_000, cell="Partial FC 0.1", storage=storage,
+                                  storage_dtype=dtype, **SEED)) > gib16
+    # with the tables on the device (any dtype) the 100M row does not fit even at the smaller micro-batch
+    assert estimator.placement(**{**fit, "storage": "device"}, **kw)["device"] > gib16
+    text, published, data = estimator.storage_table()
+    assert f"| {fit['classes']:,} | host | bfloat16 | {fit['micro_batch']} x 0.1 | {placed['device'] / MiB:,.0f} |" in text
+    assert "32,324 MiB (seed 003)" in text and "32,298 MiB" in published and "79.6 GB" in published
+    assert len(data["rows"]) == 2 * 3 * 2 + 2
+
+
+def test_data_parallel_cells_have_no_head_storage():
+    for storage, dtype in (("host", "float32"), ("disk", "float32"), ("device", "bfloat16")):
+        with pytest.raises(ValueError, match="head outside ZeRO only"):
+            estimate(cell="DP ZeRO-0", storage=storage, storage_dtype=dtype, **TINY)
+    with pytest.raises(ValueError, match="storage must be one of"):
+        estimate(cell="Partial FC 0.1", storage="nvme", **TINY)
+    with pytest.raises(ValueError, match="storage_dtype must be one of"):
+        estimate(cell="Partial FC 0.1", storage_dtype="fp16", **TINY)
 
 
 def test_backbone_figures_from_meta_device():
@@ -166,6 +279,23 @@ def test_cli_without_budget_has_no_dashes_and_compare_seed(capsys):
     assert rows and " - " not in rows[0]
     assert "| 29,000,000 | - |" in out and "32,324" in out  # the seed's published figure is quoted
     assert "Where they differ" in out
+    # the head's storage at 29M and 100M identities beside the seed's and the quoted figures
+    assert "| 29,000,000 | device | float32 | 128 x 0.1 |" in out and "| 100,000,000 | disk | bfloat16 |" in out
+    assert "32,298 MiB" in out and "79.6 GB" in out
+
+
+def test_cli_storage_off_the_device(capsys, tmp_path):
+    out_json = tmp_path / "m.json"
+    code, out = run_cli(capsys, "--backbone", "r_tiny", "--classes", "1000,2000", "--world-size", "2",
+                        "--micro-batch", "4", "--storage", "disk", "--storage-dtype", "bfloat16", "--json",
+                        str(out_json))
+    assert code == 0 and "head storage disk, bfloat16" in out
+    header = [c.strip() for c in out.splitlines()[2].strip("|").split("|")]
+    assert header == ["classes", "Model parallel", "Partial FC 0.1"]  # no DP cells: their FC is in the engine
+    assert "off the device, host / disk" in out
+    cell = json.loads(out_json.read_text())["results"]["2000"]["Partial FC 0.1"]
+    assert cell["components"]["head_weight"] == 0 and cell["placement"]["disk"] == 2 * 1000 * 512 * 2
+    assert cell["placement"]["device"] == cell["total_bytes"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -183,6 +313,10 @@ def test_cli_without_budget_has_no_dashes_and_compare_seed(capsys):
     (["--sample-rates=-0.1"], "(0, 1]"),
     (["--sample-rates", "abc"], "sample rates"),
     (["--precision", "fp8"], "invalid choice"),
+    (["--storage", "nvme"], "invalid choice"),
+    (["--storage-dtype", "fp16"], "invalid choice"),
+    (["--storage", "host", "--cells", "Partial FC 0.1,DP ZeRO-2"], "head outside ZeRO only"),
+    (["--storage-dtype", "bfloat16", "--measure"], "device storage in float32 only"),
 ])
 def test_cli_bad_input_exits_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:

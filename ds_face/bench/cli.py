@@ -7,8 +7,8 @@ import re
 import sys
 
 from ds_face.bench import DefaultsHelpFormatter
-from ds_face.bench.estimator import (MiB, OPTIMIZERS, PRECISIONS, activation_elements_per_sample, dp_cell,
-                                     parse_cell, pfc_cell, table)
+from ds_face.bench.estimator import (MiB, OPTIMIZERS, PRECISIONS, STORAGE_WIDTHS, STORAGES,
+                                     activation_elements_per_sample, dp_cell, parse_cell, pfc_cell, table)
 
 _UNITS = {"": MiB, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": MiB, "mb": MiB, "mib": MiB,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
@@ -60,6 +60,11 @@ def build_parser(prog: str, description: str, measure_flag: bool = True) -> argp
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="sgd", help="for the engine and the head")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0,
                    help="ZeRO stage of the backbone in the Model parallel / Partial FC cells")
+    p.add_argument("--storage", choices=STORAGES, default="device",
+                   help="where the head's tables live (head.storage): host and disk leave only the rows a step uses "
+                        "on the device; not with the DP cells")
+    p.add_argument("--storage-dtype", choices=list(STORAGE_WIDTHS), default="float32",
+                   help="the head's stored dtype (head.storage_dtype); computed on in float32")
     p.add_argument("--sample-rates", default="0.1", help="Partial FC rates (< 1); 'Model parallel' is always shown")
     p.add_argument("--cells", help="only these cells, comma-separated (e.g. 'DP ZeRO-0,Model parallel,Partial FC 0.1'); "
                                    "default: DP ZeRO-0..3, Model parallel and a Partial FC cell per --sample-rates")
@@ -102,12 +107,16 @@ def parse_grid(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[li
         classes = parse_classes(args.classes)
         rates = parse_rates(args.sample_rates)
         device = parse_memory(args.device_memory) if args.device_memory is not None else None
+        head_storage = (args.storage, args.storage_dtype) != ("device", "float32")
         if args.cells:
             cells = [c.strip() for c in args.cells.split(",")]
             for cell in cells:
-                parse_cell(cell)
+                if parse_cell(cell)[0] == "dp" and head_storage:
+                    raise ValueError(f"--cells {cell!r}: --storage / --storage-dtype apply to the head outside ZeRO "
+                                     "only (Model parallel, Partial FC); the FC inside ZeRO is an engine parameter")
         else:
-            cells = [dp_cell(s) for s in range(4)] + ["Model parallel"]
+            cells = [] if head_storage else [dp_cell(s) for s in range(4)]  # DP cells have no head storage
+            cells.append("Model parallel")
             cells += [pfc_cell(r) for r in rates if r < 1.0 and pfc_cell(r) not in cells]
     except ValueError as e:
         p.error(str(e))
@@ -115,6 +124,9 @@ def parse_grid(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[li
     if too_few:
         p.error(f"--classes: {too_few[0]} classes cannot be split over {args.world_size} ranks")
     if getattr(args, "measure", True):  # speed always measures
+        if head_storage:  # the measured cells build the run config's head with its defaults
+            p.error("--storage / --storage-dtype: measured cells use device storage in float32 only; "
+                    "the other storages are estimated (drop --measure)")
         from ds_face.bench.cells import device_facts, unsupported
         reason = unsupported(args.precision)  # asked in a child process on a GPU machine: no CUDA context here
         if reason:
@@ -126,7 +138,8 @@ def parse_grid(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[li
     act = None if args.activation_mb_per_sample is None else args.activation_mb_per_sample * MiB
     kw = dict(backbone=args.backbone, embedding=args.embedding, world_size=args.world_size,
               micro_batch=args.micro_batch, precision=args.precision, optimizer=args.optimizer,
-              zero_stage=args.zero_stage, overhead_bytes=args.overhead_mb * MiB, activation_bytes_per_sample=act)
+              zero_stage=args.zero_stage, overhead_bytes=args.overhead_mb * MiB, activation_bytes_per_sample=act,
+              storage=args.storage, storage_dtype=args.storage_dtype)
     return classes, cells, device, kw
 
 

@@ -12,7 +12,7 @@ import textwrap
 from ds_face.bench import cli
 from ds_face.runtime.markdown import markdown_table
 from ds_face.bench.estimator import (MiB, PRECISIONS, SEED_NOTE, activation_elements_per_sample, backbone_params,
-                                     breakdown_table, seed_comparison, table)
+                                     breakdown_table, off_device_table, seed_comparison, storage_table, table)
 
 
 def measured_tables(measured: dict, estimates: dict, device_bytes: int | None) -> tuple[str, str]:
@@ -46,9 +46,14 @@ def main(argv=None) -> int:
     budget = f", budget {device / MiB:,.0f} MiB" if device else ""
     print(f"{args.backbone} ({backbone_params(args.backbone, args.embedding) / 1e6:.1f}M params), embedding "
           f"{args.embedding}, {args.world_size} ranks x micro-batch {args.micro_batch}, {args.precision}, "
-          f"{args.optimizer}; activations {per_sample / MiB:.1f} MiB/sample, overhead {args.overhead_mb:g} MiB"
-          f"{budget}. Estimated MiB per device ('-': over budget):\n")
+          f"{args.optimizer}; head storage {args.storage}, {args.storage_dtype}; activations "
+          f"{per_sample / MiB:.1f} MiB/sample, overhead {args.overhead_mb:g} MiB{budget}. "
+          "Estimated MiB per device ('-': over budget):\n")
     print(text)
+    if args.storage != "device":
+        print(f"\nThe head's MiB per rank off the device, host / disk (--storage {args.storage}: the tables "
+              f"{'in host memory' if args.storage == 'host' else 'on local disk'}, plus the host's staging of the "
+              "rows a step writes back):\n\n" + off_device_table(results))
     if args.breakdown:
         print("\nBreakdown (MiB per device):\n\n" + breakdown_table(results))
     out = {"setting": {k: v for k, v in kw.items()}, "device_memory_bytes": device,
@@ -60,6 +65,12 @@ def main(argv=None) -> int:
               "32510 MiB):\n\n" + seed_text + "\n\n"
               + textwrap.fill(" ".join(SEED_NOTE.split()), 110))
         out["seed_comparison"] = {str(c): d for c, d in seed_data.items()}
+        placed_text, published_text, placed = storage_table(args.overhead_mb * MiB, act)
+        print("\nWhere the head lives (head.storage, head.storage_dtype), estimated MiB per rank at the seed's "
+              "setting (r50, 8 GPUs, fp16, SGD); the last two rows are the 100M-identity setting that fits 16 GiB "
+              "per GPU:\n\n" + placed_text + "\n\nPublished per-GPU figures (quoted from REFERENCE.md and issue "
+              "26) beside the estimator at the same setting where the source gives it:\n\n" + published_text)
+        out["storage_comparison"] = placed
     if args.measure:
         measured, estimates, calibration = cli.run_measured(classes, cells, kw, args)
         measured_text, error_text = measured_tables(measured, estimates, device)
