@@ -12,6 +12,10 @@ in; all shards are written at once by a thread pool. On disk, in the output dire
     property, *.bin, ...     carried files
     manifest.json            written last; then .done/ is removed
 
+An output in object storage (`s3://bucket/prefix`, any fsspec URL) is converted the same way into a fresh local
+staging directory, each finished shard uploaded under its final name with its sidecar, the manifest last
+(`data_prep.store_output`); a re-run resumes from what the store holds.
+
 Re-running the same command on an output with a plan but no manifest resumes: shards whose sidecar matches
 (rows, planned first/last index, size, sha256) are kept, the others rewritten (the pass skips the kept shards'
 rows). All shards finish together at the end of the one pass, so a crash during it keeps only the plan; at
@@ -33,6 +37,7 @@ import os
 import resource
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
@@ -50,7 +55,11 @@ from data_prep.plan import (
 from data_prep.recordio import RecordIOError
 from data_prep.shard_writer import ShardWriter, kept_shard
 from data_prep.source import Chunk, Source, SourceError
-from ds_face.data.shards import ROWS_PER_RECORD_BATCH, Manifest, ShardInfo, read_manifest, rows_per_shard, shard_name
+from data_prep.store_output import StoreOutput
+from ds_face.data.shards import (
+    ROWS_PER_RECORD_BATCH, Manifest, ShardError, ShardInfo, read_manifest, rows_per_shard, shard_name,
+)
+from ds_face.data.store import StoreError, is_remote
 from ds_face.fileio import PARTIAL, WriteError, fsync_path, real_dir, write_atomic, write_json_atomic
 from ds_face.runtime.cpus import worker_processes
 
@@ -102,11 +111,13 @@ def mp_context():
 
 def convert(source: Source, out: str | os.PathLike, *, num_shards: int | None = None, order: str = "shuffled",
             seed: int = 0, workers: int | None = None, overwrite: bool = False,
-            on_shard_done: Callable[[int], None] | None = None, chunk_bytes: int | None = None) -> Manifest:
-    """Convert `source` into shards in `out`; returns the manifest (also when the output was already finished).
-    `on_shard_done(n)` is called in the main thread after each finished shard (tests use it to crash);
-    `chunk_bytes` overrides the size of the chunks the source is read in (tests use tiny ones)."""
-    out = Path(out)
+            on_shard_done: Callable[[int], None] | None = None, chunk_bytes: int | None = None,
+            staging: str | os.PathLike | None = None) -> Manifest:
+    """Convert `source` into shards in `out`, a directory or an object-store URL; returns the manifest (also when
+    the output was already finished). `on_shard_done(n)` is called in the main thread after each finished shard
+    (uploaded, for a store; tests use it to crash); `chunk_bytes` overrides the size of the chunks the source is
+    read in (tests use tiny ones); `staging`: where a store's shards are written before their upload (a fresh
+    directory is made inside it, default the system's temporary directory, and removed at the end)."""
     n = len(source)
     if n == 0:
         raise SourceError(f"{source.files[0]['file']}: no images to convert")
@@ -118,6 +129,13 @@ def convert(source: Source, out: str | os.PathLike, *, num_shards: int | None = 
         raise SourceError(f"--order {order}: expected 'shuffled' or 'source'")
     seed = seed if order == "shuffled" else None
     plan = make_plan(source, num_shards, order, seed)
+    if is_remote(out):
+        if overwrite:
+            raise OutputError(f"{out}: --overwrite is for local directories; a dataset in a store is never "
+                              f"overwritten in place: choose a new prefix")
+        return _convert_to_store(source, str(out), plan, num_shards, shard_order(n, order, seed), workers,
+                                 on_shard_done, chunk_bytes, staging)
+    out = Path(out)
     mode = inspect_output(out, plan, overwrite)
     if mode == "finished":
         print(f"{out}: already converted ({n} samples in {num_shards} shards); nothing to do "
@@ -151,21 +169,64 @@ def convert(source: Source, out: str | os.PathLike, *, num_shards: int | None = 
     for name, what in source.carried.items():
         write_atomic(out / name, what if isinstance(what, bytes) else Path(what).read_bytes())
     fsync_path(out)  # every shard rename is on disk before the manifest names them
-    manifest = Manifest(num_samples=n, num_classes=source.num_classes, shards=shards, image_size=source.image_size,
-                        sources=[{"file": f["file"], "bytes": f["bytes"]} for f in source.files],
-                        carried=sorted(source.carried), converter=plan["converter"],
-                        options={"order": order, "seed": seed})
+    manifest = _manifest(source, plan, shards)
     manifest.write(out)  # atomic and durable
     shutil.rmtree(out / DONE_DIR)  # the manifest now holds what the sidecars held
     return manifest
 
 
+def _manifest(source: Source, plan: dict, shards: list[ShardInfo]) -> Manifest:
+    return Manifest(num_samples=len(source), num_classes=source.num_classes, shards=shards,
+                    image_size=source.image_size, sources=[{"file": f["file"], "bytes": f["bytes"]} for f in source.files],
+                    carried=sorted(source.carried), converter=plan["converter"],
+                    options={k: plan["options"][k] for k in ("order", "seed")})
+
+
+def _convert_to_store(source: Source, url: str, plan: dict, num_shards: int, order: np.ndarray, workers: int | None,
+                      on_shard_done: Callable[[int], None] | None, chunk_bytes: int | None,
+                      staging: str | os.PathLike | None) -> Manifest:
+    """The conversion into a local staging directory, each finished shard uploaded (`data_prep.store_output`)."""
+    output = StoreOutput(url)
+    mode = output.inspect(plan)
+    n = len(source)
+    if mode == "finished":
+        print(f"{url}: already converted ({n} samples in {num_shards} shards); nothing to do")
+        return read_manifest(url)
+    if staging is not None:
+        real_dir(staging)
+    with tempfile.TemporaryDirectory(prefix="ds_face-convert-", dir=staging) as work:
+        work = Path(work)
+        print(f"{source.converter}: {n} images, {source.num_classes} classes -> {url} (staging in {work})")
+        print(describe_shard_count(num_shards, n, source.nbytes))
+        real_dir(work / DONE_DIR)
+        if mode == "resume":
+            print(f"resuming the unfinished conversion in {url} (its {PLAN} matches)")
+        else:
+            output.put_plan(plan, work)
+        try:
+            shards = _write_shards(source, work, num_shards, order, workers or worker_processes(), on_shard_done,
+                                   chunk_bytes or chunk_bytes_for(num_shards), output)
+        except SourceError:
+            if mode != "resume":  # as for a local output: these could never be resumed once the input is fixed
+                output.remove(output.written)
+            raise
+        for name, what in source.carried.items():
+            write_atomic(work / name, what if isinstance(what, bytes) else Path(what).read_bytes(), durable=False)
+            output.put(work / name, name)
+        manifest = _manifest(source, plan, shards)
+        output.finish(manifest, work)
+    print(f"uploaded {output.uploaded_bytes / 1e6:,.1f} MB to {url}")
+    return manifest
+
+
 def _write_shards(source: Source, out: Path, num_shards: int, order: np.ndarray, workers: int,
-                  on_shard_done: Callable[[int], None] | None, chunk_bytes: int) -> list[ShardInfo]:
+                  on_shard_done: Callable[[int], None] | None, chunk_bytes: int,
+                  output: StoreOutput | None = None) -> list[ShardInfo]:
     """One sequential pass over the source: each chunk's rows are dealt to the shards the plan puts them in
     (shard i holds the source positions order[bounds[i]:bounds[i+1]], in source order), every shard open at
     once. Threads, not processes: the work (reading, Arrow copies, sha256, writes) releases the GIL, and no
-    image bytes cross a process boundary."""
+    image bytes cross a process boundary. With `output` (a store), `out` is the staging directory: shards
+    already in the store are kept, and each finished shard is uploaded by the thread that finished it."""
     rows = rows_per_shard(len(source), num_shards)
     bounds = np.concatenate([[0], np.cumsum(rows)])
     shard_of = np.empty(len(source), dtype=np.int64)
@@ -183,7 +244,8 @@ def _write_shards(source: Source, out: Path, num_shards: int, order: np.ndarray,
     bar = tqdm(total=len(source), unit="rec", unit_scale=True, file=sys.stderr, mininterval=0.5, smoothing=0.1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="data_prep") as pool:
         try:
-            for i, kept in enumerate(pool.map(lambda p: kept_shard(out, *p), plans)):
+            keep = output.kept if output else (lambda *p: kept_shard(out, *p))
+            for i, kept in enumerate(pool.map(lambda p: keep(*p), plans)):
                 if kept is not None:
                     infos[i] = kept
             if infos:
@@ -201,7 +263,7 @@ def _write_shards(source: Source, out: Path, num_shards: int, order: np.ndarray,
                 for job in running:  # all of this chunk is written before the next: appends stay in order
                     job.result()
                 bar.update(len(chunk.positions))
-            finishing = {pool.submit(writer.finish): i for i, writer in writers.items()}
+            finishing = {pool.submit(_finish, writer, output): i for i, writer in writers.items()}
             running = list(finishing)
             for job in as_completed(finishing):
                 infos[finishing[job]] = job.result()
@@ -216,8 +278,8 @@ def _write_shards(source: Source, out: Path, num_shards: int, order: np.ndarray,
                 writer.discard()
             bar.close()
             if isinstance(e, KeyboardInterrupt):
-                raise Interrupted(f"interrupted: {len(infos)} of {num_shards} shards are finished in {out}; rerun "
-                                  f"the same command to resume") from None
+                raise Interrupted(f"interrupted: {len(infos)} of {num_shards} shards are finished in "
+                                  f"{output.url if output else out}; rerun the same command to resume") from None
             if isinstance(e, RecordIOError):
                 raise SourceError(str(e)) from None
             raise
@@ -229,6 +291,13 @@ def _write_shards(source: Source, out: Path, num_shards: int, order: np.ndarray,
           f"{new_rows / seconds:,.0f} records/s, {new_bytes / 1e6 / seconds:,.1f} MB/s ({workers} threads)"
           + (f"; kept {num_shards - len(new)} finished shards" if len(new) < num_shards else ""))
     return [infos[i] for i in range(num_shards)]
+
+
+def _finish(writer: ShardWriter, output: StoreOutput | None) -> ShardInfo:
+    info = writer.finish()
+    if output is not None:
+        output.publish(info, writer.out)
+    return info
 
 
 def _append(writer: ShardWriter, chunk: Chunk, rows: np.ndarray) -> None:
@@ -252,7 +321,9 @@ def _raise_open_file_limit(needed: int) -> None:
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="output directory (created; must be empty, a resumable conversion of the same "
-                                    "sources, or --overwrite)")
+                                    "sources, or --overwrite), or an object-store URL (s3://bucket/prefix: an "
+                                    "empty prefix or a resumable conversion of the same sources; credentials and "
+                                    "endpoint from the client's environment, e.g. AWS_* for S3)")
     parser.add_argument("--workers", type=int, default=worker_processes(),
                         help="threads that copy, hash and write shards (default: min(8, CPUs))")
     parser.add_argument("--shards", type=int, default=None,
@@ -262,7 +333,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                              "sequential reads")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled order (default 0)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a previous conversion in OUT (removes only files the converter writes)")
+                        help="replace a previous conversion in OUT (removes only files the converter writes; "
+                             "local directories only)")
+    parser.add_argument("--staging", metavar="DIR", default=None,
+                        help="OUT a URL: a fresh directory is made in DIR (default: the system's temporary "
+                             "directory, $TMPDIR) for the shards before their upload, and removed when the "
+                             "command ends (a killed one leaves it: ds_face-convert-*); it needs room for the "
+                             "shards not yet in the store")
 
 
 def run_cli(make_source: Callable[[], Source], args: argparse.Namespace,
@@ -272,8 +349,8 @@ def run_cli(make_source: Callable[[], Source], args: argparse.Namespace,
         if args.workers < 1:
             raise SourceError(f"--workers {args.workers}: must be at least 1")
         convert(make_source(), args.out, num_shards=args.shards, order=args.order, seed=args.seed,
-                workers=args.workers, overwrite=args.overwrite, on_shard_done=on_shard_done)
-    except (SourceError, RecordIOError, OutputError, WriteError) as e:
+                workers=args.workers, overwrite=args.overwrite, on_shard_done=on_shard_done, staging=args.staging)
+    except (SourceError, RecordIOError, OutputError, WriteError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
@@ -281,6 +358,9 @@ def run_cli(make_source: Callable[[], Source], args: argparse.Namespace,
         return 130
     except RuntimeError as e:  # the message says what is kept
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except StoreError as e:  # the store stayed unreachable: what it holds is kept
+        print(f"error: {e}; shards already in the store are kept: rerun the same command to resume", file=sys.stderr)
         return 1
     except OSError as e:  # disk full, permissions: finished shards stay for a resume
         print(f"error: {e}; finished shards are kept: rerun the same command to resume", file=sys.stderr)

@@ -1,6 +1,11 @@
 """Check a converted dataset against its manifest, and with --source against the data it was converted from.
 
     python -m data_prep.verify /data/ms1m-arrow [--workers 8] [--source /data/ms1m-retinaface-t1]
+    python -m data_prep.verify s3://bucket/ms1m-arrow
+
+A dataset in object storage is read through its client (`ds_face.data.store`; credentials and endpoint from the
+client's environment): each shard is fetched whole into a temporary local file (size and sha256 checked as it
+arrives, up to --workers at a time), checked as a local one, and deleted; with --source it is fetched again.
 
 Every shard: what the trainer checks before a run (`ds_face.data.shards.open_shard`: present, size as in the
 manifest, exactly the shard schema, valid record batches without nulls, labels in [0, num_classes)), and the
@@ -12,8 +17,10 @@ Exit status 0 when all holds, 1 naming the first bad shard and row otherwise, 2 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from concurrent.futures import ProcessPoolExecutor
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,7 @@ from data_prep.source import Source, SourceError
 from ds_face.data.shards import (
     ROWS_PER_RECORD_BATCH, Manifest, ShardError, ShardInfo, open_shard, read_manifest, rows_per_shard, sha256_of,
 )
+from ds_face.data.store import Store, StoreError, is_remote
 from ds_face.images import ImageFormatError, image_format
 from ds_face.runtime.cpus import worker_processes
 
@@ -96,14 +104,47 @@ def _where(manifest: Manifest, position: int) -> str:
     return f"{manifest.shards[i].file}, row {position - (ends[i] - manifest.shards[i].rows)}"
 
 
+@contextlib.contextmanager
+def _local_copy(directory: str, store: Store | None, info: ShardInfo):
+    """A local directory holding the shard: `directory` itself, or a temporary one the shard is fetched into
+    from the store (its size and sha256 checked against the manifest on the way), removed afterwards."""
+    if store is None:
+        yield directory
+        return
+    with tempfile.TemporaryDirectory(prefix="ds_face-verify-") as temporary:
+        with open(Path(temporary) / info.file, "xb") as out:
+            try:
+                store.fetch(info.file, out, info.bytes, info.sha256)
+            except StoreError as err:
+                raise ShardError(str(err)) from None
+        yield temporary
+
+
+def _each_shard(pool, threads, directory: str, store: Store | None, task, manifest: Manifest, *columns) -> list:
+    """`task(local directory, shard, *column values)` for every shard in the process pool, results in manifest
+    order; for a store each shard is fetched first by one of `threads`, so at most that many are on local disk."""
+    def one(info: ShardInfo, *args):
+        with _local_copy(directory, store, info) as local:
+            try:
+                return pool.submit(task, local, info, *args).result()
+            except ShardError as err:  # "<shard>: ..." of a fetched copy: named by its URL instead
+                if store is None or not str(err).startswith(info.file):
+                    raise
+                raise ShardError(store.where(info.file) + str(err)[len(info.file):]) from None
+    return list(threads.map(one, manifest.shards, *columns))
+
+
 def verify(directory: str, workers: int, source_dir: str | None = None, prefix: str = "train") -> str:
     """The summary when the dataset checks out; raises ShardError (or SourceError) at the first problem."""
     manifest = read_manifest(directory)
     planned = rows_per_shard(manifest.num_samples, len(manifest.shards))
     source = open_source(manifest, source_dir, prefix) if source_dir else None
-    with ProcessPoolExecutor(max_workers=min(workers, len(manifest.shards)), mp_context=mp_context()) as pool:
-        results = list(pool.map(check_shard, [directory] * len(planned), manifest.shards, planned,
-                                [manifest.num_classes] * len(planned)))
+    store = Store(directory) if is_remote(directory) else None
+    workers = min(workers, len(manifest.shards))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp_context()) as processes, \
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify") as threads:
+        pool = (processes, threads, directory, store)
+        results = _each_shard(*pool, check_shard, manifest, planned, [manifest.num_classes] * len(planned))
         labels = np.concatenate([r[0] for r in results])
         indexes = np.concatenate([r[1] for r in results])
         order = np.argsort(indexes, kind="stable")
@@ -112,7 +153,7 @@ def verify(directory: str, workers: int, source_dir: str | None = None, prefix: 
             a, b = order[repeated[0]], order[repeated[0] + 1]
             raise ShardError(f"{_where(manifest, b)}: index {indexes[b]} also in {_where(manifest, a)}")
         if source is not None:
-            _compare_with_source(pool, directory, manifest, source, indexes, order)
+            _compare_with_source(pool, manifest, source, indexes, order)
     counts = np.bincount(labels, minlength=manifest.num_classes)
     size = sum(s.bytes for s in manifest.shards)
     lines = [f"{directory}: OK",
@@ -126,7 +167,7 @@ def verify(directory: str, workers: int, source_dir: str | None = None, prefix: 
     return "\n".join(lines)
 
 
-def _compare_with_source(pool, directory: str, manifest: Manifest, source: Source, indexes: np.ndarray,
+def _compare_with_source(pool: tuple, manifest: Manifest, source: Source, indexes: np.ndarray,
                          order: np.ndarray) -> None:
     src_order = np.argsort(source.indexes, kind="stable")
     src_sorted = source.indexes[src_order]
@@ -141,14 +182,15 @@ def _compare_with_source(pool, directory: str, manifest: Manifest, source: Sourc
     positions = src_order[found]  # source position of every row, in shard order
     starts = np.concatenate([[0], np.cumsum([s.rows for s in manifest.shards])])
     tasks = [source.items(positions[starts[i]:starts[i + 1]]) for i in range(len(manifest.shards))]
-    list(pool.map(compare_shard, [directory] * len(tasks), manifest.shards, [manifest.num_classes] * len(tasks),
-                  [source.reader] * len(tasks), tasks))
+    _each_shard(*pool, compare_shard, manifest, [manifest.num_classes] * len(tasks), [source.reader] * len(tasks),
+                tasks)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.verify", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dir", help="a directory written by data_prep.rec2arrow or data_prep.folder2arrow")
+    parser.add_argument("dir", help="a directory (or an object-store URL, s3://bucket/prefix) written by "
+                                    "data_prep.rec2arrow or data_prep.folder2arrow")
     parser.add_argument("--workers", type=int, default=worker_processes(), help="processes (default: min(8, CPUs))")
     parser.add_argument("--source", help="also compare with this source (what rec2arrow/folder2arrow read)")
     parser.add_argument("--prefix", default="train", help="file name prefix of the .rec/.idx (default: train)")

@@ -350,6 +350,10 @@ def _check_arrow(cfg: RunConfig) -> list[str]:
         errors.append(f"'data.on_corrupt' is {d.on_corrupt!r}; valid: {', '.join(ON_CORRUPT)}")
     if not d.path:
         return errors + ["'data.path' must name a directory written by data_prep (rec2arrow or folder2arrow)"]
+    if not d.cache_gb > 0:
+        errors.append(f"'data.cache_gb' must be > 0, got {d.cache_gb}")
+    if not d.store_outage_minutes > 0:
+        errors.append(f"'data.store_outage_minutes' must be > 0, got {d.store_outage_minutes}")
     try:
         manifest = read_manifest(d.path)
         check_shard_files(manifest, d.path, full_hash=d.verify_sha256)  # sizes (and hashes) before any rank

@@ -66,6 +66,10 @@ class DataConfig:
     flip: bool = True  # arrow: random horizontal flip
     on_corrupt: str = "skip"  # arrow: an undecodable image is counted and skipped ("skip") or stops the run
     verify_sha256: bool = False  # arrow: before start, hash every shard against manifest.json (sizes: always)
+    # arrow in object storage (path: s3://bucket/prefix; credentials from the client's environment, never here):
+    cache_dir: str = ""  # this node's shard cache, shared by its ranks (empty: ~/.cache/ds_face/shards)
+    cache_gb: float = 100.0  # at most this much of it; at least one optimizer step's shards (checked)
+    store_outage_minutes: float = 10.0  # retry an unreachable store this long, then stop (latest is kept)
 
 
 @dataclass

@@ -22,10 +22,20 @@ import torch
 
 from ds_face.data.options import ON_CORRUPT
 from ds_face.data.seeds import flip_bits
+from ds_face.data.cache import ShardCache
 from ds_face.data.shards import ShardError, open_shard, read_manifest, shard_where
+from ds_face.data.store import Store, StoreError, is_remote
 from ds_face.images import ImageFormatError, decode, header_size
 
 log = logging.getLogger("ds_face")
+
+
+MAX_OPEN_REMOTE = 64  # remote shards a reader keeps mapped (a run reads about data.streams at a time)
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/ds_face/shards`` (``~/.cache/ds_face/shards``): node-local, per user."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ds_face", "shards")
 
 
 class DataError(ValueError):
@@ -62,7 +72,8 @@ class ArrowFaces:
     Opened lazily in each process that reads (DataLoader workers included)."""
 
     def __init__(self, directory: str | os.PathLike, *, seed: int = 2048, flip: bool = True,
-                 on_corrupt: str = "skip"):
+                 on_corrupt: str = "skip", cache_dir: str | os.PathLike | None = None, cache_gb: float = 0.0,
+                 outage_minutes: float = 10.0):
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
         try:
@@ -75,10 +86,16 @@ class ArrowFaces:
         self.num_classes = m.num_classes
         self.shard_rows = [s.rows for s in m.shards]
         self.shard_start = np.concatenate([[0], np.cumsum(self.shard_rows)[:-1]]).astype(np.int64)
-        self.paths = m.shard_paths(directory)
-        missing = next((p for p in self.paths if not os.path.isfile(p)), None)
-        if missing:
-            raise DataError(f"{missing}: listed in {self.directory}/manifest.json but not found")
+        self.cache = None
+        if is_remote(directory):  # shards in object storage: read from this node's cache of them
+            store = Store(str(directory), outage_s=outage_minutes * 60)
+            self.paths = [store.where(s.file) for s in m.shards]
+            self.cache = ShardCache(store, m, cache_dir or default_cache_dir(), int(cache_gb * 2**30))
+        else:
+            self.paths = m.shard_paths(directory)
+            missing = next((p for p in self.paths if not os.path.isfile(p)), None)
+            if missing:
+                raise DataError(f"{missing}: listed in {self.directory}/manifest.json but not found")
         self._tables: dict[int, _ShardRows] = {}  # opened on first use, in the process that reads (worker)
 
     def identity(self) -> dict:
@@ -88,12 +105,19 @@ class ArrowFaces:
     def _shard(self, shard: int) -> "_ShardRows":
         if shard not in self._tables:  # the pre-flight's reader and checks (schema, nulls, labels, row count)
             try:
-                table = open_shard(self.paths[shard], self.manifest.shards[shard], self.num_classes,
+                path = self.paths[shard] if self.cache is None else self.cache.get(shard)
+                table = open_shard(path, self.manifest.shards[shard], self.num_classes,
                                    shard_where(self.directory, shard, self.paths[shard]))
-            except ShardError as err:
+            except (ShardError, StoreError) as err:
                 raise DataError(str(err)) from None
+            if self.cache is not None and len(self._tables) >= MAX_OPEN_REMOTE:
+                self._tables.pop(next(iter(self._tables)))  # let go of its mapping: the cache may evict it
             self._tables[shard] = _ShardRows(table)  # memory-mapped: image pages are read when touched
         return self._tables[shard]
+
+    def shards_of(self, rows: np.ndarray) -> np.ndarray:
+        """The distinct shards that hold these dataset rows."""
+        return np.unique(np.searchsorted(self.shard_start, rows, side="right") - 1)
 
     def make(self, epochs: np.ndarray, rows: np.ndarray) -> dict:
         """One micro-batch: the images of these dataset rows decoded into one uint8 array, flipped by their coins."""

@@ -11,12 +11,15 @@ Every rank gets the same number of micro-batches (every step has ``world_size x 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from ds_face.data.arrow import DataError
+from ds_face.data.cache import Prefetcher
 from ds_face.data.order import BatchLayout, SampleStream
 
 log = logging.getLogger("ds_face")
@@ -35,14 +38,22 @@ class _MicroBatches(torch.utils.data.Dataset):
         step, micro_step = divmod(k, self.layout.accumulation)
         slot = self.layout.slot(self.start + step * self.layout.global_batch, micro_step)
         epochs, rows = self.stream.samples(slot)
+        before = cache_counts(self.source)
         try:
             batch = self.source.make(epochs, rows)
+            batch["cache"] = tuple(b - a for a, b in zip(before, cache_counts(self.source)))
         except DataError as err:  # handed over as a message: a DataLoader would re-raise it wrapped in the
             return {"error": str(err)}  # worker's traceback; the trainer raises it again, one line
         # Only the image (a tensor) crosses through shared memory. Labels, rows and epochs stay numpy, pickled
         # into the message: each shared tensor costs the receiving trainer a file-descriptor hand-over
         # (connect, authenticate, recvmsg), and three more per batch took ~10% of its core.
         return {**batch, "epoch": epochs}
+
+
+def cache_counts(source) -> tuple[int, int, int]:
+    """(shard cache hits, misses, bytes fetched) of this process: a remote Arrow source's, else zeros."""
+    cache = getattr(source, "cache", None)
+    return (0, 0, 0) if cache is None else (cache.hits, cache.misses, cache.store.stats.bytes_fetched)
 
 
 def _as_they_are(batch: dict) -> dict:
@@ -68,14 +79,61 @@ class Loader:
         dataset = _MicroBatches(self.source, self.stream, self.layout, start, steps)
         from deepspeed.accelerator import get_accelerator
         pin = get_accelerator().device_name() != "cpu"  # page-locked batches: asynchronous host-to-device copies
+        prefetcher = self._prefetch(start, steps)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
                                              prefetch_factor=4 if self.num_workers else None, pin_memory=pin,
                                              collate_fn=_as_they_are)
-        for batch in loader:
-            if "error" in batch:
-                raise DataError(batch["error"])
-            self.corrupt_images += batch["corrupt"]
-            yield {"image": batch["image"], **{k: torch.from_numpy(batch[k]) for k in ("label", "sample", "epoch")}}
+        counts, samples = [0, 0, 0], 0
+        try:
+            for k, batch in enumerate(loader):
+                if "error" in batch:
+                    raise DataError(batch["error"])
+                if prefetcher is not None and k % self.layout.accumulation == 0:
+                    step = k // self.layout.accumulation
+                    mine = range(self.layout.rank, self.layout.rank + 1)
+                    prefetcher.advance(step, self._step_shards(self.stream, start, step, mine).tolist())
+                self.corrupt_images += batch["corrupt"]
+                counts = [c + d for c, d in zip(counts, batch["cache"])]
+                samples += len(batch["label"])
+                yield {"image": batch["image"], **{k: torch.from_numpy(batch[k]) for k in ("label", "sample", "epoch")}}
+        finally:
+            if prefetcher is not None:
+                prefetcher.stop()
+                self._log_cache(counts, samples)
+
+    # -- shards in object storage: fetched ahead, in the run's own order ---------------------------------
+    def _step_shards(self, stream: SampleStream, start: int, step: int, ranks: range) -> np.ndarray:
+        """The shards that ``ranks``' slots of step ``step`` (counted from ``start``) read."""
+        first = start + step * self.layout.global_batch
+        rows = []
+        for rank in ranks:
+            layout = dataclasses.replace(self.layout, rank=rank)
+            rows += [stream.samples(layout.slot(first, micro))[1] for micro in range(layout.accumulation)]
+        return self.source.shards_of(np.concatenate(rows))
+
+    def _prefetch(self, start: int, steps: int):
+        cache = getattr(self.source, "cache", None)
+        if cache is None or steps == 0:
+            return None
+        everyone = range(self.layout.world_size)
+        need = sum(cache.manifest.shards[s].bytes for s in self._step_shards(self.stream, start, 0, everyone))
+        if need > cache.budget:  # one step's shards must fit at once: every rank of a node reads them together
+            raise DataError(f"data.cache_gb is {cache.budget / 2**30:.3g} GiB, smaller than the shards one "
+                            f"optimizer step reads ({need / 2**30:.3g} GiB at sample {start}); set data.cache_gb to "
+                            f"at least {need / 2**30 * 2:.3g} (room for the next step's too)")
+        mine = range(self.layout.rank, self.layout.rank + 1)
+        ahead = SampleStream(self.source.shard_rows, self.streams, self.seed)  # the thread's own (its caches)
+        upcoming = ((k, self._step_shards(ahead, start, k, mine).tolist()) for k in range(steps))
+        return Prefetcher(cache, upcoming, ahead=2)
+
+    def _log_cache(self, counts: list[int], samples: int) -> None:
+        hits, misses, fetched = counts
+        store = self.source.cache.store
+        fetched += store.stats.bytes_fetched  # this process's own fetches: the prefetcher's
+        reads = hits + misses
+        log.info(f"object store {store.url}: this rank read {reads} shard(s), {hits / max(reads, 1):.1%} from the "
+                 f"node's cache; {fetched / max(samples, 1):,.0f} bytes fetched per sample; "
+                 f"{store.stats.retries} retr{'y' if store.stats.retries == 1 else 'ies'}")
 
     def state_dict(self) -> dict:
         """What the sample order depends on; the position itself is the run's (samples seen)."""

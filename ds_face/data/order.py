@@ -139,6 +139,9 @@ class SampleStream:
         self.epoch_size = int(sum(shard_rows))
         self._orders: dict[int, EpochOrder] = {}
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_orders": {}}  # a cache (not picklable): a DataLoader worker builds its own
+
     def order(self, epoch: int) -> EpochOrder:
         if epoch not in self._orders:
             if len(self._orders) > 2:  # a micro-batch spans at most two epochs

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ds_face.data.store import Store, StoreError, is_remote, plain_name_problem
 from ds_face.fileio import write_atomic
 
 FORMAT = "ds_face.arrow-shards"
@@ -110,20 +111,9 @@ class Manifest:
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
-def _plain_name_problem(name) -> str | None:
-    """Why ``name`` is not a plain file name as data_prep writes it (``data-00000-of-00008.arrow``), or None."""
-    if not isinstance(name, str) or not name:
-        return f"must be a file name, got {name!r}"
-    if "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
-        return f"{name!r} is a path; shards must be plain file names inside the dataset directory"
-    if name in (".", "..") or "\0" in name:
-        return f"{name!r} is not a file name"
-    return None
-
-
 def confined(directory: str | os.PathLike, name: str, key: str) -> Path:
     """``directory/name``, refused unless it resolves (symlinks followed) to a place inside ``directory``."""
-    problem = _plain_name_problem(name)
+    problem = plain_name_problem(name)
     if problem:
         raise ShardError(f"{Path(directory) / MANIFEST}: '{key}' {problem}")
     path = Path(directory) / name
@@ -142,12 +132,32 @@ def check_shard_files(manifest: "Manifest", directory: str | os.PathLike, full_h
 
     The pre-flight of a run (every rank, before any process group) and of embed: a dataset that would stop a
     run stops it here, on every rank alike. Reads each shard's metadata, offsets, labels and indexes (~20
-    bytes a row, memory-mapped), not its images."""
+    bytes a row, memory-mapped), not its images.
+
+    A dataset in object storage is checked here by one listing (every shard there, of the manifest's size);
+    each shard is read by ``open_shard`` and its sha256 checked when it arrives in the node's cache."""
+    if is_remote(directory):
+        return _check_remote_shards(manifest, str(directory))
     for i, path in enumerate(manifest.shard_paths(directory)):
         where = shard_where(directory, i, path)
         open_shard(path, manifest.shards[i], manifest.num_classes, where)
         if full_hash and sha256_of(path) != manifest.shards[i].sha256:
             raise ShardError(f"{where}: sha256 differs from the manifest's: a changed or foreign shard")
+
+
+def _check_remote_shards(manifest: "Manifest", url: str) -> None:
+    store = Store(url)
+    try:
+        sizes = store.list()
+    except StoreError as err:
+        raise ShardError(f"{url}: cannot list the dataset's prefix ({err})") from None
+    for i, info in enumerate(manifest.shards):
+        where = f"{store.where(info.file)} (shards[{i}] of {store.where(MANIFEST)})"
+        if info.file not in sizes:
+            raise ShardError(f"{where}: missing from the store")
+        if sizes[info.file] != info.bytes:
+            raise ShardError(f"{where}: {sizes[info.file]} bytes in the store, the manifest says {info.bytes}: "
+                             f"the shard changed in the store since the dataset was written")
 
 
 def shard_where(directory: str | os.PathLike, i: int, path: str | os.PathLike) -> str:
@@ -277,6 +287,8 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     Read and checked once per process (the config's checks, ``head.num_classes: auto`` and the loader all ask):
     a later call returns the same checked Manifest (do not change it) while manifest.json is the same file
     with the same size and times; any change to it is read and checked again."""
+    if is_remote(directory):
+        return _read_remote_manifest(str(directory))
     path = Path(directory) / MANIFEST
     if not path.is_file():
         hint = " (a conversion that never finished leaves no manifest)" if Path(directory).is_dir() else ""
@@ -301,6 +313,28 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
 
 
 _MANIFESTS: dict[str, tuple[tuple, Manifest]] = {}  # realpath of manifest.json -> (its stat key, the checked Manifest)
+
+
+def _read_remote_manifest(url: str) -> Manifest:
+    """The manifest of a dataset in object storage: the same bounded read and checks as a local one's."""
+    from ds_face.config.bounded import parse_json
+    from ds_face.config.schema import ConfigError
+    store = Store(url)
+    where = store.where(MANIFEST)
+    try:
+        data = store.read(MANIFEST, MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        raise ShardError(f"{where}: not found; is {url} a dataset written by data_prep (a conversion that never "
+                         f"finished leaves no manifest)?") from None
+    except StoreError as err:
+        raise ShardError(str(err)) from None
+    try:
+        raw = parse_json(data.decode("utf-8", errors="strict"), where)
+    except UnicodeDecodeError as err:
+        raise ShardError(f"{where}: not UTF-8 text ({err})") from None
+    except ConfigError as err:
+        raise ShardError(str(err)) from None
+    return _manifest_from_json(raw, where)
 
 
 def _manifest_from_json(raw, path: Path) -> Manifest:
@@ -337,7 +371,7 @@ def _manifest_from_json(raw, path: Path) -> Manifest:
         if "bytes" in source:
             _check_int(path, f"sources[{i}].bytes", source["bytes"], 0, MAX_SHARD_BYTES)
     for i, name in enumerate(raw.get("carried", [])):
-        if problem := _plain_name_problem(name):
+        if problem := plain_name_problem(name):
             fail(f"'carried[{i}]' {problem}")
 
     shards = raw["shards"]
@@ -347,7 +381,7 @@ def _manifest_from_json(raw, path: Path) -> Manifest:
     for i, shard in enumerate(shards):  # every value is used to open, size or check a file: check them all
         if not isinstance(shard, dict) or sorted(shard) != sorted(f.name for f in fields(ShardInfo)):
             fail(f"'shards[{i}]' must be a mapping of exactly file, rows, bytes, sha256, got {shard!r:.120}")
-        if problem := _plain_name_problem(shard["file"]):
+        if problem := plain_name_problem(shard["file"]):
             fail(f"'shards[{i}].file' {problem}")
         _check_int(path, f"shards[{i}].bytes", shard["bytes"], 0, MAX_SHARD_BYTES)
         _check_int(path, f"shards[{i}].rows", shard["rows"], 0, MAX_SAMPLES)

@@ -140,7 +140,8 @@ def build_backbone_optimizer(cfg: RunConfig, backbone: torch.nn.Module) -> torch
 def build_loader(cfg: RunConfig, layout: BatchLayout, rank: int) -> Loader:
     d = cfg.data
     if d.source == "arrow":
-        source = ArrowFaces(d.path, seed=cfg.seed, flip=d.flip, on_corrupt=d.on_corrupt)
+        source = ArrowFaces(d.path, seed=cfg.seed, flip=d.flip, on_corrupt=d.on_corrupt, cache_dir=d.cache_dir,
+                            cache_gb=d.cache_gb, outage_minutes=d.store_outage_minutes)
         workers = d.num_workers
     else:
         source, workers = SyntheticFaces(cfg.head.num_classes, d.num_samples, seed=cfg.seed), 0
