@@ -11,8 +11,9 @@ differences (~1e-7 relative) grow step by step through SGD with momentum. Floati
 
 That holds at ``sample_rate: 1.0``. Below it the loss itself changes at the resize: the head's softmax runs per
 micro-step over the gathered micro-batch (16 samples on 2 ranks, 8 on 1 rank accumulating 2) and the centres
-drawn for it, from a sampler keyed by the position and each rank's class range, so the resized run draws
-other centres: the same objective, another estimate of it (24% apart at the first resized step here).
+drawn for it (from the micro-step's position and its labels, whatever the world size), so the resized run's
+micro-steps draw other centres: the same objective, another estimate of it (14% apart at the first resized
+step here).
 
 Prints, per condition, the relative loss difference |resized - uninterrupted| / uninterrupted at each step
 after the resize, the growth per step, and the first step after the resize where it exceeds 1e-4. Every run is
