@@ -58,6 +58,17 @@ def mount_tmpfs(where: Path, size: str, read_only: bool = False):
     subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 server on loopback for a module's object_store tests (tests/object_store.py), its environment
+    set for the test process and the ranks it starts."""
+    from tests import object_store
+    with pytest.MonkeyPatch.context() as patch:
+        server = object_store.serve(patch)
+        yield server
+        server.stop()
+
+
 # -- trainers ----------------------------------------------------------------------------------------
 # The small run the resume tests share: 50 classes (25/25 on 2 ranks, 17/17/16 on 3), 2 epochs with a
 # warm-up, clipping on, and sampling (its RNG must resume too).

@@ -21,20 +21,12 @@ from ds_face.data.loader import Loader
 from ds_face.data.order import BatchLayout
 from ds_face.data.shards import ShardError, check_shard_files, read_manifest
 from ds_face.runtime.spawn import run_ranks
-from tests import conftest, object_store, observe
+from tests import conftest, observe
 from tests.conftest import in_turn, write_shards
 
 CLASSES, SAMPLES, SHARDS = 10, 100, 10  # 10 shards of 10 rows; 2 streams: a step reads 2-4 shards
 make_trainer = functools.partial(conftest.make_trainer, classes=CLASSES, sample_rate=0.5, epochs=2,
                                  warmup_epochs=0.5, clip=5.0)
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with pytest.MonkeyPatch.context() as patch:
-        server = object_store.serve(patch)
-        yield server
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -19,19 +19,10 @@ import pytest
 from data_prep import folder2arrow, rec2arrow, verify
 from data_prep.plan import SHARD_FILE
 from ds_face.data.shards import read_manifest
-from tests import object_store
 from tests.test_convert import jpeg, one_error_line, source
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = 12
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with pytest.MonkeyPatch.context() as patch:
-        server = object_store.serve(patch)
-        yield server
-        server.stop()
 
 
 @pytest.fixture(scope="module")
