@@ -115,12 +115,35 @@ class ShardCache:
 
     @contextlib.contextmanager
     def _locked(self, name: str):
-        fd = os.open(self.directory / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with _OPEN_LOCKS_GUARD:  # opened and recorded at once: a fork sees both or neither
+            fd = os.open(self.directory / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            _OPEN_LOCKS.add(fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
+            with _OPEN_LOCKS_GUARD:
+                _OPEN_LOCKS.discard(fd)
+                os.close(fd)
+
+
+# A flock belongs to the open file, which a fork shares: a DataLoader worker forked while the prefetcher holds
+# a shard's lock would keep it held after the prefetcher lets go, and wait forever when it needs that shard
+# itself. So a forked child closes its copies of the lock files open at the fork (it holds none of the locks).
+_OPEN_LOCKS: set[int] = set()
+_OPEN_LOCKS_GUARD = threading.Lock()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _OPEN_LOCKS:
+        with contextlib.suppress(OSError):
             os.close(fd)
+    _OPEN_LOCKS.clear()
+    _OPEN_LOCKS_GUARD.release()
+
+
+os.register_at_fork(before=_OPEN_LOCKS_GUARD.acquire, after_in_parent=_OPEN_LOCKS_GUARD.release,
+                    after_in_child=_close_inherited_locks)
 
 
 class Prefetcher:

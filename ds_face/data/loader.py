@@ -50,10 +50,12 @@ class _MicroBatches(torch.utils.data.Dataset):
         return {**batch, "epoch": epochs}
 
 
-def cache_counts(source) -> tuple[int, int, int]:
-    """(shard cache hits, misses, bytes fetched) of this process: a remote Arrow source's, else zeros."""
+def cache_counts(source) -> tuple[int, int, int, int]:
+    """(shard cache hits, misses, bytes fetched, retries) of this process: a remote Arrow source's, else zeros."""
     cache = getattr(source, "cache", None)
-    return (0, 0, 0) if cache is None else (cache.hits, cache.misses, cache.store.stats.bytes_fetched)
+    if cache is None:
+        return 0, 0, 0, 0
+    return cache.hits, cache.misses, cache.store.stats.bytes_fetched, cache.store.stats.retries
 
 
 def _as_they_are(batch: dict) -> dict:
@@ -83,7 +85,7 @@ class Loader:
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
                                              prefetch_factor=4 if self.num_workers else None, pin_memory=pin,
                                              collate_fn=_as_they_are)
-        counts, samples = [0, 0, 0], 0
+        counts, samples, at_start = [0, 0, 0, 0], 0, cache_counts(self.source)
         try:
             for k, batch in enumerate(loader):
                 if "error" in batch:
@@ -99,7 +101,7 @@ class Loader:
         finally:
             if prefetcher is not None:
                 prefetcher.stop()
-                self._log_cache(counts, samples)
+                self._log_cache(counts, at_start, samples)
 
     # -- shards in object storage: fetched ahead, in the run's own order ---------------------------------
     def _step_shards(self, stream: SampleStream, start: int, step: int, ranks: range) -> np.ndarray:
@@ -126,14 +128,19 @@ class Loader:
         upcoming = ((k, self._step_shards(ahead, start, k, mine).tolist()) for k in range(steps))
         return Prefetcher(cache, upcoming, ahead=2)
 
-    def _log_cache(self, counts: list[int], samples: int) -> None:
-        hits, misses, fetched = counts
-        store = self.source.cache.store
-        fetched += store.stats.bytes_fetched  # this process's own fetches: the prefetcher's
+    def _log_cache(self, readers: list[int], at_start: tuple, samples: int) -> None:
+        """The pass's shard reads (the readers': workers or this process) and what this rank fetched: the
+        workers' fetches and retries came with their batches; this process's (its prefetcher's, and its reads
+        without workers) are the change of its own counters over the pass."""
+        hits, misses = readers[0], readers[1]
+        here = [now - then for now, then in zip(cache_counts(self.source), at_start)]
+        fetched, retries = here[2], here[3]
+        if self.num_workers:
+            fetched, retries = fetched + readers[2], retries + readers[3]
         reads = hits + misses
-        log.info(f"object store {store.url}: this rank read {reads} shard(s), {hits / max(reads, 1):.1%} from the "
-                 f"node's cache; {fetched / max(samples, 1):,.0f} bytes fetched per sample; "
-                 f"{store.stats.retries} retr{'y' if store.stats.retries == 1 else 'ies'}")
+        log.info(f"object store {self.source.cache.store.url}: this rank read {reads} shard(s), "
+                 f"{hits / max(reads, 1):.1%} from the node's cache; {fetched / max(samples, 1):,.0f} bytes fetched "
+                 f"per sample; {retries} retr{'y' if retries == 1 else 'ies'}")
 
     def state_dict(self) -> dict:
         """What the sample order depends on; the position itself is the run's (samples seen)."""
