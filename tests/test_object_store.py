@@ -202,3 +202,25 @@ def test_object_store_manifest_names_stay_inside_the_prefix(s3, dataset, tmp_pat
     with pytest.raises(ShardError, match=rf"{url}/manifest.json: not found; is {url} a dataset written by data_prep"):
         read_manifest(url)
     assert os.environ["AWS_ENDPOINT_URL_S3"] == s3.endpoint  # the client found the store through its environment
+
+
+def _take_the_lock(cache, name):
+    with cache._locked(name):
+        pass
+
+
+def test_object_store_a_forked_reader_never_inherits_a_shard_lock(dataset, tmp_path):
+    """A DataLoader worker forked while the prefetcher holds a shard's lock (a flock belongs to the open file,
+    which a fork shares) must not keep it: once the parent lets go, the child takes it."""
+    import multiprocessing
+    _, url, _ = dataset
+    cache = ArrowFaces(url, cache_dir=tmp_path / "cache", cache_gb=1.0).cache
+    name = read_manifest(url).shards[0].file + ".lock"
+    with cache._locked(name):
+        child = multiprocessing.get_context("fork").Process(target=_take_the_lock, args=(cache, name))
+        child.start()  # forked while the lock is held
+    child.join(60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0, "the forked child still waits for a lock nobody holds"
