@@ -224,3 +224,19 @@ def test_object_store_a_forked_reader_never_inherits_a_shard_lock(dataset, tmp_p
     if alive:
         child.kill()
     assert not alive and child.exitcode == 0, "the forked child still waits for a lock nobody holds"
+
+
+def test_object_store_links_planted_in_the_cache_are_never_read_or_followed(dataset, tmp_path):
+    """A shard or sidecar in the node cache that is a link (to a right-looking file, or to a device that never
+    ends) is not taken for a fetched shard: the shard is fetched again, the link replaced, its target untouched."""
+    local, url, _ = dataset
+    source = ArrowFaces(url, cache_dir=tmp_path / "cache", cache_gb=1.0)
+    info = source.manifest.shards[0]
+    bait = tmp_path / "bait.arrow"
+    shutil.copy(local / info.file, bait)
+    directory = source.cache.directory
+    os.symlink(bait, directory / info.file)
+    os.symlink("/dev/zero", directory / (info.file + ".sha256"))
+    path = source.cache.get(0)
+    assert not os.path.islink(path) and (Path(path).read_bytes() == (local / info.file).read_bytes())
+    assert bait.read_bytes() == (local / info.file).read_bytes() and source.cache.misses == 1

@@ -21,9 +21,11 @@ import fcntl
 import hashlib
 import logging
 import os
+import stat
 import threading
 from pathlib import Path
 
+from ds_face.config.bounded import read_at_most
 from ds_face.data.store import Store, StoreError
 from ds_face.fileio import AtomicFile
 
@@ -81,12 +83,11 @@ class ShardCache:
     def _complete(self, target: Path, info) -> bool:
         """Here whole and checked against this manifest's sha256 (a cached copy of another version is not)."""
         try:
-            st = os.lstat(target)
-            sidecar = (self.directory / (info.file + VERIFIED)).read_text()
-        except (FileNotFoundError, NotADirectoryError):
+            st = os.lstat(target)  # the shard itself, never a link's target
+            sidecar = read_at_most(self.directory / (info.file + VERIFIED), 64, follow_links=False)
+        except OSError:  # missing, a link (ELOOP), not a regular file: not a shard we fetched
             return False
-        return st.st_size == info.bytes and sidecar == info.sha256 and os.path.isfile(target) \
-            and not os.path.islink(target)
+        return stat.S_ISREG(st.st_mode) and st.st_size == info.bytes and sidecar == info.sha256.encode()
 
     # -- the budget ---------------------------------------------------------------------------------
     def _make_room(self, nbytes: int, arriving: str, protect: set[str], must: bool) -> bool:
@@ -196,7 +197,7 @@ class Prefetcher:
 
 def _touch(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
-        os.utime(path)
+        os.utime(path, follow_symlinks=False)
 
 
 def _write_small(path: Path, text: str) -> None:
