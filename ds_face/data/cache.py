@@ -61,14 +61,10 @@ class ShardCache:
     def _get(self, shard: int, protect: set[str], must: bool) -> str | None:
         info = self.manifest.shards[shard]
         target = self.directory / info.file
-        if self._complete(target, info):
-            self.hits += must
-            _touch(target)
+        if self._cached(target, info, must):
             return str(target)
         with self._locked(f"{info.file}.lock"):  # one process of the node fetches it; the rest wait, then read
-            if self._complete(target, info):
-                self.hits += must
-                _touch(target)
+            if self._cached(target, info, must):  # another process fetched it while we waited
                 return str(target)
             if not self._make_room(info.bytes, info.file, self.keep | protect, must):
                 return None
@@ -79,6 +75,14 @@ class ShardCache:
                 self.store.fetch(info.file, out, info.bytes, info.sha256)
             _write_small(self.directory / (info.file + VERIFIED), info.sha256)
         return str(target)
+
+    def _cached(self, target: Path, info, reader: bool) -> bool:
+        """Here and complete: counted as a reader's hit, and marked as just used (the eviction order)."""
+        if not self._complete(target, info):
+            return False
+        self.hits += reader
+        _touch(target)
+        return True
 
     def _complete(self, target: Path, info) -> bool:
         """Here whole and checked against this manifest's sha256 (a cached copy of another version is not)."""

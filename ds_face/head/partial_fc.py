@@ -71,7 +71,6 @@ class PartialFC(nn.Module):
         self.store.add("weight", embedding_size)
         initial_rows(seed, num_classes, embedding_size, self.class_start, self.num_local,
                      lambda row, values: self.store.fill("weight", row, values))
-        self.device = torch.device(device)
         self._pending: list[ActiveRows] = []
         self._prepared = None
 
