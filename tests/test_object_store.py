@@ -240,3 +240,8 @@ def test_object_store_links_planted_in_the_cache_are_never_read_or_followed(data
     path = source.cache.get(0)
     assert not os.path.islink(path) and (Path(path).read_bytes() == (local / info.file).read_bytes())
     assert bait.read_bytes() == (local / info.file).read_bytes() and source.cache.misses == 1
+
+
+def test_object_store_an_unknown_protocol_is_named_by_the_preflight():
+    with pytest.raises(ShardError, match=r"foo://bucket/x: no client for this protocol .*for s3:// install s3fs"):
+        read_manifest("foo://bucket/x")

@@ -146,8 +146,8 @@ def check_shard_files(manifest: "Manifest", directory: str | os.PathLike, full_h
 
 
 def _check_remote_shards(manifest: "Manifest", url: str) -> None:
-    store = Store(url)
     try:
+        store = Store(url)
         sizes = store.list()
     except StoreError as err:
         raise ShardError(f"{url}: cannot list the dataset's prefix ({err})") from None
@@ -319,10 +319,9 @@ def _read_remote_manifest(url: str) -> Manifest:
     """The manifest of a dataset in object storage: the same bounded read and checks as a local one's."""
     from ds_face.config.bounded import parse_json
     from ds_face.config.schema import ConfigError
-    store = Store(url)
-    where = store.where(MANIFEST)
+    where = f"{url.rstrip('/')}/{MANIFEST}"
     try:
-        data = store.read(MANIFEST, MAX_MANIFEST_BYTES)
+        data = Store(url).read(MANIFEST, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise ShardError(f"{where}: not found; is {url} a dataset written by data_prep (a conversion that never "
                          f"finished leaves no manifest)?") from None
